@@ -1,0 +1,113 @@
+//! The command line: one options struct per verb; doc comments are the help text.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::version::Version;
+
+/// Image-based OS upgrades: whole ext4 images booted by GRUB loopback, delivered as ZFS diffs.
+#[derive(Debug, Parser)]
+#[command(name = "upgradectl", version, about, long_about = None)]
+pub struct Cli {
+    /// Resolve every path under this directory (tests, provisioning).
+    #[arg(long, global = true, default_value = "/", value_name = "DIR")]
+    pub root: PathBuf,
+    /// Machine-readable output: JSON Lines on stdout, the last line is the result.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// If another upgradectl runs, wait for it instead of failing.
+    #[arg(long, global = true)]
+    pub wait: bool,
+    /// More logging on stderr (-v, -vv).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Show the booted, default, previous and prepared images, every image on disk, free
+    /// space, the last operation and what the initramfs reported about the last boot.
+    Status,
+    /// Remove images that are neither booted, default, previous nor prepared.
+    Cleanup(CleanupArgs),
+    /// Switch to a prepared image: migrate configuration, arm GRUB to try it once, reboot.
+    Upgrade(UpgradeArgs),
+    /// After a boot: run the health checks; a healthy trial image becomes the default, an
+    /// unhealthy one is marked bad and the box goes back.
+    Confirm(RebootArgs),
+    /// Make the previous image the default again and reboot into it.
+    Revert(RebootArgs),
+    /// Provision a host partition: make images/VERSION.img the default and write GRUB's files.
+    Init(InitArgs),
+    /// Print the GRUB menu entries (used by /etc/grub.d/09_upgradectl).
+    #[command(hide = true)]
+    GrubEntries,
+    /// Print shell completions.
+    Completions(CompletionsArgs),
+    /// Print the man page (roff).
+    Man,
+}
+
+#[derive(Debug, Args)]
+pub struct CleanupArgs {
+    /// Show what would be removed; remove nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct UpgradeArgs {
+    /// The image to switch to; default: the prepared one.
+    #[arg(long)]
+    pub version: Option<Version>,
+    /// Arm GRUB but do not reboot.
+    #[arg(long)]
+    pub no_reboot: bool,
+    /// Show the migration plan; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RebootArgs {
+    /// Do not reboot (the change takes effect at the next boot).
+    #[arg(long)]
+    pub no_reboot: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// The factory image, already at images/VERSION.img on the host partition.
+    #[arg(long)]
+    pub version: Version,
+    /// The host partition's filesystem UUID (for GRUB's search and root=).
+    #[arg(long)]
+    pub host_uuid: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    pub shell: clap_complete::Shell,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn bad_versions_are_refused_by_the_parser() {
+        let r = Cli::try_parse_from(["upgradectl", "upgrade", "--version", "../etc"]);
+        assert!(r.is_err());
+        let r = Cli::try_parse_from(["upgradectl", "upgrade", "--version", "415.0", "--no-reboot"]);
+        assert!(r.is_ok());
+    }
+}

@@ -1,0 +1,154 @@
+//! The one way to run external tools (`zfs`, `grub-editenv`, `e2fsck`, `mount`...): stdin
+//! closed, output captured, and a failure becomes an error naming the argv and stderr's tail.
+
+use std::ffi::{OsStr, OsString};
+use std::process::{Command, Output, Stdio};
+
+use anyhow::{bail, Context, Result};
+
+/// How much of stderr an error message carries.
+const STDERR_TAIL: usize = 800;
+
+/// A command line being built.
+#[derive(Debug, Clone)]
+pub struct Cmd {
+    argv: Vec<OsString>,
+    /// Exit codes that count as success besides 0 (e2fsck's 1 = "errors corrected").
+    ok_codes: Vec<i32>,
+}
+
+impl Cmd {
+    pub fn new(program: impl AsRef<OsStr>) -> Self {
+        Cmd {
+            argv: vec![program.as_ref().to_owned()],
+            ok_codes: vec![0],
+        }
+    }
+
+    pub fn arg(mut self, a: impl AsRef<OsStr>) -> Self {
+        self.argv.push(a.as_ref().to_owned());
+        self
+    }
+
+    pub fn args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        self.argv
+            .extend(args.into_iter().map(|a| a.as_ref().to_owned()));
+        self
+    }
+
+    /// Also accept these exit codes as success.
+    pub fn ok_codes(mut self, codes: &[i32]) -> Self {
+        self.ok_codes.extend_from_slice(codes);
+        self
+    }
+
+    /// The argv as one printable line, for messages.
+    pub fn display(&self) -> String {
+        self.argv
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    /// A `std::process::Command` with stdin closed, for callers that stream stdout/stdin
+    /// themselves (e.g. `zfs send | ...`). Errors must still be reported with [`Cmd::display`].
+    pub fn to_command(&self) -> Command {
+        let mut c = Command::new(&self.argv[0]);
+        c.args(&self.argv[1..]).stdin(Stdio::null());
+        c
+    }
+
+    /// Runs to completion; returns the output when the exit code is accepted.
+    pub fn output(&self) -> Result<Output> {
+        tracing::debug!(cmd = %self.display(), "running");
+        let out = self
+            .to_command()
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .output()
+            .with_context(|| format!("starting {}", self.display()))?;
+        check_status(self, &out)?;
+        Ok(out)
+    }
+
+    /// Runs and returns the exit code, whatever it is (callers that branch on it).
+    pub fn code(&self) -> Result<i32> {
+        let out = self
+            .to_command()
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .output()
+            .with_context(|| format!("starting {}", self.display()))?;
+        out.status
+            .code()
+            .with_context(|| format!("{} was killed by a signal", self.display()))
+    }
+
+    /// Runs and returns stdout as text.
+    pub fn stdout(&self) -> Result<String> {
+        let out = self.output()?;
+        String::from_utf8(out.stdout)
+            .with_context(|| format!("{}: output is not UTF-8", self.display()))
+    }
+
+    pub fn run(&self) -> Result<()> {
+        self.output().map(drop)
+    }
+}
+
+/// Turns an unaccepted exit status into an error carrying argv and the tail of stderr.
+pub fn check_status(cmd: &Cmd, out: &Output) -> Result<()> {
+    match out.status.code() {
+        Some(c) if cmd.ok_codes.contains(&c) => Ok(()),
+        code => {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            let stderr = stderr.trim();
+            let tail = &stderr[stderr.len().saturating_sub(STDERR_TAIL)..];
+            let tail = tail.trim_start_matches(|c: char| !c.is_ascii());
+            let how = code.map_or("was killed by a signal".to_owned(), |c| {
+                format!("exited with {c}")
+            });
+            if tail.is_empty() {
+                bail!("{} {how}", cmd.display())
+            }
+            bail!("{} {how}: {tail}", cmd.display())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failure_names_argv_and_stderr() {
+        let err = Cmd::new("sh")
+            .args(["-c", "echo boom >&2; exit 3"])
+            .run()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("sh -c echo boom >&2; exit 3 exited with 3: boom"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn accepted_codes_and_stdout() {
+        assert_eq!(
+            Cmd::new("sh").args(["-c", "echo hi"]).stdout().unwrap(),
+            "hi\n"
+        );
+        Cmd::new("sh")
+            .args(["-c", "exit 1"])
+            .ok_codes(&[1])
+            .run()
+            .unwrap();
+        assert!(Cmd::new("/nonexistent/tool").run().is_err());
+    }
+}

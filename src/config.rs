@@ -1,0 +1,337 @@
+//! `upgradectl.toml`: the image's configuration, merged with an optional box-specific override
+//! on the host partition. Unknown keys and wrong types are errors naming the key and the file.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+use serde::Deserialize;
+
+/// Where the image's configuration lives.
+pub const IMAGE_CONFIG: &str = "/etc/upgradectl/upgradectl.toml";
+
+/// A configuration file that cannot be used. Always refused input.
+#[derive(Debug, thiserror::Error)]
+#[error("bad configuration in {}: {message}", file.display())]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Base URL of the image server.
+    pub server: Option<String>,
+    /// Release channel followed: stable, candidate, beta or edge.
+    pub channel: String,
+    /// Where the host partition is mounted inside a booted image.
+    pub host_mount: PathBuf,
+    /// ZFS dataset (a zvol is created under it) that receives images on the box.
+    pub dataset: String,
+    /// Free space kept on the host partition beyond a new image, in MiB.
+    pub space_margin_mib: u64,
+    /// Images kept beyond booted, default, previous and prepared.
+    pub keep_extra_images: usize,
+    /// Stable identity for rollout bucketing; default: /etc/machine-id.
+    pub box_id: Option<String>,
+    pub grub: GrubConfig,
+    pub migrate: MigrateConfig,
+    pub health: Vec<HealthCheck>,
+    pub trust: TrustConfig,
+    pub download: DownloadConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct GrubConfig {
+    /// Extra kernel arguments for every image (e.g. `console=ttyS0`).
+    pub kernel_args: String,
+    /// A boot that dies reboots after this many seconds (`panic=N`).
+    pub panic_seconds: u32,
+    /// Menu timeout.
+    pub timeout_seconds: u32,
+    /// The host partition's filesystem UUID; default: `root=UUID=` of the running kernel.
+    pub host_uuid: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MigrateConfig {
+    /// Absolute paths, directories or globs copied from the running image into the new one.
+    pub paths: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    pub name: String,
+    /// argv of the check; exit 0 means healthy.
+    pub command: Vec<String>,
+    #[serde(default = "default_check_timeout")]
+    pub timeout_seconds: u64,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrustConfig {
+    /// ed25519 public keys (as printed by `upgradectl keygen`) whose signatures are accepted.
+    pub public_keys: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DownloadConfig {
+    /// Abort when the transfer stays below `min_speed_bytes` per second for this long.
+    pub stall_seconds: u64,
+    pub min_speed_bytes: u64,
+    /// Longest `--wait` sleeps for "come back later", in total.
+    pub max_wait_seconds: u64,
+    /// Memory the box may spend on a dictionary-compressed diff (the base image window), MiB.
+    pub max_dictionary_mib: u64,
+}
+
+fn default_check_timeout() -> u64 {
+    60
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            server: None,
+            channel: "stable".into(),
+            host_mount: "/host".into(),
+            dataset: "upgradectl".into(),
+            space_margin_mib: 256,
+            keep_extra_images: 0,
+            box_id: None,
+            grub: GrubConfig::default(),
+            migrate: MigrateConfig::default(),
+            health: Vec::new(),
+            trust: TrustConfig::default(),
+            download: DownloadConfig::default(),
+        }
+    }
+}
+
+impl Default for GrubConfig {
+    fn default() -> Self {
+        GrubConfig {
+            kernel_args: String::new(),
+            panic_seconds: 10,
+            timeout_seconds: 3,
+            host_uuid: None,
+        }
+    }
+}
+
+impl Default for MigrateConfig {
+    fn default() -> Self {
+        MigrateConfig {
+            paths: [
+                "/etc/hostname",
+                "/etc/hosts",
+                "/etc/machine-id",
+                "/etc/passwd",
+                "/etc/shadow",
+                "/etc/group",
+                "/etc/gshadow",
+                "/etc/ssh/ssh_host_*",
+                "/etc/network/interfaces",
+                "/etc/network/interfaces.d",
+                "/etc/netplan",
+                "/etc/upgradectl/box.toml",
+            ]
+            .map(String::from)
+            .to_vec(),
+        }
+    }
+}
+
+impl Default for DownloadConfig {
+    fn default() -> Self {
+        DownloadConfig {
+            stall_seconds: 60,
+            min_speed_bytes: 1024,
+            max_wait_seconds: 3600,
+            max_dictionary_mib: 1024,
+        }
+    }
+}
+
+const CHANNELS: [&str; 4] = ["stable", "candidate", "beta", "edge"];
+
+impl Config {
+    /// Loads the image's configuration under `root` (defaults when absent), then merges the
+    /// box-specific override found on the host partition.
+    pub fn load(root: &Path) -> Result<Config> {
+        let image_file = crate::paths::under(root, IMAGE_CONFIG);
+        let mut value = read_table(&image_file)?.unwrap_or_default();
+        let host_mount = value
+            .get("host_mount")
+            .and_then(|v| v.as_str())
+            .unwrap_or("/host")
+            .to_owned();
+        let layout = crate::paths::Layout::new(root, Path::new(&host_mount));
+        let override_file = layout.host_config();
+        let mut blame = image_file.clone();
+        if let Some(over) = read_table(&override_file)? {
+            if over.contains_key("host_mount") {
+                return Err(ConfigError {
+                    file: override_file,
+                    message: "host_mount can only be set in the image's configuration".into(),
+                }
+                .into());
+            }
+            merge(&mut value, over);
+            blame = override_file;
+        }
+        Self::from_table(value, &blame)
+    }
+
+    /// Parses one file's text (used by `load` and tests).
+    pub fn parse(text: &str, file: &Path) -> Result<Config> {
+        let table: toml::Table = toml::from_str(text).map_err(|e| ConfigError {
+            file: file.to_owned(),
+            message: e.to_string(),
+        })?;
+        Self::from_table(table, file)
+    }
+
+    fn from_table(table: toml::Table, file: &Path) -> Result<Config> {
+        let bad = |message: String| ConfigError {
+            file: file.to_owned(),
+            message,
+        };
+        let config: Config =
+            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+                let path = e.path().to_string();
+                let inner = e.into_inner();
+                if path == "." {
+                    bad(inner.message().to_owned())
+                } else {
+                    bad(format!("{path}: {}", inner.message()))
+                }
+            })?;
+        if !CHANNELS.contains(&config.channel.as_str()) {
+            return Err(bad(format!(
+                "channel: {:?} is not one of {}",
+                config.channel,
+                CHANNELS.join(", ")
+            ))
+            .into());
+        }
+        if !config.host_mount.is_absolute() {
+            return Err(bad("host_mount: must be an absolute path".into()).into());
+        }
+        for p in &config.migrate.paths {
+            if !p.starts_with('/') || p.split('/').any(|c| c == "..") {
+                return Err(
+                    bad(format!("migrate.paths: {p:?} must be absolute, without ..")).into(),
+                );
+            }
+        }
+        for h in &config.health {
+            if h.command.is_empty() {
+                return Err(bad(format!("health: check {:?} has an empty command", h.name)).into());
+            }
+        }
+        Ok(config)
+    }
+}
+
+fn read_table(file: &Path) -> Result<Option<toml::Table>> {
+    let text = match std::fs::read_to_string(file) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => {
+            return Err(ConfigError {
+                file: file.to_owned(),
+                message: e.to_string(),
+            }
+            .into())
+        }
+    };
+    let table: toml::Table = toml::from_str(&text).map_err(|e| ConfigError {
+        file: file.to_owned(),
+        message: e.to_string(),
+    })?;
+    // Type and unknown-key errors are reported against this file, before merging.
+    Config::from_table(table.clone(), file)?;
+    Ok(Some(table))
+}
+
+/// Deep-merges `over` into `base`: tables merge, everything else is replaced.
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (k, v) in over {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_example_parses() {
+        let text = include_str!("../upgradectl.toml.example");
+        let c = Config::parse(text, Path::new("upgradectl.toml.example")).unwrap();
+        assert_eq!(c.channel, "stable");
+        assert!(!c.health.is_empty());
+        assert!(!c.migrate.paths.is_empty());
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_file() {
+        let err = Config::parse("chanel = \"edge\"\n", Path::new("/etc/x.toml")).unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(
+            msg.contains("/etc/x.toml") && msg.contains("chanel"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn wrong_type_names_key_and_file() {
+        let err =
+            Config::parse("[grub]\npanic_seconds = \"ten\"\n", Path::new("/f.toml")).unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(
+            msg.contains("/f.toml") && msg.contains("panic_seconds"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn bad_channel_and_paths_are_refused() {
+        assert!(Config::parse("channel = \"nightly\"", Path::new("f")).is_err());
+        assert!(Config::parse("[migrate]\npaths = [\"etc/x\"]", Path::new("f")).is_err());
+        assert!(Config::parse("[migrate]\npaths = [\"/etc/../x\"]", Path::new("f")).is_err());
+    }
+
+    #[test]
+    fn host_override_merges_over_image_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::create_dir_all(root.join("etc/upgradectl")).unwrap();
+        std::fs::write(
+            root.join("etc/upgradectl/upgradectl.toml"),
+            "channel = \"beta\"\n[grub]\nkernel_args = \"quiet\"\npanic_seconds = 5\n",
+        )
+        .unwrap();
+        std::fs::create_dir_all(root.join("host/var/lib/upgradectl")).unwrap();
+        std::fs::write(
+            root.join("host/var/lib/upgradectl/upgradectl.toml"),
+            "[grub]\nkernel_args = \"console=ttyS0\"\n",
+        )
+        .unwrap();
+        let c = Config::load(root).unwrap();
+        assert_eq!(c.channel, "beta");
+        assert_eq!(c.grub.kernel_args, "console=ttyS0");
+        assert_eq!(c.grub.panic_seconds, 5);
+    }
+}

@@ -1,0 +1,98 @@
+//! Errors a caller branches on, and the documented exit codes they map to.
+
+use std::time::Duration;
+
+/// Exit codes: stable, documented in the README, relied on by the check-in agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Exit {
+    /// The operation was done.
+    Done = 0,
+    /// It failed (I/O, a tool failed, health checks failed...).
+    Failed = 1,
+    /// The input was refused: bad version, bad config, bad signature, illegal state for the verb.
+    Refused = 2,
+    /// Nothing to do (already up to date, nothing to confirm, nothing to clean up).
+    NothingToDo = 3,
+    /// The server is building what we asked for: come back later.
+    ComeBackLater = 4,
+    /// Another upgradectl holds the lock.
+    Locked = 5,
+    /// Not enough free space, even after cleaning up.
+    NoSpace = 6,
+}
+
+/// An error with a meaning beyond "failed".
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Refused(String),
+    #[error("{0}")]
+    NothingToDo(String),
+    #[error("the server is preparing {what}; come back in {}s", retry_after.as_secs())]
+    ComeBackLater { what: String, retry_after: Duration },
+    #[error("another upgradectl is running (lock {lock} held{})", holder.as_deref().map(|h| format!(" by {h}")).unwrap_or_default())]
+    Locked {
+        lock: String,
+        holder: Option<String>,
+    },
+    #[error("not enough space on {path}: need {need} bytes, {free} free even after cleaning up")]
+    NoSpace { path: String, need: u64, free: u64 },
+    #[error("{what}: expected sha256 {expected}, got {actual}")]
+    ChecksumMismatch {
+        what: String,
+        expected: String,
+        actual: String,
+    },
+    #[error("{0}")]
+    SignatureInvalid(String),
+}
+
+impl Error {
+    pub fn exit(&self) -> Exit {
+        match self {
+            Error::Refused(_) | Error::SignatureInvalid(_) => Exit::Refused,
+            Error::NothingToDo(_) => Exit::NothingToDo,
+            Error::ComeBackLater { .. } => Exit::ComeBackLater,
+            Error::Locked { .. } => Exit::Locked,
+            Error::NoSpace { .. } => Exit::NoSpace,
+            Error::ChecksumMismatch { .. } => Exit::Failed,
+        }
+    }
+
+    /// A short stable name for JSON output.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::Refused(_) => "refused",
+            Error::NothingToDo(_) => "nothing-to-do",
+            Error::ComeBackLater { .. } => "come-back-later",
+            Error::Locked { .. } => "locked",
+            Error::NoSpace { .. } => "no-space",
+            Error::ChecksumMismatch { .. } => "checksum-mismatch",
+            Error::SignatureInvalid(_) => "signature-invalid",
+        }
+    }
+}
+
+/// Shorthand for refusing input.
+pub fn refused(msg: impl Into<String>) -> anyhow::Error {
+    Error::Refused(msg.into()).into()
+}
+
+/// The exit code and kind for any error chain: the first typed error in the chain decides;
+/// a bad version or config anywhere in the chain is refused input.
+pub fn classify(err: &anyhow::Error) -> (Exit, &'static str) {
+    for cause in err.chain() {
+        if let Some(e) = cause.downcast_ref::<Error>() {
+            return (e.exit(), e.kind());
+        }
+        if cause
+            .downcast_ref::<crate::version::VersionError>()
+            .is_some()
+            || cause.downcast_ref::<crate::config::ConfigError>().is_some()
+        {
+            return (Exit::Refused, "refused");
+        }
+    }
+    (Exit::Failed, "failed")
+}

@@ -1,0 +1,24 @@
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    let cli = upgradectl::cli::Cli::parse();
+    let level = ["warn", "info", "debug", "trace"][usize::from(cli.verbose.min(3))];
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("UPGRADECTL_LOG")
+                .unwrap_or_else(|_| level.into()),
+        )
+        .with_writer(std::io::stderr)
+        .without_time()
+        .init();
+    let out = upgradectl::output::Output::stdout(cli.json);
+    let (mut out, result) = upgradectl::run(cli, out);
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            let (exit, kind) = upgradectl::error::classify(&e);
+            out.error(&e, kind, exit as u8);
+            std::process::ExitCode::from(exit as u8)
+        }
+    }
+}

@@ -1,0 +1,201 @@
+//! `upgradectl status`: everything a person or a check-in agent needs to know about the box.
+//! The JSON shape is documented in the README and stable.
+
+use anyhow::Result;
+use serde::Serialize;
+
+use crate::bootinfo::BootReport;
+use crate::deploy::Ctx;
+use crate::fsutil;
+use crate::grub;
+use crate::state::{ImageState, Operation, Trying};
+use crate::store;
+use crate::version::Version;
+
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub booted: Option<Version>,
+    /// The image GRUB asked for this boot (differs from `booted` after an initramfs fallback).
+    pub requested: Option<Version>,
+    pub default: Option<Version>,
+    pub previous: Option<Version>,
+    pub prepared: Option<Version>,
+    pub trying: Option<TrialStatus>,
+    pub newest_accepted: Option<Version>,
+    pub images: Vec<ImageStatus>,
+    pub host: HostStatus,
+    pub last_operation: Option<Operation>,
+    /// The initramfs's report of the last boot (persistent on the host partition).
+    pub last_boot: Option<BootReport>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct TrialStatus {
+    pub version: Version,
+    pub from: Version,
+    /// GRUB will boot it once at the next boot.
+    pub armed: bool,
+    /// GRUB already booted it once.
+    pub attempted: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ImageStatus {
+    pub version: Version,
+    /// prepared, trying, good, bad, or unknown (a file upgradectl did not register).
+    pub state: String,
+    pub size: u64,
+    pub allocated: u64,
+    pub booted: bool,
+    pub default: bool,
+    pub in_menu: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct HostStatus {
+    pub path: String,
+    pub free_bytes: Option<u64>,
+}
+
+pub fn gather(ctx: &Ctx) -> Result<Status> {
+    let state = ctx.load_state()?;
+    let booted = ctx.booted()?;
+    let env = grub::read_env(&ctx.layout.grubenv()).unwrap_or_default();
+    let trying = state
+        .trying
+        .as_ref()
+        .map(|Trying { version, from }| TrialStatus {
+            version: version.clone(),
+            from: from.clone(),
+            armed: env.get(grub::NEXT_ENTRY) == Some(&version.grub_id()),
+            attempted: env.get(grub::ATTEMPTED) == Some(&version.grub_id()),
+        });
+    let mut images = Vec::new();
+    for file in store::list(&ctx.layout)?.into_iter().rev() {
+        let record = state.images.get(&file.version);
+        let state_name = match record.map(|r| r.state) {
+            Some(ImageState::Prepared) => "prepared",
+            Some(ImageState::Trying) => "trying",
+            Some(ImageState::Good) => "good",
+            Some(ImageState::Bad) => "bad",
+            None => "unknown",
+        };
+        images.push(ImageStatus {
+            booted: booted.version.as_ref() == Some(&file.version),
+            default: state.default.as_ref() == Some(&file.version),
+            in_menu: state.bootable(&file.version),
+            state: state_name.to_owned(),
+            size: file.size,
+            allocated: file.allocated,
+            sha256: record.and_then(|r| r.sha256.clone()),
+            reason: record.and_then(|r| r.reason.clone()),
+            version: file.version,
+        });
+    }
+    Ok(Status {
+        booted: booted.version,
+        requested: booted.requested,
+        default: state.default,
+        previous: state.previous,
+        prepared: state.prepared,
+        trying,
+        newest_accepted: state.newest_accepted,
+        images,
+        host: HostStatus {
+            path: ctx.layout.host().display().to_string(),
+            free_bytes: fsutil::free_bytes(ctx.layout.host()).ok(),
+        },
+        last_operation: state.last_operation,
+        last_boot: BootReport::read(&ctx.layout.boot_report())?,
+    })
+}
+
+fn opt(v: &Option<Version>) -> String {
+    v.as_ref()
+        .map_or_else(|| "-".to_owned(), Version::to_string)
+}
+
+/// Human rendering.
+pub fn render(s: &Status) -> String {
+    let mut o = String::new();
+    o += &format!("booted:    {}", opt(&s.booted));
+    if s.requested.is_some() && s.requested != s.booted {
+        o += &format!(
+            " (GRUB asked for {}; the initramfs fell back)",
+            opt(&s.requested)
+        );
+    }
+    o += &format!(
+        "\ndefault:   {}\nprevious:  {}\nprepared:  {}\n",
+        opt(&s.default),
+        opt(&s.previous),
+        opt(&s.prepared)
+    );
+    if let Some(t) = &s.trying {
+        let how = if t.armed {
+            "armed for the next boot"
+        } else if t.attempted {
+            "booted once, awaiting confirm"
+        } else {
+            "armed"
+        };
+        o += &format!("trying:    {} from {} ({how})\n", t.version, t.from);
+    }
+    o += "images:\n";
+    for i in &s.images {
+        let mut marks = Vec::new();
+        if i.booted {
+            marks.push("booted");
+        }
+        if i.default {
+            marks.push("default");
+        }
+        o += &format!(
+            "  {:<12} {:<9} {:>7} MiB ({} MiB on disk){}{}\n",
+            i.version.to_string(),
+            i.state,
+            i.size >> 20,
+            i.allocated >> 20,
+            if marks.is_empty() {
+                String::new()
+            } else {
+                format!("  [{}]", marks.join(", "))
+            },
+            i.reason
+                .as_ref()
+                .map(|r| format!("  {r}"))
+                .unwrap_or_default()
+        );
+    }
+    if let Some(free) = s.host.free_bytes {
+        o += &format!("host:      {} ({} MiB free)\n", s.host.path, free >> 20);
+    }
+    if let Some(op) = &s.last_operation {
+        o += &format!(
+            "last op:   {} {}",
+            op.verb,
+            if op.ok { "ok" } else { "FAILED" }
+        );
+        if let Some(e) = &op.error {
+            o += &format!(": {e}");
+        }
+        o += "\n";
+    }
+    if let Some(b) = &s.last_boot {
+        o += &format!(
+            "last boot: {} (requested {}){}\n",
+            b.booted.as_deref().unwrap_or("-"),
+            b.requested.as_deref().unwrap_or("-"),
+            if b.fallback {
+                format!(", FELL BACK: {}", b.reason.as_deref().unwrap_or("?"))
+            } else {
+                String::new()
+            }
+        );
+    }
+    o
+}
