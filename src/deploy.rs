@@ -311,12 +311,12 @@ pub fn confirm(ctx: &mut Ctx, no_reboot: bool) -> Result<()> {
     let booted = ctx.booted_version()?;
     let mut state = ctx.load_state()?;
     let env = grub::read_env(&ctx.layout.grubenv())?;
-    let attempted = state.trying.as_ref().is_some_and(|t| {
-        env.get(grub::ATTEMPTED) == Some(&t.version.grub_id())
-            // A host whose grub.cfg comes from grub-mkconfig does not record attempts; the
-            // consumed next_entry is the evidence there.
-            || (!env.contains_key(grub::ATTEMPTED) && !env.contains_key(grub::NEXT_ENTRY))
-    });
+    // Our grub.cfg records each one-shot boot it makes; a trial GRUB never started (power lost
+    // between arming and rebooting) is disarmed instead of being blamed.
+    let attempted = state
+        .trying
+        .as_ref()
+        .is_some_and(|t| env.get(grub::ATTEMPTED) == Some(&t.version.grub_id()));
     let settle = state.settle(&booted, attempted);
     let (outcome, message, checks, result, reboot_to): (
         &str,
