@@ -78,6 +78,8 @@ pub fn render_config(menu: &Menu) -> String {
         let _ = writeln!(s, "set fallback=\"{}\"", p.grub_id());
     }
     s.push_str(&render_entries(menu));
+    // Local additions, as grub-mkconfig's 41_custom does.
+    s.push_str("if [ -f \"${prefix}/custom.cfg\" ]; then\n  source \"${prefix}/custom.cfg\"\nfi\n");
     s
 }
 

@@ -1,0 +1,38 @@
+#!/bin/sh
+# Runs inside an image's tree (chroot): installs upgradectl the way a user would (.deb), makes
+# the image's identity and its variant's change, and rebuilds the initramfs with our hooks.
+# Usage: setup-image.sh VERSION VARIANT   (VARIANT: good | update | broken)
+set -eu
+version=$1
+variant=$2
+
+dpkg -i /tmp/upgradectl.deb
+rm -f /tmp/upgradectl.deb
+systemctl enable upgradectl-confirm.service
+
+mkdir -p /etc/upgradectl
+echo "$version" > /etc/upgradectl/image-version
+cp /usr/local/share/upgradectl-test/guest/upgradectl.toml /etc/upgradectl/upgradectl.toml
+if [ -f /usr/local/share/upgradectl-test/trusted.pub ]; then
+  printf '\n[trust]\npublic_keys = ["%s"]\n' "$(cat /usr/local/share/upgradectl-test/trusted.pub)" \
+    >> /etc/upgradectl/upgradectl.toml
+fi
+
+case "$variant" in
+  good) ;;
+  update)
+    # A realistic small release: the appliance's own software changes, the rest stays.
+    mkdir -p /opt/appliance
+    echo "appliance software for image $version" > /opt/appliance/RELEASE
+    head -c 2000000 /dev/urandom > /opt/appliance/payload.bin
+    ;;
+  broken)
+    # Its init fails: the kernel panics and panic=N reboots into GRUB's default.
+    rm -f /sbin/init
+    printf '#!/bin/sh\necho "UPGRADECTL-TEST broken init of image %s"\nexit 1\n' "$version" > /sbin/init
+    chmod 755 /sbin/init
+    ;;
+  *) echo "unknown variant $variant" >&2; exit 1 ;;
+esac
+
+update-initramfs -u -k all

@@ -1,0 +1,105 @@
+#!/bin/bash
+# Starting, watching and driving QEMU guests. Sourced after common.sh.
+# Waits are on events (lines on the serial console, ssh answering), never fixed sleeps.
+
+VM_PID=""
+VM_LOG=""
+VM_SSH_PORT=""
+VM_OFFSET=0
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+# vm_start NAME DISK... : boots a guest from the first disk (BIOS, GRUB) in the background.
+vm_start() {
+  local name=$1
+  shift
+  VM_LOG=$WORK_DIR/$name.serial.log
+  : > "$VM_LOG"
+  VM_OFFSET=0
+  VM_SSH_PORT=$(free_port)
+  local drives=()
+  for d in "$@"; do
+    drives+=(-drive "file=$d,format=raw,if=virtio")
+  done
+  qemu-system-x86_64 -accel tcg -m 2048 -smp 2 -display none -no-user-config -nodefaults \
+    -serial "file:$VM_LOG" -device virtio-rng-pci \
+    -netdev "user,id=n0,hostfwd=tcp:127.0.0.1:$VM_SSH_PORT-:22" -device virtio-net-pci,netdev=n0 \
+    "${drives[@]}" >"$WORK_DIR/$name.qemu.log" 2>&1 &
+  VM_PID=$!
+  log "started $name (pid $VM_PID, ssh port $VM_SSH_PORT, console $VM_LOG)"
+}
+
+vm_alive() { [ -n "$VM_PID" ] && kill -0 "$VM_PID" 2>/dev/null; }
+
+# vm_mark: later waits only look at console output from now on.
+vm_mark() { VM_OFFSET=$(stat -c %s "$VM_LOG"); }
+
+# vm_wait REGEX TIMEOUT : waits for a console line matching REGEX (after the mark); prints it
+# and moves the mark past it.
+vm_wait() {
+  local re=$1 timeout=$2 deadline=$((SECONDS + $2)) line
+  while [ "$SECONDS" -lt "$deadline" ]; do
+    line=$(tail -c +"$((VM_OFFSET + 1))" "$VM_LOG" | tr -d '\r' | grep -a -m1 -E "$re" || true)
+    if [ -n "$line" ]; then
+      local pos
+      pos=$(grep -a -b -m1 -F -- "$line" <(tail -c +"$((VM_OFFSET + 1))" "$VM_LOG" | tr -d '\r') | cut -d: -f1)
+      VM_OFFSET=$((VM_OFFSET + ${pos:-0} + ${#line}))
+      echo "$line"
+      return 0
+    fi
+    vm_alive || { log "guest died while waiting for /$re/"; return 1; }
+    sleep 0.5
+  done
+  log "timed out after ${timeout}s waiting for /$re/ on the console; last lines:"
+  tail -n 25 "$VM_LOG" | tr -d '\r' >&2
+  return 1
+}
+
+# vm_wait_boot [TIMEOUT] : waits for the boot marker; prints the booted version.
+vm_wait_boot() {
+  local line
+  line=$(vm_wait 'UPGRADECTL-TEST booted version=' "${1:-600}") || return 1
+  sed -E 's/.*version=([^ ]+).*/\1/' <<<"$line"
+}
+
+vm_ssh() {
+  ssh -q -i "$SSH_KEY" -p "$VM_SSH_PORT" -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null \
+    -o ConnectTimeout=20 -o ServerAliveInterval=10 -o BatchMode=yes root@127.0.0.1 "$@"
+}
+
+# vm_run CMD : runs a shell command line in the guest, echoing it; fails with its exit code.
+vm_run() {
+  log "guest\$ $*"
+  vm_ssh "$*"
+}
+
+vm_copy_in() {
+  scp -q -i "$SSH_KEY" -P "$VM_SSH_PORT" -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null \
+    "$1" "root@127.0.0.1:$2"
+}
+
+# vm_reboot : asks the guest to reboot and returns once the command was sent.
+vm_reboot() {
+  vm_mark
+  vm_ssh 'systemctl reboot' || true
+}
+
+# vm_kill : a hard power cut.
+vm_kill() {
+  if vm_alive; then
+    kill -9 "$VM_PID" 2>/dev/null || true
+    wait "$VM_PID" 2>/dev/null || true
+  fi
+  VM_PID=""
+}
+
+vm_poweroff() {
+  if vm_alive; then
+    vm_ssh 'systemctl poweroff' || true
+    local deadline=$((SECONDS + 120))
+    while vm_alive && [ "$SECONDS" -lt "$deadline" ]; do sleep 0.5; done
+  fi
+  vm_kill
+}
