@@ -393,11 +393,9 @@ pub fn confirm(ctx: &mut Ctx, no_reboot: bool) -> Result<()> {
     if outcome == "confirmed" || outcome == "trial-not-attempted" {
         grub::update_env(&ctx.layout.grubenv(), &[(grub::ATTEMPTED, None)])?;
     }
-    let verb_result = result
-        .as_ref()
-        .map(|_| ())
-        .map_err(|e| anyhow::anyhow!("{e:#}"));
-    finish(ctx, &mut state, "confirm", verb_result)?;
+    // The verdict is recorded, reported and acted on (reboot) before it becomes the exit code.
+    state.record("confirm", &result, now());
+    state.save(&ctx.layout.state_file())?;
     let report = ConfirmReport {
         booted,
         outcome,
