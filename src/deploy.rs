@@ -106,7 +106,19 @@ fn finish<T>(ctx: &Ctx, state: &mut State, verb: &str, result: Result<T>) -> Res
     result
 }
 
+/// Reboots into `target` (GRUB is already set up for it). Under `--root DIR` other than `/`
+/// upgradectl works on a box that is not the running system: the reboot is only reported.
 fn reboot(ctx: &mut Ctx, target: &Version) -> Result<()> {
+    if ctx.layout.root() != std::path::Path::new("/") {
+        return ctx.out.event(
+            "reboot-skipped",
+            &serde_json::json!({"into": target, "root": ctx.layout.root()}),
+            &format!(
+                "not rebooting: {} is not the running system; the next boot is {target}",
+                ctx.layout.root().display()
+            ),
+        );
+    }
     ctx.out.event(
         "reboot",
         &serde_json::json!({"into": target}),
