@@ -28,20 +28,7 @@ impl ImageMount {
             device: None,
             mounted: false,
         };
-        let control = LoopControl::open()
-            .context("opening /dev/loop-control")
-            .with_context(ctx)?;
-        let device = control
-            .next_free()
-            .context("finding a free loop device")
-            .with_context(ctx)?;
-        device
-            .with()
-            .read_only(read_only)
-            .autoclear(true)
-            .attach(image)
-            .context("attaching a loop device")
-            .with_context(ctx)?;
+        let device = attach(image, read_only).with_context(ctx)?;
         let dev_path: PathBuf = device
             .path()
             .context("loop device has no path")
@@ -93,6 +80,37 @@ impl ImageMount {
             let _ = dev.detach();
         }
         Ok(())
+    }
+}
+
+/// How often a loop device taken by someone else between "find a free one" and "attach" is
+/// skipped before giving up.
+const ATTACH_TRIES: usize = 32;
+
+/// Attaches `image` to a free loop device. `LOOP_CTL_GET_FREE` only names a free device; any
+/// other process (another upgradectl verb, `mount -o loop`, udisks) may attach it first, which
+/// shows as `EBUSY`: then take the next free one, as losetup does.
+fn attach(image: &Path, read_only: bool) -> Result<LoopDevice> {
+    let control = LoopControl::open().context("opening /dev/loop-control")?;
+    let mut tries = 0;
+    loop {
+        let device = control.next_free().context("finding a free loop device")?;
+        match device
+            .with()
+            .read_only(read_only)
+            .autoclear(true)
+            .attach(image)
+        {
+            Ok(()) => return Ok(device),
+            Err(e) if e.raw_os_error() == Some(nix::libc::EBUSY) && tries < ATTACH_TRIES => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(tries as u64));
+            }
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("attaching {} to a loop device", image.display()))
+            }
+        }
     }
 }
 
