@@ -498,3 +498,33 @@ fn unhealthy_trial_reboots_into_the_default() {
     assert_eq!(reboot["into"], "1.0");
     assert_eq!(h.grub_reboot(), "upgradectl-1.0");
 }
+
+/// Loop devices are shared by the whole machine: upgradectl processes (or anyone) attaching at
+/// the same moment must not fail because another took the device they were offered.
+#[test]
+fn concurrent_loop_mounts_do_not_collide() {
+    let boxes: Vec<HostRoot> = (0..6).map(|_| HostRoot::with_prepared("2.0")).collect();
+    for _round in 0..3 {
+        let children: Vec<_> = boxes
+            .iter()
+            .map(|h| {
+                h.command(&["upgrade", "--dry-run"])
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        for c in children {
+            let out = c.wait_with_output().unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    for h in &boxes {
+        h.assert_image_released("2.0");
+    }
+}
