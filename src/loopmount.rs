@@ -13,6 +13,8 @@ pub struct ImageMount {
     dir: Option<tempfile::TempDir>,
     device: Option<LoopDevice>,
     mounted: bool,
+    /// The image file, when mounted read-write: made durable after unmounting.
+    writable: Option<PathBuf>,
 }
 
 impl ImageMount {
@@ -27,6 +29,7 @@ impl ImageMount {
             dir: Some(dir),
             device: None,
             mounted: false,
+            writable: None,
         };
         let device = attach(image, read_only).with_context(ctx)?;
         let dev_path: PathBuf = device
@@ -49,6 +52,9 @@ impl ImageMount {
         .with_context(|| format!("mount {} on {}", dev_path.display(), guard.path().display()))
         .with_context(ctx)?;
         guard.mounted = true;
+        if !read_only {
+            guard.writable = Some(image.to_owned());
+        }
         Ok(guard)
     }
 
@@ -57,14 +63,17 @@ impl ImageMount {
         self.dir.as_ref().expect("dir lives until drop").path()
     }
 
-    /// Unmounts and detaches now, reporting failure (drop does the same silently).
+    /// Unmounts, detaches and, for a read-write mount, makes the image file durable, reporting
+    /// failure (drop does the same silently). Only after this may anything point at the image.
     pub fn close(mut self) -> Result<()> {
         self.release()
     }
 
     fn release(&mut self) -> Result<()> {
         if self.mounted {
-            nix::unistd::sync();
+            // Unmounting writes the filesystem back through the loop device into the image
+            // file's page cache; fsyncing that one file below makes it durable. (A global
+            // sync() would also wait for every other write on the box, e.g. a download.)
             umount2(self.path(), MntFlags::empty())
                 .with_context(|| format!("unmounting {}", self.path().display()))
                 .inspect_err(|_| {
@@ -78,6 +87,11 @@ impl ImageMount {
         if let Some(dev) = self.device.take() {
             // With autoclear the kernel detaches on unmount; detaching again may say ENXIO.
             let _ = dev.detach();
+        }
+        if let Some(image) = self.writable.take() {
+            std::fs::File::open(&image)
+                .and_then(|f| f.sync_all())
+                .with_context(|| format!("syncing image {}", image.display()))?;
         }
         Ok(())
     }

@@ -179,7 +179,7 @@ pub fn apply(src: &Path, dst: &Path, plan: &Plan) -> Result<()> {
             }
         }
     }
-    nix::unistd::sync();
+    // Durable once the image is unmounted and fsynced (`ImageMount::close`).
     Ok(())
 }
 
