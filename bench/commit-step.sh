@@ -7,6 +7,7 @@
 # Usage (as root): bench/commit-step.sh [UPGRADECTL] [RUNS]
 #   UPGRADECTL  the binary to measure (default: a release build, built when missing)
 #   RUNS        runs per command (default 20)
+# BENCH_KEEP=1 keeps the box in /tmp for a closer look (strace, perf).
 # Needs hyperfine, e2fsprogs, util-linux, grub-common.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,7 +25,7 @@ done
 work=$(mktemp -d /tmp/upgradectl-bench.XXXXXX)
 cleanup() {
   mountpoint -q "$work/mnt" && umount "$work/mnt"
-  rm -rf "$work"
+  if [ -n "${BENCH_KEEP:-}" ]; then echo "bench: box kept in $work" >&2; else rm -rf "$work"; fi
 }
 trap cleanup EXIT
 root=$work/root
@@ -89,6 +90,9 @@ rel=()
 for p in "${paths[@]}"; do rel+=("${p#/}"); done
 shell="dev=\$(losetup -f --show $host/images/2.0.img) && mount \$dev $work/mnt && (cd $root && cp -a --parents ${rel[*]} $work/mnt/) && umount $work/mnt && losetup -d \$dev 2>/dev/null; grub-editenv $host/boot/grub/grubenv set next_entry=upgradectl-2.0"
 
+# upgradectl fsyncs the image, grub.cfg, grubenv and its state; the plain shell syncs nothing.
+shell_durable="$shell && sync $host/images/2.0.img $host/boot/grub/grubenv"
+
 # One checked run: the configuration lands, GRUB is armed.
 eval "$reset"
 report=$("$bin" --root "$root" --json upgrade --no-reboot)
@@ -99,5 +103,6 @@ debugfs -R 'cat /etc/hostname' "$host/images/2.0.img" 2>/dev/null | grep -qx box
 hyperfine --runs "$runs" --warmup 2 --shell=bash --prepare "$reset" \
   --export-markdown "$work/result.md" \
   -n "upgradectl upgrade --no-reboot" "$bin --root $root upgrade --no-reboot" \
-  -n "shell: losetup+mount+cp -a+umount+grub-editenv" "$shell"
+  -n "shell: losetup+mount+cp -a+umount+grub-editenv" "$shell" \
+  -n "same shell + sync of the image file (durable, like upgradectl)" "$shell_durable"
 cat "$work/result.md"
