@@ -528,3 +528,60 @@ fn concurrent_loop_mounts_do_not_collide() {
         h.assert_image_released("2.0");
     }
 }
+
+/// A new image whose declared directory is a symlink out of its root: nothing is written
+/// through it, GRUB is not armed, the failure is recorded, the image is released.
+#[test]
+fn upgrade_refuses_to_write_through_a_symlink_in_the_new_image() {
+    let h = HostRoot::provisioned();
+    let src = tempfile::tempdir().unwrap();
+    fs::create_dir_all(src.path().join("etc")).unwrap();
+    fs::create_dir_all(src.path().join("host")).unwrap();
+    std::os::unix::fs::symlink("/host", src.path().join("etc/netplan")).unwrap();
+    common::mkfs(src.path(), &h.image("3.0"), 16);
+    h.register_prepared("3.0");
+    let r = h.run(&["upgrade", "--no-reboot"]).expect(2);
+    let msg = r.error()["message"].as_str().unwrap();
+    assert!(msg.contains("symlink"), "{msg}");
+    h.assert_image_released("3.0");
+    assert!(!h.grubenv().contains_key("next_entry"));
+    let s = h.state();
+    assert_eq!(s["trying"], Value::Null);
+    assert_eq!(s["last_operation"]["verb"], "upgrade");
+    assert_eq!(s["last_operation"]["ok"], false);
+    // Nothing landed on the host partition through the link.
+    assert!(!h.host("10-box.yaml").exists());
+    let m = h.mount_ro("3.0");
+    assert!(!m.path("etc/hostname").exists(), "migration went ahead");
+}
+
+/// A file the box changed and the next image changed too is reported; the box's copy wins.
+#[test]
+fn upgrade_reports_paths_changed_on_the_box_and_in_the_image() {
+    let h = HostRoot::with_prepared("2.0");
+    h.run(&["upgrade", "--no-reboot"]).expect(0);
+    h.grub_reboot();
+    h.run(&["confirm", "--no-reboot"]).expect(0);
+    h.add_image("3.0");
+    h.register_prepared("3.0");
+    let r = h.run(&["upgrade", "--no-reboot"]).expect(0);
+    let conflicts = &r.last()["migration"]["conflicts"];
+    // hostname: box-17 on the box, factory-3.0 in the image, factory-2.0 as 2.0 shipped it.
+    assert!(
+        conflicts
+            .as_array()
+            .unwrap()
+            .contains(&json!("/etc/hostname")),
+        "{conflicts}"
+    );
+    // The box changed its keys but 3.0 ships none: not a conflict.
+    assert!(!conflicts
+        .as_array()
+        .unwrap()
+        .contains(&json!("/etc/ssh/ssh_host_ed25519_key")));
+    let m = h.mount_ro("3.0");
+    assert_eq!(
+        fs::read_to_string(m.path("etc/hostname")).unwrap(),
+        "box-17\n"
+    );
+}
