@@ -140,7 +140,9 @@ struct InitReport {
 pub fn init(ctx: &mut Ctx, version: &Version, host_uuid: Option<String>) -> Result<()> {
     let _lock = ctx.lock()?;
     let path = store::image_path(&ctx.layout, version);
-    anyhow::ensure!(path.is_file(), "image {} does not exist", path.display());
+    if !path.is_file() {
+        return Err(refused(format!("image {} does not exist", path.display())));
+    }
     let mut state = ctx.load_state()?;
     state.install(version);
     if host_uuid.is_some() {

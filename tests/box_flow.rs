@@ -48,8 +48,7 @@ fn init_provisions_grub_and_state() {
 #[test]
 fn init_refuses_a_missing_image() {
     let h = HostRoot::new();
-    let r = h.run(&["init", "--version", "7.0"]);
-    assert_ne!(r.code, 0);
+    let r = h.run(&["init", "--version", "7.0"]).expect(2);
     assert!(
         r.error()["message"].as_str().unwrap().contains("7.0.img"),
         "{}",
