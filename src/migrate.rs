@@ -202,6 +202,9 @@ fn copy_one(s: &Path, d: &Path, kind: Kind) -> Result<()> {
         }
         Kind::Symlink | Kind::File => {
             // Build beside the target and rename over it: the new image never holds half a file.
+            // No fsync per file: each one would flush the loop device, i.e. fsync the whole
+            // image file on the host; `ImageMount::close` makes everything durable at once,
+            // before GRUB may boot the image.
             let tmp = d.with_file_name(format!(
                 ".upgradectl-{}",
                 d.file_name().context("no file name")?.to_string_lossy()
@@ -211,7 +214,6 @@ fn copy_one(s: &Path, d: &Path, kind: Kind) -> Result<()> {
                 std::os::unix::fs::symlink(fs::read_link(s)?, &tmp)?;
             } else {
                 fs::copy(s, &tmp)?;
-                fs::File::open(&tmp)?.sync_all()?;
             }
             copy_meta(s, &tmp, &md)?;
             if fs::symlink_metadata(d).is_ok_and(|m| m.is_dir()) {
