@@ -20,7 +20,7 @@ setup_artefacts() {
   base=$(build_base)
   BIN=$REPO_DIR/target/release/upgradectl
   [ -x "$BIN" ] || die "no $BIN after cargo deb"
-  key=$( { cat "$deb" "$base" "$VMT_DIR"/guest/*; } | sha256sum | cut -c1-16)
+  key=$( { cat "$deb" "$VMT_DIR"/guest/*; echo "$base"; } | sha256sum | cut -c1-16)
   IMAGES=$CACHE_DIR/images-$key
   if [ ! -f "$IMAGES/done" ]; then
     rm -rf "$CACHE_DIR"/images-*
@@ -72,7 +72,7 @@ scenario_boot() {
   src=$(vm_ssh "findmnt -n -o SOURCE /")
   [[ $src == /dev/loop* ]] || { log "root is $src, not a loop device"; return 1; }
   backing=$(vm_ssh "cat /sys/block/$(basename "$src")/loop/backing_file")
-  assert_eq "$backing" /upgradectl-host/images/1.0.img "loop backing file" || return 1
+  assert_eq "$backing" /host/images/1.0.img "loop backing file" || return 1
   host=$(vm_ssh "findmnt -n -o SOURCE /host")
   assert_eq "$host" /dev/vda1 "/host source" || return 1
   assert_eq "$(status_field "s['booted']")" 1.0 "status booted" || return 1
