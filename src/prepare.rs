@@ -53,9 +53,19 @@ fn box_id(ctx: &Ctx) -> Result<String> {
 /// The verb. `wait`: sleep through "come back later" (bounded by download.max_wait_seconds).
 pub fn prepare(ctx: &mut Ctx, pinned: Option<Version>, wait: bool) -> Result<()> {
     let _lock = ctx.lock()?;
+    let report = prepare_locked(ctx, pinned.as_ref(), wait)?;
+    ctx.out.report(&report, render)
+}
+
+/// `prepare` for a caller that holds the lock (`upgrade` of an unprepared version).
+pub fn prepare_locked(
+    ctx: &mut Ctx,
+    pinned: Option<&Version>,
+    wait: bool,
+) -> Result<PrepareReport> {
     let deadline = Instant::now() + Duration::from_secs(ctx.config.download.max_wait_seconds);
     loop {
-        match prepare_once(ctx, pinned.as_ref()) {
+        match prepare_once(ctx, pinned) {
             Err(e) if wait => match e.downcast_ref::<Error>() {
                 Some(Error::ComeBackLater { what, retry_after })
                     if Instant::now() + *retry_after < deadline =>
@@ -70,7 +80,7 @@ pub fn prepare(ctx: &mut Ctx, pinned: Option<Version>, wait: bool) -> Result<()>
                 }
                 _ => return Err(e),
             },
-            other => return other.map(|report| ctx.out.report(&report, render))?,
+            other => return other,
         }
     }
 }
