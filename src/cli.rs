@@ -27,6 +27,38 @@ pub struct Cli {
     pub command: Command,
 }
 
+impl Cli {
+    /// Parses the process's arguments. Help and version exit as usual; a usage error is refused
+    /// input (exit 2), reported as JSON on stdout when `--json` is among the arguments.
+    pub fn parse_or_exit() -> Cli {
+        use clap::error::ErrorKind;
+        let err = match Cli::try_parse() {
+            Ok(cli) => return cli,
+            Err(e) => e,
+        };
+        let json = std::env::args_os().any(|a| a == "--json");
+        if !json
+            || matches!(
+                err.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            )
+        {
+            err.exit();
+        }
+        let text = err.render().to_string();
+        let message = text
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .trim_start_matches("error: ");
+        let exit = crate::error::Exit::Refused as u8;
+        crate::output::Output::stdout(true).error(&anyhow::anyhow!("{message}"), "refused", exit);
+        std::process::exit(exit.into());
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Show the booted, default, previous and prepared images, every image on disk, free

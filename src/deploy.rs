@@ -106,7 +106,19 @@ fn finish<T>(ctx: &Ctx, state: &mut State, verb: &str, result: Result<T>) -> Res
     result
 }
 
+/// Reboots into `target` (GRUB is already set up for it). Under `--root DIR` other than `/`
+/// upgradectl works on a box that is not the running system: the reboot is only reported.
 fn reboot(ctx: &mut Ctx, target: &Version) -> Result<()> {
+    if ctx.layout.root() != std::path::Path::new("/") {
+        return ctx.out.event(
+            "reboot-skipped",
+            &serde_json::json!({"into": target, "root": ctx.layout.root()}),
+            &format!(
+                "not rebooting: {} is not the running system; the next boot is {target}",
+                ctx.layout.root().display()
+            ),
+        );
+    }
     ctx.out.event(
         "reboot",
         &serde_json::json!({"into": target}),
@@ -128,7 +140,9 @@ struct InitReport {
 pub fn init(ctx: &mut Ctx, version: &Version, host_uuid: Option<String>) -> Result<()> {
     let _lock = ctx.lock()?;
     let path = store::image_path(&ctx.layout, version);
-    anyhow::ensure!(path.is_file(), "image {} does not exist", path.display());
+    if !path.is_file() {
+        return Err(refused(format!("image {} does not exist", path.display())));
+    }
     let mut state = ctx.load_state()?;
     state.install(version);
     if host_uuid.is_some() {
@@ -407,11 +421,9 @@ pub fn confirm(ctx: &mut Ctx, no_reboot: bool) -> Result<()> {
     if outcome == "confirmed" || outcome == "trial-not-attempted" {
         grub::update_env(&ctx.layout.grubenv(), &[(grub::ATTEMPTED, None)])?;
     }
-    let verb_result = result
-        .as_ref()
-        .map(|_| ())
-        .map_err(|e| anyhow::anyhow!("{e:#}"));
-    finish(ctx, &mut state, "confirm", verb_result)?;
+    // The verdict is recorded, reported and acted on (reboot) before it becomes the exit code.
+    state.record("confirm", &result, now());
+    state.save(&ctx.layout.state_file())?;
     let report = ConfirmReport {
         booted,
         outcome,

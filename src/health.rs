@@ -38,6 +38,7 @@ pub fn run_check(check: &HealthCheck) -> Result<CheckResult> {
                 }
                 let detail = match status.code() {
                     Some(0) => "passed".to_owned(),
+                    Some(c) if stderr.trim().is_empty() => format!("exited with {c}"),
                     Some(c) => format!("exited with {c}: {}", stderr.trim()),
                     None => "killed by a signal".to_owned(),
                 };

@@ -13,6 +13,8 @@ pub struct ImageMount {
     dir: Option<tempfile::TempDir>,
     device: Option<LoopDevice>,
     mounted: bool,
+    /// The image file, when mounted read-write: made durable after unmounting.
+    writable: Option<PathBuf>,
 }
 
 impl ImageMount {
@@ -27,21 +29,9 @@ impl ImageMount {
             dir: Some(dir),
             device: None,
             mounted: false,
+            writable: None,
         };
-        let control = LoopControl::open()
-            .context("opening /dev/loop-control")
-            .with_context(ctx)?;
-        let device = control
-            .next_free()
-            .context("finding a free loop device")
-            .with_context(ctx)?;
-        device
-            .with()
-            .read_only(read_only)
-            .autoclear(true)
-            .attach(image)
-            .context("attaching a loop device")
-            .with_context(ctx)?;
+        let device = attach(image, read_only).with_context(ctx)?;
         let dev_path: PathBuf = device
             .path()
             .context("loop device has no path")
@@ -62,6 +52,9 @@ impl ImageMount {
         .with_context(|| format!("mount {} on {}", dev_path.display(), guard.path().display()))
         .with_context(ctx)?;
         guard.mounted = true;
+        if !read_only {
+            guard.writable = Some(image.to_owned());
+        }
         Ok(guard)
     }
 
@@ -70,14 +63,17 @@ impl ImageMount {
         self.dir.as_ref().expect("dir lives until drop").path()
     }
 
-    /// Unmounts and detaches now, reporting failure (drop does the same silently).
+    /// Unmounts, detaches and, for a read-write mount, makes the image file durable, reporting
+    /// failure (drop does the same silently). Only after this may anything point at the image.
     pub fn close(mut self) -> Result<()> {
         self.release()
     }
 
     fn release(&mut self) -> Result<()> {
         if self.mounted {
-            nix::unistd::sync();
+            // Unmounting writes the filesystem back through the loop device into the image
+            // file's page cache; fsyncing that one file below makes it durable. (A global
+            // sync() would also wait for every other write on the box, e.g. a download.)
             umount2(self.path(), MntFlags::empty())
                 .with_context(|| format!("unmounting {}", self.path().display()))
                 .inspect_err(|_| {
@@ -92,7 +88,43 @@ impl ImageMount {
             // With autoclear the kernel detaches on unmount; detaching again may say ENXIO.
             let _ = dev.detach();
         }
+        if let Some(image) = self.writable.take() {
+            std::fs::File::open(&image)
+                .and_then(|f| f.sync_all())
+                .with_context(|| format!("syncing image {}", image.display()))?;
+        }
         Ok(())
+    }
+}
+
+/// How often a loop device taken by someone else between "find a free one" and "attach" is
+/// skipped before giving up.
+const ATTACH_TRIES: usize = 32;
+
+/// Attaches `image` to a free loop device. `LOOP_CTL_GET_FREE` only names a free device; any
+/// other process (another upgradectl verb, `mount -o loop`, udisks) may attach it first, which
+/// shows as `EBUSY`: then take the next free one, as losetup does.
+fn attach(image: &Path, read_only: bool) -> Result<LoopDevice> {
+    let control = LoopControl::open().context("opening /dev/loop-control")?;
+    let mut tries = 0;
+    loop {
+        let device = control.next_free().context("finding a free loop device")?;
+        match device
+            .with()
+            .read_only(read_only)
+            .autoclear(true)
+            .attach(image)
+        {
+            Ok(()) => return Ok(device),
+            Err(e) if e.raw_os_error() == Some(nix::libc::EBUSY) && tries < ATTACH_TRIES => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(tries as u64));
+            }
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("attaching {} to a loop device", image.display()))
+            }
+        }
     }
 }
 

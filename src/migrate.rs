@@ -79,6 +79,8 @@ fn plan_entry(
     baseline: Option<&Baseline>,
     plan: &mut Plan,
 ) -> Result<()> {
+    // Nothing is read or written through a symlink of the new image either.
+    check_inside(dst, rel)?;
     let s = src.join(rel);
     let d = dst.join(rel);
     let md = fs::symlink_metadata(&s).with_context(|| format!("reading {}", s.display()))?;
@@ -179,7 +181,7 @@ pub fn apply(src: &Path, dst: &Path, plan: &Plan) -> Result<()> {
             }
         }
     }
-    nix::unistd::sync();
+    // Durable once the image is unmounted and fsynced (`ImageMount::close`).
     Ok(())
 }
 
@@ -350,7 +352,13 @@ pub fn baseline(root: &Path, patterns: &[String]) -> Result<Baseline> {
     let mut out = Baseline::new();
     for pattern in patterns {
         for rel in expand(root, &relative(pattern)?)? {
-            for entry in walkdir::WalkDir::new(root.join(&rel)).follow_links(false) {
+            if check_inside(root, &rel).is_err() {
+                continue; // behind a symlink: not part of the image
+            }
+            let walk = walkdir::WalkDir::new(root.join(&rel))
+                .follow_links(false)
+                .follow_root_links(false);
+            for entry in walk {
                 let entry = entry?;
                 if entry.file_type().is_file() {
                     let rel = entry.path().strip_prefix(root).expect("under root");
@@ -458,6 +466,19 @@ mod tests {
     }
 
     #[test]
+    fn baseline_stays_inside_the_image() {
+        let (t, _src, dst) = setup();
+        let outside = t.path().join("outside");
+        fs::create_dir_all(&outside).unwrap();
+        fs::write(outside.join("secret"), "x").unwrap();
+        fs::remove_dir(dst.join("etc/netplan")).unwrap();
+        symlink(&outside, dst.join("etc/netplan")).unwrap();
+        symlink(&outside, dst.join("etc/link")).unwrap();
+        let b = baseline(&dst, &pats(&["/etc/netplan", "/etc/link/secret"])).unwrap();
+        assert!(b.is_empty(), "{b:?}");
+    }
+
+    #[test]
     fn refuses_symlink_escapes_in_the_new_image() {
         let (t, src, dst) = setup();
         let outside = t.path().join("outside");
@@ -465,7 +486,17 @@ mod tests {
         fs::create_dir_all(src.join("etc/evil")).unwrap();
         fs::write(src.join("etc/evil/x"), "x").unwrap();
         symlink(&outside, dst.join("etc/evil")).unwrap();
-        let plan = plan(&src, &dst, &pats(&["/etc/evil/x"]), None).unwrap();
+        // Refused at planning, before anything is read through the link...
+        let err = plan(&src, &dst, &pats(&["/etc/evil/x"]), None).unwrap_err();
+        assert!(format!("{err:#}").contains("symlink"), "{err:#}");
+        // ...and by apply, whatever plan it is given.
+        let plan = Plan {
+            actions: vec![Action::Copy {
+                path: "/etc/evil/x".into(),
+                kind: Kind::File,
+            }],
+            ..Plan::default()
+        };
         let err = apply(&src, &dst, &plan).unwrap_err();
         assert!(format!("{err:#}").contains("symlink"), "{err:#}");
         assert!(!outside.join("x").exists());

@@ -62,6 +62,9 @@ impl FromStr for Version {
         if s.len() > MAX_LEN {
             return Err(fail("too long"));
         }
+        if s.contains(['/', '\\']) {
+            return Err(fail("path separators are not allowed"));
+        }
         let mut parts = Vec::new();
         for part in s.split('.') {
             if part.is_empty() {
@@ -173,6 +176,8 @@ mod tests {
         ] {
             assert!(bad.parse::<Version>().is_err(), "{bad:?} was accepted");
         }
+        let err = "../1".parse::<Version>().unwrap_err().to_string();
+        assert!(err.contains("path separators"), "{err}");
         let long = "1.".repeat(40) + "1";
         let err = long.parse::<Version>().unwrap_err().to_string();
         assert!(err.contains("too long"), "{err}");

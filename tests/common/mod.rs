@@ -1,0 +1,427 @@
+//! A box in a temp directory for the host integration tests: a running image tree at ROOT, the
+//! host partition at ROOT/host with real ext4 image files (`mkfs.ext4 -d`), a kernel command
+//! line in ROOT/proc/cmdline, upgradectl's configuration, and helpers that drive the real
+//! binary with `--root ROOT --json` and inspect what it wrote with the real tools
+//! (`grub-editenv`, `grub-script-check`, `mount -o loop,ro`, `e2fsck`).
+//!
+//! Needs root (loop devices, chown) and grub-common, e2fsprogs, util-linux.
+
+#![allow(dead_code)] // each test binary uses a different part of this module
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::{lchown, symlink, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+/// Host partition UUID on the fake kernel command line.
+pub const HOST_UUID: &str = "0f4d5a1e-1234-4c5b-9a3d-2f0e7d1c6b5a";
+
+/// Owner given to the box's netplan file, to see that ownership survives migration.
+pub const NETPLAN_UID: u32 = 1234;
+pub const NETPLAN_GID: u32 = 5678;
+
+/// The configuration every test starts with: the usual migration paths and one passing check.
+pub const CONFIG: &str = r#"
+[grub]
+kernel_args = "console=ttyS0,115200"
+panic_seconds = 7
+
+[migrate]
+paths = ["/etc/hostname", "/etc/ssh/ssh_host_*", "/etc/netplan", "/etc/upgradectl/box.toml", "/etc/not-there"]
+
+[[health]]
+name = "always"
+command = ["true"]
+timeout_seconds = 5
+"#;
+
+pub struct HostRoot {
+    dir: tempfile::TempDir,
+}
+
+/// What one invocation did: exit code, every JSON line of stdout, stderr.
+#[derive(Debug)]
+pub struct Run {
+    pub code: i32,
+    pub lines: Vec<Value>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    /// The final JSON line: the verb's report or `{"error": ...}`.
+    pub fn last(&self) -> &Value {
+        self.lines
+            .last()
+            .unwrap_or_else(|| panic!("no JSON on stdout; stderr: {}", self.stderr))
+    }
+
+    /// Asserts the exit code, showing everything on failure.
+    #[track_caller]
+    pub fn expect(self, code: i32) -> Run {
+        assert_eq!(
+            self.code, code,
+            "exit code\nstdout: {}\nstderr: {}",
+            self.stdout, self.stderr
+        );
+        self
+    }
+
+    /// The error object of a failed JSON run.
+    #[track_caller]
+    pub fn error(&self) -> &Value {
+        let e = &self.last()["error"];
+        assert!(e.is_object(), "no error object in {}", self.stdout);
+        e
+    }
+}
+
+fn from_output(out: Output) -> Run {
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let lines = stdout
+        .lines()
+        .map(|l| {
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("stdout line {l:?} is not JSON: {e}"))
+        })
+        .collect();
+    Run {
+        code: out.status.code().expect("not killed by a signal"),
+        lines,
+        stdout,
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Runs a tool and panics with its stderr when it fails.
+#[track_caller]
+pub fn tool(argv: &[&str]) -> String {
+    let out = Command::new(argv[0])
+        .args(&argv[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("starting {argv:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{argv:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Builds an ext4 image file of `mib` MiB from the directory `src`.
+pub fn mkfs(src: &Path, image: &Path, mib: u32) {
+    tool(&[
+        "mkfs.ext4",
+        "-q",
+        "-F",
+        "-d",
+        src.to_str().unwrap(),
+        image.to_str().unwrap(),
+        &format!("{mib}M"),
+    ]);
+}
+
+impl HostRoot {
+    /// A box provisioned with image 1.0 (booted) and image 2.0 on disk but not registered.
+    /// `init` has not run yet.
+    pub fn new() -> HostRoot {
+        let dir = tempfile::Builder::new()
+            .prefix("upgradectl-host-")
+            .tempdir()
+            .unwrap();
+        let h = HostRoot { dir };
+        h.write_running_tree();
+        fs::create_dir_all(h.host("images")).unwrap();
+        h.add_image("1.0");
+        h.add_image("2.0");
+        h.boot("1.0");
+        h.set_config(CONFIG);
+        h
+    }
+
+    /// A box after `init --version 1.0`.
+    pub fn provisioned() -> HostRoot {
+        let h = HostRoot::new();
+        h.run(&["init", "--version", "1.0"]).expect(0);
+        h
+    }
+
+    /// A provisioned box with 2.0 registered as prepared (the state file is serde JSON; this is
+    /// what `prepare` leaves behind).
+    pub fn with_prepared(v: &str) -> HostRoot {
+        let h = HostRoot::provisioned();
+        h.register_prepared(v);
+        h
+    }
+
+    pub fn root(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// `ROOT/<rel>`.
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.root().join(rel.trim_start_matches('/'))
+    }
+
+    /// `ROOT/host/<rel>`: the host partition.
+    pub fn host(&self, rel: &str) -> PathBuf {
+        self.root().join("host").join(rel.trim_start_matches('/'))
+    }
+
+    pub fn image(&self, v: &str) -> PathBuf {
+        self.host(&format!("images/{v}.img"))
+    }
+
+    pub fn grubenv_path(&self) -> PathBuf {
+        self.host("boot/grub/grubenv")
+    }
+
+    pub fn grub_cfg(&self) -> String {
+        fs::read_to_string(self.host("boot/grub/grub.cfg")).unwrap()
+    }
+
+    pub fn state_path(&self) -> PathBuf {
+        self.host("var/lib/upgradectl/state.json")
+    }
+
+    /// The running image's files: what migration copies from.
+    fn write_running_tree(&self) {
+        let p = |r: &str| self.path(r);
+        for d in ["etc/ssh", "etc/netplan", "etc/upgradectl", "proc", "run"] {
+            fs::create_dir_all(p(d)).unwrap();
+        }
+        fs::write(p("etc/hostname"), "box-17\n").unwrap();
+        xattr::set(p("etc/hostname"), "user.origin", b"box-17").unwrap();
+        fs::write(p("etc/ssh/ssh_host_ed25519_key"), "PRIVATE KEY OF BOX 17\n").unwrap();
+        fs::set_permissions(
+            p("etc/ssh/ssh_host_ed25519_key"),
+            fs::Permissions::from_mode(0o600),
+        )
+        .unwrap();
+        fs::write(
+            p("etc/ssh/ssh_host_ed25519_key.pub"),
+            "PUBLIC KEY OF BOX 17\n",
+        )
+        .unwrap();
+        fs::write(p("etc/ssh/sshd_config"), "# not migrated\n").unwrap();
+        fs::write(p("etc/netplan/10-box.yaml"), "network: {version: 2}\n").unwrap();
+        fs::set_permissions(
+            p("etc/netplan/10-box.yaml"),
+            fs::Permissions::from_mode(0o640),
+        )
+        .unwrap();
+        lchown(
+            p("etc/netplan/10-box.yaml"),
+            Some(NETPLAN_UID),
+            Some(NETPLAN_GID),
+        )
+        .unwrap();
+        symlink("10-box.yaml", p("etc/netplan/current.yaml")).unwrap();
+        fs::write(p("etc/upgradectl/box.toml"), "serial = \"B17\"\n").unwrap();
+    }
+
+    /// Builds `images/<v>.img` as the image build would: a fresh /etc, an empty /host.
+    pub fn add_image(&self, v: &str) -> PathBuf {
+        let src = tempfile::tempdir().unwrap();
+        let s = |r: &str| src.path().join(r);
+        for d in ["etc/ssh", "etc/netplan", "host", "boot"] {
+            fs::create_dir_all(s(d)).unwrap();
+        }
+        fs::write(s("etc/hostname"), format!("factory-{v}\n")).unwrap();
+        fs::write(s("etc/os-release"), format!("VERSION_ID={v}\n")).unwrap();
+        fs::write(s("etc/netplan/01-default.yaml"), "dhcp: true\n").unwrap();
+        fs::write(s("etc/ssh/sshd_config"), format!("# image {v}\n")).unwrap();
+        let img = self.image(v);
+        mkfs(src.path(), &img, 16);
+        img
+    }
+
+    /// What GRUB put on the kernel command line when it booted `v`.
+    pub fn boot(&self, v: &str) {
+        fs::write(
+            self.path("proc/cmdline"),
+            format!(
+                "BOOT_IMAGE=(loop)/vmlinuz root=UUID={HOST_UUID} rw upgradectl.image=/images/{v}.img panic=10\n"
+            ),
+        )
+        .unwrap();
+    }
+
+    /// The initramfs's report of this boot (ROOT/run/upgradectl/boot-report).
+    pub fn boot_report(&self, requested: &str, booted: &str, reason: &str) {
+        let fallback = u8::from(requested != booted);
+        let text = format!(
+            "requested=/images/{requested}.img\nbooted=/images/{booted}.img\nfallback={fallback}\nreason={reason}\nfsck=0\n"
+        );
+        fs::create_dir_all(self.path("run/upgradectl")).unwrap();
+        fs::write(self.path("run/upgradectl/boot-report"), &text).unwrap();
+        fs::create_dir_all(self.host("var/lib/upgradectl")).unwrap();
+        fs::write(self.host("var/lib/upgradectl/boot-report"), &text).unwrap();
+    }
+
+    /// Simulates the reboot the way GRUB runs our grub.cfg: a set `next_entry` is booted once,
+    /// recorded in `upgradectl_attempted` and cleared (`save_env`). Returns the entry booted.
+    pub fn grub_reboot(&self) -> String {
+        let env = self.grubenv();
+        let cfg = self.grub_cfg();
+        let entry = match env.get("next_entry").filter(|e| !e.is_empty()) {
+            Some(next) => {
+                // The grub.cfg must really do this, or the simulation is a lie.
+                assert!(cfg.contains("set upgradectl_attempted=\"${next_entry}\""));
+                assert!(cfg.contains("save_env next_entry upgradectl_attempted"));
+                let env = self.grubenv_path();
+                let env = env.to_str().unwrap();
+                tool(&["grub-editenv", env, "unset", "next_entry"]);
+                tool(&[
+                    "grub-editenv",
+                    env,
+                    "set",
+                    &format!("upgradectl_attempted={next}"),
+                ]);
+                next.clone()
+            }
+            None => cfg
+                .lines()
+                .find_map(|l| l.strip_prefix("set default=\""))
+                .and_then(|l| l.strip_suffix('"'))
+                .expect("grub.cfg sets a default")
+                .to_owned(),
+        };
+        self.boot(entry.strip_prefix("upgradectl-").expect("our entry id"));
+        let _ = fs::remove_file(self.path("run/upgradectl/boot-report"));
+        entry
+    }
+
+    /// `grub-editenv grubenv list`, parsed.
+    pub fn grubenv(&self) -> BTreeMap<String, String> {
+        tool(&[
+            "grub-editenv",
+            self.grubenv_path().to_str().unwrap(),
+            "list",
+        ])
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+    }
+
+    /// Asserts that grub.cfg is valid GRUB script and names the given entries, in order.
+    #[track_caller]
+    pub fn assert_menu(&self, entries: &[&str]) {
+        tool(&[
+            "grub-script-check",
+            self.host("boot/grub/grub.cfg").to_str().unwrap(),
+        ]);
+        let ids: Vec<String> = self
+            .grub_cfg()
+            .lines()
+            .filter(|l| l.starts_with("menuentry "))
+            .map(|l| {
+                l.split("--id ")
+                    .nth(1)
+                    .unwrap()
+                    .trim_end_matches(" {")
+                    .to_owned()
+            })
+            .collect();
+        let want: Vec<String> = entries.iter().map(|v| format!("upgradectl-{v}")).collect();
+        assert_eq!(ids, want, "menu entries in\n{}", self.grub_cfg());
+    }
+
+    /// The default entry grub.cfg sets.
+    pub fn grub_default(&self) -> Option<String> {
+        self.grub_cfg()
+            .lines()
+            .find_map(|l| l.strip_prefix("set default=\"upgradectl-"))
+            .map(|l| l.trim_end_matches('"').to_owned())
+    }
+
+    pub fn set_config(&self, text: &str) {
+        fs::write(self.path("etc/upgradectl/upgradectl.toml"), text).unwrap();
+    }
+
+    /// Replaces the health checks with one that exits 3.
+    pub fn fail_health(&self) {
+        self.set_config(&CONFIG.replace(
+            "command = [\"true\"]",
+            "command = [\"sh\", \"-c\", \"echo sshd is down >&2; exit 3\"]",
+        ));
+    }
+
+    pub fn state(&self) -> Value {
+        serde_json::from_slice(&fs::read(self.state_path()).unwrap()).unwrap()
+    }
+
+    pub fn write_state(&self, state: &Value) {
+        fs::create_dir_all(self.state_path().parent().unwrap()).unwrap();
+        fs::write(self.state_path(), serde_json::to_vec_pretty(state).unwrap()).unwrap();
+    }
+
+    /// What `prepare` records for a complete, verified image.
+    pub fn register_prepared(&self, v: &str) {
+        let mut s = self.state();
+        s["images"][v] = serde_json::json!({"state": "prepared"});
+        s["prepared"] = v.into();
+        self.write_state(&s);
+    }
+
+    /// `upgradectl --root ROOT --json ARGS`, not yet run.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(assert_cmd::cargo::cargo_bin("upgradectl"));
+        c.arg("--root").arg(self.root()).arg("--json").args(args);
+        c.env_remove("UPGRADECTL_LOG");
+        c
+    }
+
+    /// Runs `upgradectl --root ROOT --json ARGS`.
+    pub fn run(&self, args: &[&str]) -> Run {
+        from_output(self.command(args).output().unwrap())
+    }
+
+    pub fn status(&self) -> Value {
+        self.run(&["status"]).expect(0).last().clone()
+    }
+
+    /// Mounts an image read-only (through `mount -o loop,ro`, not upgradectl's code).
+    pub fn mount_ro(&self, v: &str) -> RoMount {
+        let dir = tempfile::tempdir().unwrap();
+        tool(&[
+            "mount",
+            "-t",
+            "ext4",
+            "-o",
+            "loop,ro",
+            self.image(v).to_str().unwrap(),
+            dir.path().to_str().unwrap(),
+        ]);
+        RoMount { dir }
+    }
+
+    /// Asserts the image file is a clean ext4 filesystem that no loop device holds any more.
+    #[track_caller]
+    pub fn assert_image_released(&self, v: &str) {
+        let img = self.image(v);
+        let held = tool(&["losetup", "-j", img.to_str().unwrap()]);
+        assert!(held.trim().is_empty(), "still attached: {held}");
+        tool(&["e2fsck", "-fn", img.to_str().unwrap()]);
+    }
+}
+
+/// A read-only mount for looking into an image; unmounted on drop.
+pub struct RoMount {
+    dir: tempfile::TempDir,
+}
+
+impl RoMount {
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel.trim_start_matches('/'))
+    }
+}
+
+impl Drop for RoMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.dir.path()).status();
+    }
+}
