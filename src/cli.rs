@@ -16,7 +16,8 @@ pub struct Cli {
     /// Machine-readable output: JSON Lines on stdout, the last line is the result.
     #[arg(long, global = true)]
     pub json: bool,
-    /// If another upgradectl runs, wait for it instead of failing.
+    /// Wait instead of failing: for another upgradectl holding the lock, and (prepare,
+    /// upgrade) while the server builds a diff ("come back later").
     #[arg(long, global = true)]
     pub wait: bool,
     /// More logging on stderr (-v, -vv).
@@ -65,6 +66,9 @@ pub enum Command {
     Status,
     /// Remove images that are neither booted, default, previous nor prepared.
     Cleanup(CleanupArgs),
+    /// Download the next image (a ZFS diff from the newest local snapshot), receive it and
+    /// export it to images/VERSION.img, verified; resumable.
+    Prepare(PrepareArgs),
     /// Switch to a prepared image: migrate configuration, arm GRUB to try it once, reboot.
     Upgrade(UpgradeArgs),
     /// After a boot: run the health checks; a healthy trial image becomes the default, an
@@ -77,6 +81,14 @@ pub enum Command {
     /// Print the GRUB menu entries (used by /etc/grub.d/09_upgradectl).
     #[command(hide = true)]
     GrubEntries,
+    /// Server: write a new key pair (upgradectl.key, upgradectl.pub) into a directory.
+    Keygen(KeygenArgs),
+    /// Server: publish an image version from an ext4 image, a directory or a tarball.
+    Publish(PublishArgs),
+    /// Server: change a published release's channel, rollout percentage or pause.
+    Release(ReleaseArgs),
+    /// Server: serve signed manifests and artifacts over HTTP, building diffs on demand.
+    Serve(ServeArgs),
     /// Print shell completions.
     Completions(CompletionsArgs),
     /// Print the man page (roff).
@@ -88,6 +100,79 @@ pub struct CleanupArgs {
     /// Show what would be removed; remove nothing.
     #[arg(long)]
     pub dry_run: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct PrepareArgs {
+    /// The version to prepare; default: the newest this box may take on its channel.
+    #[arg(long)]
+    pub version: Option<Version>,
+}
+
+/// Where the server keeps its data.
+#[derive(Debug, Args)]
+pub struct StoreArgs {
+    /// The server's store directory (releases.json, built artifacts).
+    #[arg(long, default_value = "/var/lib/upgradectl-server")]
+    pub store: PathBuf,
+    /// The ZFS volume holding the published images, one snapshot per version.
+    #[arg(long, default_value = "tank/upgradectl/image")]
+    pub zvol: String,
+}
+
+#[derive(Debug, Args)]
+pub struct KeygenArgs {
+    /// Directory for upgradectl.key (secret) and upgradectl.pub.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct PublishArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    #[arg(long)]
+    pub version: Version,
+    /// An ext4 image file (.img), a root directory, or a tarball.
+    #[arg(long)]
+    pub from: PathBuf,
+    #[arg(long, default_value = "stable")]
+    pub channel: String,
+    /// Percentage of boxes that may take it.
+    #[arg(long, default_value_t = 100)]
+    pub rollout: u8,
+}
+
+#[derive(Debug, Args)]
+pub struct ReleaseArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    #[arg(long)]
+    pub version: Version,
+    /// Move the release to this channel.
+    #[arg(long)]
+    pub channel: Option<String>,
+    #[arg(long)]
+    pub rollout: Option<u8>,
+    /// Stop offering it.
+    #[arg(long, conflicts_with = "resume")]
+    pub pause: bool,
+    #[arg(long)]
+    pub resume: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    pub listen: std::net::SocketAddr,
+    /// The secret key (from `upgradectl keygen`) that signs manifests and descriptors.
+    #[arg(long)]
+    pub key: PathBuf,
+    /// Disk the artifact cache may use, MiB; least recently used artifacts are evicted.
+    #[arg(long, default_value_t = 10240)]
+    pub cache_mib: u64,
 }
 
 #[derive(Debug, Args)]

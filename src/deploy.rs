@@ -185,8 +185,22 @@ pub fn upgrade(
     let _lock = ctx.lock()?;
     let booted = ctx.booted_version()?;
     let mut state = ctx.load_state()?;
+    let ready = |s: &State, v: &Version| {
+        s.state_of(v).is_some() && store::image_path(&ctx.layout, v).is_file()
+    };
     let target = match version.or_else(|| state.prepared.clone()) {
-        Some(v) => v,
+        Some(v) if ready(&state, &v) => v,
+        // Not prepared yet: prepare first (download, receive, export, verify).
+        pinned if !dry_run => {
+            let report = crate::prepare::prepare_locked(ctx, pinned.as_ref(), ctx.wait)?;
+            state = ctx.load_state()?;
+            report.version
+        }
+        Some(v) => {
+            return Err(refused(format!(
+                "image {v} is not prepared; a dry run does not download"
+            )))
+        }
         None => {
             return Err(
                 Error::NothingToDo("no image is prepared; run `upgradectl prepare`".into()).into(),

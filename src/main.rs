@@ -9,13 +9,12 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .without_time()
         .init();
-    let out = upgradectl::output::Output::stdout(cli.json);
-    let (mut out, result) = upgradectl::run(cli, out);
-    match result {
+    let json = cli.json;
+    match upgradectl::run(cli, upgradectl::output::Output::stdout(json)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             let (exit, kind) = upgradectl::error::classify(&e);
-            out.error(&e, kind, exit as u8);
+            upgradectl::output::print_error(json, &e, kind, exit as u8);
             std::process::ExitCode::from(exit as u8)
         }
     }

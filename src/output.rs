@@ -63,14 +63,13 @@ impl Output {
         self.out.flush()?;
         Ok(())
     }
+}
 
-    /// The error report; stderr gets the human text, stdout the JSON in JSON mode.
-    pub fn error(&mut self, err: &anyhow::Error, kind: &str, exit: u8) {
-        if self.json {
-            let v = serde_json::json!({"error": {"kind": kind, "message": format!("{err:#}"), "exit": exit}});
-            let _ = writeln!(self.out, "{v}");
-            let _ = self.out.flush();
-        }
-        eprintln!("error: {err:#}");
+/// The error report: stderr gets the human text; stdout a JSON line in JSON mode.
+pub fn print_error(json: bool, err: &anyhow::Error, kind: &str, exit: u8) {
+    if json {
+        let v = serde_json::json!({"error": {"kind": kind, "message": format!("{err:#}"), "exit": exit}});
+        println!("{v}");
     }
+    eprintln!("error: {err:#}");
 }

@@ -40,8 +40,12 @@ mkdir -p /host
 cat > /etc/systemd/system/upgradectl-test-marker.service <<'UNIT'
 [Unit]
 Description=Print a boot marker on the serial console for the VM tests
-After=ssh.service systemd-networkd.service upgradectl-confirm.service
+DefaultDependencies=no
+Requires=sysinit.target
+After=sysinit.target basic.target multi-user.target ssh.service systemd-networkd.service upgradectl-confirm.service
 Wants=ssh.service
+Conflicts=shutdown.target
+Before=shutdown.target
 
 [Service]
 Type=oneshot

@@ -18,6 +18,22 @@ if [ -f /usr/local/share/upgradectl-test/trusted.pub ]; then
     >> /etc/upgradectl/upgradectl.toml
 fi
 
+# The test image server runs in the same guest against its own pool (srv), when provisioned.
+cat > /etc/systemd/system/upgradectl-test-server.service <<'UNIT'
+[Unit]
+Description=upgradectl image server of the VM tests (own pool srv)
+After=zfs-mount.service network.target
+ConditionPathExists=/srv/store/releases.json
+
+[Service]
+ExecStart=/usr/bin/upgradectl serve --store /srv/store --zvol srv/images/image --key /srv/store/upgradectl.key --listen 127.0.0.1:8080
+Restart=on-failure
+
+[Install]
+WantedBy=multi-user.target
+UNIT
+systemctl enable upgradectl-test-server.service
+
 case "$variant" in
   good) ;;
   update)
@@ -25,6 +41,12 @@ case "$variant" in
     mkdir -p /opt/appliance
     echo "appliance software for image $version" > /opt/appliance/RELEASE
     head -c 2000000 /dev/urandom > /opt/appliance/payload.bin
+    ;;
+  big-update)
+    # A release with a large new component: big enough to interrupt its download.
+    mkdir -p /opt/appliance
+    echo "appliance software for image $version" > /opt/appliance/RELEASE
+    head -c 48000000 /dev/urandom > /opt/appliance/payload.bin
     ;;
   broken)
     # Its init fails: the kernel panics and panic=N reboots into GRUB's default.

@@ -3,7 +3,7 @@
 # the ZFS module for the guest kernel, the base root filesystem, image files, the box's disks.
 # Sourced after common.sh.
 
-BASE_PACKAGES=linux-image-amd64,grub-common,systemd-sysv,udev,initramfs-tools,busybox,e2fsprogs,kmod,zfsutils-linux,openssh-server,iproute2,procps,curl,xz-utils,rsync,util-linux
+BASE_PACKAGES=linux-image-amd64,grub-common,systemd-sysv,udev,initramfs-tools,busybox,e2fsprogs,kmod,zfsutils-linux,openssh-server,iproute2,procps,curl,xz-utils,rsync,util-linux,zstd
 
 # The ZFS module, built by DKMS in a build chroot for the exact guest kernel.
 # Prints the path of a tarball holding lib/modules/<kver>/updates/dkms/*.ko.
@@ -17,7 +17,7 @@ build_zfs_modules() {
 
 _build_zfs_modules() {
   local out=$1 chroot=$WORK_DIR/zfs-chroot
-  rm -rf "$chroot"
+  remove_tree "$chroot"
   write_sources "$WORK_DIR/sources.list"
   log "building the ZFS module with DKMS (several minutes)"
   mmdebstrap --variant=apt --quiet \
@@ -33,7 +33,7 @@ _build_zfs_modules() {
   fi
   ls "$chroot/lib/modules/$kver/updates/dkms/zfs.ko" >/dev/null || die "DKMS did not build zfs.ko for $kver"
   tar -C "$chroot" -cf "$out.tmp" "lib/modules/$kver/updates/dkms"
-  rm -rf "$chroot"
+  remove_tree "$chroot"
 }
 
 # The project's .deb (binary, initramfs hooks, grub.d script, systemd units).
@@ -81,7 +81,7 @@ ssh_key() {
 build_image() {
   local version=$1 variant=$2 out=$3 base=$4 deb=$5
   local tree=$WORK_DIR/tree-$version
-  rm -rf "$tree"
+  remove_tree "$tree"
   mkdir -p "$tree"
   cp -a "$base/." "$tree/"
   cp "$deb" "$tree/tmp/upgradectl.deb"

@@ -44,8 +44,18 @@ cached() {
     return 0
   fi
   local start=$SECONDS
-  rm -rf "$out.tmp"
+  remove_tree "$out.tmp"
   "$@"
   mv "$out.tmp" "$out"
   log "built $(basename "$out") in $((SECONDS - start))s"
+}
+
+# remove_tree DIR : unmounts whatever an interrupted build left mounted under DIR, then removes it.
+remove_tree() {
+  local m
+  [ -e "$1" ] || return 0
+  for m in $(findmnt -rn -o TARGET | grep -F "$1/" | sort -r); do
+    umount -l "$m" || die "cannot unmount $m"
+  done
+  rm -rf "$1"
 }

@@ -4,7 +4,7 @@
 # claims. Guest state lives on its disks under $WORK_DIR/box*.img.
 
 # shellcheck disable=SC2034  # used by vm-tests/run
-SCENARIOS=(boot fallback)
+SCENARIOS=(boot upgrade revert broken fallback resume powercut)
 
 # Scenarios that start from where the previous one left the box.
 scenario_needs_previous() { [ "$1" != boot ]; }
@@ -20,7 +20,13 @@ setup_artefacts() {
   base=$(build_base)
   BIN=$REPO_DIR/target/release/upgradectl
   [ -x "$BIN" ] || die "no $BIN after cargo deb"
-  key=$( { cat "$deb" "$base" "$VMT_DIR"/guest/*; } | sha256sum | cut -c1-16)
+  SERVER_KEY=$CACHE_DIR/server-key
+  if [ ! -f "$SERVER_KEY/upgradectl.key" ]; then
+    mkdir -p "$SERVER_KEY"
+    "$BIN" keygen --out "$SERVER_KEY" >&2
+  fi
+  export TRUSTED_PUB=$SERVER_KEY/upgradectl.pub
+  key=$( { cat "$deb" "$VMT_DIR"/guest/* "$TRUSTED_PUB"; echo "$base"; } | sha256sum | cut -c1-16)
   IMAGES=$CACHE_DIR/images-$key
   if [ ! -f "$IMAGES/done" ]; then
     rm -rf "$CACHE_DIR"/images-*
@@ -28,6 +34,8 @@ setup_artefacts() {
     build_image 1.0 good "$IMAGES/1.0.img" "$base" "$deb"
     build_image 2.0 update "$IMAGES/2.0.img" "$base" "$deb"
     build_image 3.0 broken "$IMAGES/3.0.img" "$base" "$deb"
+    build_image 4.0 big-update "$IMAGES/4.0.img" "$base" "$deb"
+    build_image 5.0 update "$IMAGES/5.0.img" "$base" "$deb"
     touch "$IMAGES/done"
   fi
 }
@@ -37,7 +45,7 @@ fresh_box() {
   build_box_disk "$BOX_DISK" "$IMAGES/1.0.img" "$BIN"
   build_pool_disk "$BOX_POOL" 3072
   build_pool_disk "$SRV_POOL" 3072
-  build_source_disk "$SOURCE_DISK" "$IMAGES/1.0.img" "$IMAGES/2.0.img" "$IMAGES/3.0.img"
+  build_source_disk "$SOURCE_DISK" "$IMAGES"/*.img "$SERVER_KEY/upgradectl.key"
 }
 
 boot_box() {
@@ -72,7 +80,7 @@ scenario_boot() {
   src=$(vm_ssh "findmnt -n -o SOURCE /")
   [[ $src == /dev/loop* ]] || { log "root is $src, not a loop device"; return 1; }
   backing=$(vm_ssh "cat /sys/block/$(basename "$src")/loop/backing_file")
-  assert_eq "$backing" /upgradectl-host/images/1.0.img "loop backing file" || return 1
+  assert_eq "$backing" /host/images/1.0.img "loop backing file" || return 1
   host=$(vm_ssh "findmnt -n -o SOURCE /host")
   assert_eq "$host" /dev/vda1 "/host source" || return 1
   assert_eq "$(status_field "s['booted']")" 1.0 "status booted" || return 1
@@ -110,6 +118,155 @@ CFG
   vm_run "rm -f /host/boot/grub/custom.cfg /host/images/corrupt.img"
 }
 
+# The image server and the box's pool, in the same guest: pool srv (disk 3) holds the server's
+# zvol and store, pool box (disk 2) is the appliance's; image files come from disk 4. Factory
+# provisioning seeds the box's pool with image 1.0 so that later images arrive as diffs.
+provision_delivery() {
+  vm_run 'set -e
+    zpool list srv >/dev/null 2>&1 || zpool create -f -O compression=lz4 -O mountpoint=none srv /dev/vdc1
+    zpool list box >/dev/null 2>&1 || zpool create -f -O compression=lz4 -O mountpoint=none box /dev/vdb1
+    mkdir -p /srv/source
+    mountpoint -q /srv/source || mount -o ro /dev/vdd /srv/source
+    zfs list srv/store >/dev/null 2>&1 || zfs create -o mountpoint=/srv/store srv/store
+    [ -f /srv/store/upgradectl.key ] || install -m 600 /srv/source/upgradectl.key /srv/store/
+    if [ ! -f /srv/store/releases.json ]; then
+      upgradectl publish --store /srv/store --zvol srv/images/image --version 1.0 --from /srv/source/1.0.img
+    fi
+    if ! zfs list box/upgradectl/image >/dev/null 2>&1; then
+      zfs create -p box/upgradectl
+      zfs send srv/images/image@1.0 | zfs receive box/upgradectl/image
+    fi
+    systemctl start upgradectl-test-server.service
+    for i in $(seq 120); do
+      curl -sf -o /dev/null http://127.0.0.1:8080/v1/channels/stable/manifest && exit 0
+      sleep 0.5
+    done
+    echo "the image server did not come up" >&2; exit 1'
+}
+
+publish() {
+  vm_run "upgradectl publish --store /srv/store --zvol srv/images/image --version $1 --from /srv/source/$1.img"
+}
+
+# json_field JSON EXPR
+json_field() { python3 -c "import json,sys; d=json.loads(sys.argv[1]); print($2)" "$1"; }
+
+# upgrade_and_reboot ARGS... : runs `upgradectl upgrade ARGS` (which reboots the guest).
+upgrade_and_reboot() {
+  vm_mark
+  vm_run "upgradectl --wait upgrade $*" || true
+}
+
+scenario_upgrade() {
+  provision_delivery || return 1
+  publish 2.0 || return 1
+  local rc=0 out
+  vm_ssh "upgradectl prepare --json" >/dev/null || rc=$?
+  assert_eq "$rc" 4 "prepare's exit code while the server builds the diff (come back later)" || return 1
+  out=$(vm_ssh "upgradectl --wait prepare --json" | tail -n1) || return 1
+  log "prepare: $out"
+  assert_eq "$(json_field "$out" "d['base']")" 1.0 "diff base" || return 1
+  assert_eq "$(json_field "$out" "d['artifact']")" 1.0-to-2.0.xz "artifact" || return 1
+  assert_eq "$(json_field "$out" "d['downloaded_bytes'] == d['artifact_bytes']")" True "only the diff crossed the wire" || return 1
+  assert_eq "$(json_field "$out" "d['downloaded_bytes'] * 10 < d['image_bytes']")" True "the diff is far smaller than the image" || return 1
+  if vm_ssh "ls /srv/store/artifacts" | grep -q '^full-'; then
+    log "a full stream was built: the box did not get a diff"
+    return 1
+  fi
+  vm_run "upgradectl status"
+  upgrade_and_reboot
+  expect_boot 2.0 || return 1
+  assert_eq "$(status_field "s['default']")" 2.0 "default after confirm" || return 1
+  assert_eq "$(status_field "s['previous']")" 1.0 "previous after confirm" || return 1
+  assert_eq "$(vm_ssh "cat /etc/hostname")" appliance "migrated hostname" || return 1
+  vm_run "upgradectl status"
+}
+
+scenario_revert() {
+  vm_mark
+  vm_run "upgradectl revert" || true
+  expect_boot 1.0 || return 1
+  assert_eq "$(status_field "s['default']")" 1.0 "default after revert" || return 1
+  assert_eq "$(status_field "s['previous']")" 2.0 "previous after revert" || return 1
+  upgrade_and_reboot --version 2.0
+  expect_boot 2.0 || return 1
+  assert_eq "$(status_field "s['default']")" 2.0 "default after upgrading again" || return 1
+}
+
+scenario_broken() {
+  publish 3.0 || return 1
+  upgrade_and_reboot
+  vm_wait 'broken init of image 3.0' 900 || return 1
+  log "image 3.0's init failed; waiting for the box to come back on its own"
+  expect_boot 2.0 || return 1
+  assert_eq "$(status_field "[i['state'] for i in s['images'] if i['version'] == '3.0'][0]")" bad "state of 3.0" || return 1
+  assert_eq "$(status_field "s['default']")" 2.0 "default after the failed trial" || return 1
+  local rc=0
+  vm_ssh "upgradectl upgrade --version 3.0 --no-reboot" || rc=$?
+  assert_eq "$rc" 2 "upgrading to a bad image is refused" || return 1
+  vm_run "upgradectl status"
+}
+
+# A prepare killed in the middle (download or receive) and rerun completes without
+# downloading again what it had.
+scenario_resume() {
+  publish 4.0 || return 1
+  vm_run "upgradectl --wait prepare --version 4.0 --json >/tmp/p1.json 2>&1 & pid=\$!
+    d=/host/var/lib/upgradectl/downloads
+    for i in \$(seq 12000); do
+      s=\$(cat \$d/*.partial 2>/dev/null | wc -c)
+      if [ \"\$s\" -ge 8000000 ] || ls \$d/*.xz >/dev/null 2>&1; then break; fi
+      kill -0 \$pid 2>/dev/null || break
+      sleep 0.05
+    done
+    kill -9 \$pid && echo \"killed prepare with \$s bytes of the download on disk\"" || return 1
+  local out
+  out=$(vm_ssh "upgradectl --wait prepare --version 4.0 --json" | tail -n1) || return 1
+  log "rerun: $out"
+  assert_eq "$(json_field "$out" "d['version']")" 4.0 "prepared version" || return 1
+  assert_eq "$(json_field "$out" "d['resumed_bytes'] > 0 and d['downloaded_bytes'] + d['resumed_bytes'] == d['artifact_bytes']")" True "the rerun only downloaded what was missing" || return 1
+}
+
+# A hard power-off during the switch (migration, GRUB update) leaves a box that boots the old or
+# the new image, never neither. The cut points are offsets into `upgrade --no-reboot`.
+scenario_powercut() {
+  local cut booted
+  for cut in 0.15 0.4 0.8 1.5; do
+    booted=$(status_field "s['booted']")
+    if [ "$booted" != 2.0 ]; then
+      upgrade_and_reboot --version 2.0
+      expect_boot 2.0 || return 1
+    fi
+    vm_ssh "nohup upgradectl upgrade --version 4.0 --no-reboot >/dev/null 2>&1 &" || return 1
+    sleep "$cut"
+    log "power cut ${cut}s into the switch"
+    vm_kill
+    boot_box
+    booted=$(vm_wait_boot 900) || return 1
+    log "after the cut the box booted $booted"
+    case "$booted" in 2.0|4.0) ;; *) log "booted $booted"; return 1 ;; esac
+    vm_run "upgradectl status" || return 1
+  done
+}
+
 demo() {
-  die "the demo needs the delivery pipeline (publish/serve/prepare); not wired yet"
+  local step=0
+  say() { step=$((step + 1)); printf '\n=== %d. %s\n' "$step" "$*"; }
+  say "a fresh appliance boots the factory image 1.0 through GRUB loopback"
+  fresh_box
+  boot_box
+  expect_boot 1.0 || return 1
+  vm_run "upgradectl status"
+  say "the image server (same guest, its own ZFS pool) publishes 1.0 and 2.0"
+  provision_delivery || return 1
+  publish 2.0 || return 1
+  say "the box prepares 2.0 in the background: a ZFS diff from 1.0, verified, exported"
+  vm_run "upgradectl --wait prepare" || return 1
+  vm_run "upgradectl status"
+  say "upgrade: migrate configuration, arm GRUB to try 2.0 once, reboot"
+  upgrade_and_reboot
+  expect_boot 2.0 || return 1
+  say "2.0 came up and passed its health checks: it is the default now"
+  vm_run "upgradectl status"
+  vm_poweroff
 }

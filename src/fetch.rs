@@ -1,0 +1,253 @@
+//! HTTP for the box: the signed manifest, descriptors, and artifact downloads that resume
+//! (Range into a `.partial`), verify every chunk as it arrives, and give up on a stalled server.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use reqwest::blocking::{Client, Response};
+use reqwest::header::{RANGE, RETRY_AFTER};
+use reqwest::StatusCode;
+use sha2::{Digest, Sha256};
+
+use crate::error::Error;
+use crate::manifest::Descriptor;
+use crate::sign::Envelope;
+
+/// Limits of a download.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Give up when fewer than `min_speed` bytes/s arrive over this window.
+    pub stall: Duration,
+    pub min_speed: u64,
+}
+
+pub fn client(limits: &Limits) -> Result<Client> {
+    Client::builder()
+        .connect_timeout(Duration::from_secs(30))
+        // The blocking client applies this to each read: a server silent for a whole stall
+        // window fails the read; slower trickles are caught by the speed check in `download`.
+        .timeout(limits.stall)
+        .user_agent(concat!("upgradectl/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .context("creating the HTTP client")
+}
+
+/// GETs `url`; "come back later" (503/202 + Retry-After) becomes `Error::ComeBackLater`.
+fn get(client: &Client, url: &str, what: &str) -> Result<Response> {
+    let resp = client
+        .get(url)
+        .send()
+        .with_context(|| format!("GET {url}"))?;
+    check(resp, url, what)
+}
+
+fn check(resp: Response, url: &str, what: &str) -> Result<Response> {
+    let status = resp.status();
+    if status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::ACCEPTED {
+        let secs = resp
+            .headers()
+            .get(RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(30);
+        return Err(Error::ComeBackLater {
+            what: what.to_owned(),
+            retry_after: Duration::from_secs(secs),
+        }
+        .into());
+    }
+    if !status.is_success() {
+        let body = resp.text().unwrap_or_default();
+        anyhow::bail!("GET {url}: {status}: {}", body.trim());
+    }
+    Ok(resp)
+}
+
+/// A signed JSON envelope (manifest or descriptor).
+pub fn get_envelope(client: &Client, url: &str, what: &str) -> Result<Envelope> {
+    let resp = get(client, url, what)?;
+    let bytes = resp.bytes().with_context(|| format!("reading {url}"))?;
+    serde_json::from_slice(&bytes).map_err(|e| {
+        Error::SignatureInvalid(format!("{what} from {url} is not a signed envelope: {e}")).into()
+    })
+}
+
+/// Progress callback: bytes done, bytes in all.
+pub type Progress<'a> = &'a mut dyn FnMut(u64, u64);
+
+/// What a download did.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Fetched {
+    /// Bytes that crossed the wire in this run.
+    pub downloaded: u64,
+    /// Bytes already verified from an earlier run.
+    pub resumed: u64,
+}
+
+/// Downloads `url` to `dest`, verified against the signed descriptor. Resumes a `.partial`
+/// left by an interrupted run after re-verifying its complete chunks. Returns at once when
+/// `dest` is already complete and verified.
+pub fn download(
+    client: &Client,
+    url: &str,
+    dest: &Path,
+    d: &Descriptor,
+    limits: &Limits,
+    progress: Progress,
+) -> Result<Fetched> {
+    if dest.is_file() && std::fs::metadata(dest)?.len() == d.size {
+        return Ok(Fetched {
+            downloaded: 0,
+            resumed: d.size,
+        });
+    }
+    let partial = PathBuf::from(format!("{}.partial", dest.display()));
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&partial)
+        .with_context(|| format!("opening {}", partial.display()))?;
+    let verified = verified_prefix(&mut file, d)?;
+    file.set_len(verified)?;
+    file.seek(SeekFrom::Start(verified))?;
+    let mut fetched = Fetched {
+        downloaded: 0,
+        resumed: verified,
+    };
+    if verified < d.size {
+        let mut req = client.get(url);
+        if verified > 0 {
+            req = req.header(RANGE, format!("bytes={verified}-"));
+        }
+        let resp = check(
+            req.send().with_context(|| format!("GET {url}"))?,
+            url,
+            &d.name,
+        )?;
+        if verified > 0 && resp.status() != StatusCode::PARTIAL_CONTENT {
+            anyhow::bail!(
+                "GET {url}: the server ignored the Range request ({})",
+                resp.status()
+            );
+        }
+        fetched.downloaded = stream_chunks(resp, &mut file, verified, url, d, limits, progress)?;
+    }
+    file.sync_all()?;
+    drop(file);
+    let actual = crate::hashing::sha256_file(&partial)?;
+    if actual != d.sha256 {
+        let _ = std::fs::remove_file(&partial);
+        return Err(Error::ChecksumMismatch {
+            what: url.to_string(),
+            expected: d.sha256.clone(),
+            actual,
+        }
+        .into());
+    }
+    std::fs::rename(&partial, dest)?;
+    crate::fsutil::fsync_dir(dest.parent().unwrap_or(Path::new(".")))?;
+    Ok(fetched)
+}
+
+/// Length of the prefix of `file` made of whole chunks that match the descriptor.
+fn verified_prefix(file: &mut File, d: &Descriptor) -> Result<u64> {
+    let len = file.metadata()?.len().min(d.size);
+    let mut buf = vec![0u8; d.chunk_size as usize];
+    let mut good = 0;
+    file.seek(SeekFrom::Start(0))?;
+    for expected in &d.chunks {
+        let want = d.chunk_size.min(d.size - good);
+        if good + want > len {
+            break;
+        }
+        file.read_exact(&mut buf[..want as usize])?;
+        if &hex::encode(Sha256::digest(&buf[..want as usize])) != expected {
+            break;
+        }
+        good += want;
+    }
+    Ok(good)
+}
+
+/// Streams the body into `file` from `offset`, checking each chunk against the descriptor
+/// as it completes, the total length, and the transfer speed.
+fn stream_chunks(
+    mut resp: Response,
+    file: &mut File,
+    offset: u64,
+    url: &str,
+    d: &Descriptor,
+    limits: &Limits,
+    progress: Progress,
+) -> Result<u64> {
+    let mut pos = offset;
+    let mut chunk = Sha256::new();
+    let mut buf = vec![0u8; 256 << 10];
+    let mut window_start = Instant::now();
+    let mut window_bytes = 0u64;
+    loop {
+        let n = match resp.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) => {
+                file.set_len(pos - pos % d.chunk_size)?;
+                return Err(e).with_context(|| format!("downloading {url} at byte {pos}"));
+            }
+        };
+        if pos + n as u64 > d.size {
+            file.set_len(pos - pos % d.chunk_size)?;
+            anyhow::bail!("{url} is longer than the {} bytes signed", d.size);
+        }
+        let mut data = &buf[..n];
+        while !data.is_empty() {
+            let in_chunk = pos % d.chunk_size;
+            let chunk_len = d.chunk_size.min(d.size - (pos - in_chunk));
+            let take = ((chunk_len - in_chunk) as usize).min(data.len());
+            file.write_all(&data[..take])?;
+            chunk.update(&data[..take]);
+            pos += take as u64;
+            data = &data[take..];
+            if pos % d.chunk_size == 0 || pos == d.size {
+                let index = ((pos - 1) / d.chunk_size) as usize;
+                let actual = hex::encode(chunk.finalize_reset());
+                if d.chunks.get(index) != Some(&actual) {
+                    file.set_len(pos - chunk_len)?;
+                    return Err(Error::ChecksumMismatch {
+                        what: format!("{url} chunk {index}"),
+                        expected: d.chunks.get(index).cloned().unwrap_or_default(),
+                        actual,
+                    }
+                    .into());
+                }
+            }
+        }
+        window_bytes += n as u64;
+        progress(pos, d.size);
+        if window_start.elapsed() >= limits.stall {
+            let speed = window_bytes / window_start.elapsed().as_secs().max(1);
+            if speed < limits.min_speed {
+                file.set_len(pos - pos % d.chunk_size)?;
+                anyhow::bail!(
+                    "{url}: transfer stalled ({speed} B/s for {}s, minimum {} B/s)",
+                    limits.stall.as_secs(),
+                    limits.min_speed
+                );
+            }
+            window_start = Instant::now();
+            window_bytes = 0;
+        }
+    }
+    if pos != d.size {
+        file.set_len(pos - pos % d.chunk_size)?;
+        anyhow::bail!(
+            "{url} ended after {pos} bytes, {} signed; rerun to resume",
+            d.size
+        );
+    }
+    Ok(pos - offset)
+}

@@ -1,0 +1,295 @@
+//! What the server publishes and the box trusts: the signed channel manifest, the signed
+//! descriptor of each built artifact, and the pure planning of what a box fetches.
+
+use anyhow::Result;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::error::{refused, Error};
+use crate::version::Version;
+
+pub const CHANNELS: [&str; 4] = ["stable", "candidate", "beta", "edge"];
+
+/// Size and sha256 of a blob.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Blob {
+    pub size: u64,
+    pub sha256: String,
+}
+
+/// One release on a channel.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Release {
+    pub version: Version,
+    /// Percentage of boxes (by stable bucket) that may take it.
+    pub rollout: u8,
+    pub paused: bool,
+    /// The exported ext4 image file, checked end to end by the box.
+    pub image: Blob,
+}
+
+/// The signed manifest of a channel.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub channel: String,
+    /// Unix seconds.
+    pub issued: u64,
+    pub expires: u64,
+    pub releases: Vec<Release>,
+}
+
+/// How an artifact's stream is compressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Encoding {
+    /// xz in independent blocks (multi-threaded decoding).
+    Xz,
+}
+
+/// The signed descriptor of a built artifact (a full stream or an incremental diff). Signed
+/// when the server builds it, since diffs are built on demand.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Descriptor {
+    pub name: String,
+    pub from: Option<Version>,
+    pub to: Version,
+    pub encoding: Encoding,
+    /// The compressed file as served.
+    pub size: u64,
+    pub sha256: String,
+    /// sha256 of each `chunk_size` piece, so every piece is verified before it is used.
+    pub chunk_size: u64,
+    pub chunks: Vec<String>,
+}
+
+/// Artifact file name: `full-2.0.xz` or `1.0-to-2.0.xz`.
+pub fn artifact_name(from: Option<&Version>, to: &Version) -> String {
+    match from {
+        Some(f) => format!("{f}-to-{to}.xz"),
+        None => format!("full-{to}.xz"),
+    }
+}
+
+/// Parses an artifact name back; `None` for anything else (never a path).
+pub fn parse_artifact_name(name: &str) -> Option<(Option<Version>, Version)> {
+    let stem = name.strip_suffix(".xz")?;
+    if let Some(to) = stem.strip_prefix("full-") {
+        return Some((None, to.parse().ok()?));
+    }
+    let (from, to) = stem.split_once("-to-")?;
+    let (from, to): (Version, Version) = (from.parse().ok()?, to.parse().ok()?);
+    (from < to).then_some((Some(from), to))
+}
+
+/// The box's stable rollout bucket in 0..100.
+pub fn bucket(box_id: &str) -> u8 {
+    let h = Sha256::digest(box_id.trim().as_bytes());
+    (u64::from_be_bytes(h[..8].try_into().expect("8 bytes")) % 100) as u8
+}
+
+/// What a box fetches.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    pub release: Release,
+    /// The local snapshot the diff starts from; `None` = full stream.
+    pub base: Option<Version>,
+}
+
+/// Everything `plan` decides from; no I/O.
+pub struct PlanInput<'a> {
+    pub manifest: &'a Manifest,
+    pub channel: &'a str,
+    pub now: u64,
+    pub bucket: u8,
+    /// Versions at or below this are refused (no downgrade, no replay).
+    pub newest_accepted: Option<&'a Version>,
+    pub pinned: Option<&'a Version>,
+    /// Snapshots in the box's pool.
+    pub local: &'a [Version],
+}
+
+/// Picks the release to fetch and the base to fetch it from.
+pub fn plan(i: &PlanInput) -> Result<Plan> {
+    let m = i.manifest;
+    if m.channel != i.channel {
+        return Err(Error::SignatureInvalid(format!(
+            "manifest is for channel {:?}, this box follows {:?}",
+            m.channel, i.channel
+        ))
+        .into());
+    }
+    if m.expires <= i.now {
+        return Err(refused(format!(
+            "the manifest expired {}s ago; refusing stale data",
+            i.now - m.expires
+        )));
+    }
+    let release = match i.pinned {
+        Some(v) => m
+            .releases
+            .iter()
+            .find(|r| &r.version == v)
+            .cloned()
+            .ok_or_else(|| {
+                refused(format!(
+                    "version {v} is not published on channel {}",
+                    i.channel
+                ))
+            })?,
+        None => {
+            let newest = m
+                .releases
+                .iter()
+                .filter(|r| !r.paused && i.bucket < r.rollout)
+                .max_by(|a, b| a.version.cmp(&b.version))
+                .cloned();
+            match newest {
+                Some(r) if i.newest_accepted.is_none_or(|n| &r.version > n) => r,
+                _ => {
+                    return Err(Error::NothingToDo(format!(
+                        "no newer image for this box on channel {}",
+                        i.channel
+                    ))
+                    .into())
+                }
+            }
+        }
+    };
+    if let Some(n) = i.newest_accepted {
+        if &release.version <= n {
+            return Err(refused(format!(
+                "version {} is not newer than {n}, the newest this box has accepted \
+                 (downgrades go through `upgradectl revert`)",
+                release.version
+            )));
+        }
+    }
+    let base = i
+        .local
+        .iter()
+        .filter(|v| *v < &release.version)
+        .max()
+        .cloned();
+    Ok(Plan { release, base })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(s: &str) -> Version {
+        s.parse().unwrap()
+    }
+
+    fn rel(ver: &str, rollout: u8, paused: bool) -> Release {
+        Release {
+            version: v(ver),
+            rollout,
+            paused,
+            image: Blob {
+                size: 1,
+                sha256: "00".into(),
+            },
+        }
+    }
+
+    fn manifest() -> Manifest {
+        Manifest {
+            channel: "stable".into(),
+            issued: 100,
+            expires: 1000,
+            releases: vec![
+                rel("1.0", 100, false),
+                rel("2.0", 100, false),
+                rel("3.0", 10, false),
+                rel("4.0", 100, true),
+            ],
+        }
+    }
+
+    fn input<'a>(
+        m: &'a Manifest,
+        local: &'a [Version],
+        accepted: Option<&'a Version>,
+    ) -> PlanInput<'a> {
+        PlanInput {
+            manifest: m,
+            channel: "stable",
+            now: 500,
+            bucket: 50,
+            newest_accepted: accepted,
+            pinned: None,
+            local,
+        }
+    }
+
+    #[test]
+    fn picks_newest_allowed_release_and_newest_local_base() {
+        let m = manifest();
+        let local = [v("1.0"), v("0.9")];
+        let one = v("1.0");
+        let p = plan(&input(&m, &local, Some(&one))).unwrap();
+        assert_eq!(
+            p.release.version,
+            v("2.0"),
+            "3.0 is at 10% (bucket 50), 4.0 is paused"
+        );
+        assert_eq!(p.base, Some(v("1.0")));
+        let mut early = input(&m, &local, Some(&one));
+        early.bucket = 5;
+        assert_eq!(plan(&early).unwrap().release.version, v("3.0"));
+        assert_eq!(
+            plan(&input(&m, &[], Some(&one))).unwrap().base,
+            None,
+            "full stream"
+        );
+    }
+
+    #[test]
+    fn refuses_stale_foreign_and_old() {
+        let m = manifest();
+        let two = v("2.0");
+        let err = plan(&input(&m, &[], Some(&two))).unwrap_err();
+        assert!(matches!(
+            err.downcast_ref::<Error>(),
+            Some(Error::NothingToDo(_))
+        ));
+        let mut pinned = input(&m, &[], Some(&two));
+        let one = v("1.0");
+        pinned.pinned = Some(&one);
+        assert!(format!("{:#}", plan(&pinned).unwrap_err()).contains("not newer"));
+        let mut late = input(&m, &[], None);
+        late.now = 2000;
+        assert!(format!("{:#}", plan(&late).unwrap_err()).contains("expired"));
+        let mut other = input(&m, &[], None);
+        other.channel = "edge";
+        assert!(plan(&other).is_err());
+    }
+
+    #[test]
+    fn artifact_names() {
+        assert_eq!(artifact_name(Some(&v("1.0")), &v("2.0")), "1.0-to-2.0.xz");
+        assert_eq!(
+            parse_artifact_name("1.0-to-2.0.xz"),
+            Some((Some(v("1.0")), v("2.0")))
+        );
+        assert_eq!(parse_artifact_name("full-2.0.xz"), Some((None, v("2.0"))));
+        for bad in [
+            "../x.xz",
+            "2.0-to-1.0.xz",
+            "full-.xz",
+            "1.0-to-2.0",
+            "a-to-b.xz",
+        ] {
+            assert_eq!(parse_artifact_name(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn buckets_are_stable_and_spread() {
+        assert_eq!(bucket("box-1"), bucket("box-1\n"));
+        let distinct: std::collections::HashSet<u8> =
+            (0..200).map(|i| bucket(&format!("box-{i}"))).collect();
+        assert!(distinct.len() > 50);
+    }
+}

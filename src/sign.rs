@@ -1,0 +1,159 @@
+//! ed25519 signing: key files, and the signed envelope every manifest and descriptor travels in.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+use crate::error::Error;
+use crate::fsutil::atomic_write;
+
+const PUBLIC_PREFIX: &str = "ed25519:";
+
+/// A signed document: the exact payload bytes and signatures over them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Envelope {
+    /// base64 of the JSON payload; verified as bytes, parsed only after verification.
+    pub payload: String,
+    pub signatures: Vec<SignatureEntry>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SignatureEntry {
+    /// The signer's public key, `ed25519:<base64>`.
+    pub key: String,
+    pub sig: String,
+}
+
+/// Formats a public key as `trust.public_keys` expects it.
+pub fn public_key_string(key: &VerifyingKey) -> String {
+    format!("{PUBLIC_PREFIX}{}", B64.encode(key.as_bytes()))
+}
+
+pub fn parse_public_key(s: &str) -> Result<VerifyingKey> {
+    let b64 = s
+        .trim()
+        .strip_prefix(PUBLIC_PREFIX)
+        .with_context(|| format!("public key {s:?} does not start with {PUBLIC_PREFIX}"))?;
+    let bytes: [u8; 32] = B64
+        .decode(b64)
+        .ok()
+        .and_then(|b| b.try_into().ok())
+        .with_context(|| format!("public key {s:?} is not 32 bytes of base64"))?;
+    VerifyingKey::from_bytes(&bytes).with_context(|| format!("public key {s:?} is invalid"))
+}
+
+/// Writes a new key pair: `<dir>/upgradectl.key` (secret, 0600) and `<dir>/upgradectl.pub`.
+pub fn keygen(dir: &Path) -> Result<String> {
+    let key = SigningKey::generate(&mut rand::rngs::OsRng);
+    let secret = dir.join("upgradectl.key");
+    anyhow::ensure!(
+        !secret.exists(),
+        "{} exists; refusing to overwrite a key",
+        secret.display()
+    );
+    atomic_write(
+        &secret,
+        format!("{}\n", B64.encode(key.to_bytes())).as_bytes(),
+        0o600,
+    )?;
+    let public = public_key_string(&key.verifying_key());
+    atomic_write(
+        &dir.join("upgradectl.pub"),
+        format!("{public}\n").as_bytes(),
+        0o644,
+    )?;
+    Ok(public)
+}
+
+pub fn load_secret(path: &Path) -> Result<SigningKey> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading key {}", path.display()))?;
+    let bytes: [u8; 32] = B64
+        .decode(text.trim())
+        .ok()
+        .and_then(|b| b.try_into().ok())
+        .with_context(|| format!("{} is not an upgradectl secret key", path.display()))?;
+    Ok(SigningKey::from_bytes(&bytes))
+}
+
+/// Signs a payload.
+pub fn seal<T: Serialize>(value: &T, key: &SigningKey) -> Result<Envelope> {
+    let payload = serde_json::to_vec(value)?;
+    Ok(Envelope {
+        signatures: vec![SignatureEntry {
+            key: public_key_string(&key.verifying_key()),
+            sig: B64.encode(key.sign(&payload).to_bytes()),
+        }],
+        payload: B64.encode(payload),
+    })
+}
+
+/// Verifies that a trusted key signed the payload, then parses it.
+pub fn open<T: DeserializeOwned>(
+    envelope: &Envelope,
+    trusted: &[VerifyingKey],
+    what: &str,
+) -> Result<T> {
+    let invalid = |m: String| anyhow::Error::from(Error::SignatureInvalid(format!("{what}: {m}")));
+    if trusted.is_empty() {
+        return Err(invalid(
+            "no trusted public keys are configured (trust.public_keys)".into(),
+        ));
+    }
+    let payload = B64
+        .decode(&envelope.payload)
+        .map_err(|_| invalid("payload is not base64".into()))?;
+    let ok = envelope.signatures.iter().any(|s| {
+        let Ok(key) = parse_public_key(&s.key) else {
+            return false;
+        };
+        let Some(sig) = B64
+            .decode(&s.sig)
+            .ok()
+            .and_then(|b| Signature::from_slice(&b).ok())
+        else {
+            return false;
+        };
+        trusted.contains(&key) && key.verify(&payload, &sig).is_ok()
+    });
+    if !ok {
+        return Err(invalid("not signed by a trusted key".into()));
+    }
+    serde_json::from_slice(&payload).with_context(|| format!("{what}: malformed payload"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seal_open_and_tamper() {
+        let key = SigningKey::generate(&mut rand::rngs::OsRng);
+        let other = SigningKey::generate(&mut rand::rngs::OsRng);
+        let env = seal(&vec![1, 2, 3], &key).unwrap();
+        let v: Vec<i32> = open(&env, &[key.verifying_key()], "t").unwrap();
+        assert_eq!(v, [1, 2, 3]);
+        assert!(open::<Vec<i32>>(&env, &[other.verifying_key()], "t").is_err());
+        let mut bad = env.clone();
+        bad.payload = B64.encode(b"[1,2,4]");
+        let err = open::<Vec<i32>>(&bad, &[key.verifying_key()], "manifest").unwrap_err();
+        assert!(matches!(
+            err.downcast_ref::<Error>(),
+            Some(Error::SignatureInvalid(_))
+        ));
+        assert!(open::<Vec<i32>>(&env, &[], "t").is_err());
+    }
+
+    #[test]
+    fn keygen_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let public = keygen(dir.path()).unwrap();
+        let secret = load_secret(&dir.path().join("upgradectl.key")).unwrap();
+        assert_eq!(parse_public_key(&public).unwrap(), secret.verifying_key());
+        assert!(keygen(dir.path()).is_err(), "never overwrites");
+    }
+}

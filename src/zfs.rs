@@ -1,0 +1,140 @@
+//! The one place that talks to `zfs`: listing snapshots, send, receive, and zvol devices.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+
+use crate::cmd::Cmd;
+use crate::version::Version;
+
+/// Versions of `zvol`'s snapshots, from `zfs list -H -p -t snapshot -o name,createtxg` output.
+/// Snapshots whose names are not versions are ignored. Pure.
+pub fn parse_snapshots(zvol: &str, text: &str) -> Vec<Version> {
+    let mut out: Vec<Version> = text
+        .lines()
+        .filter_map(|l| l.split('\t').next())
+        .filter_map(|name| name.strip_prefix(zvol)?.strip_prefix('@')?.parse().ok())
+        .collect();
+    out.sort();
+    out
+}
+
+pub fn exists(dataset: &str) -> Result<bool> {
+    Ok(Cmd::new("zfs")
+        .args(["list", "-H", "-o", "name", dataset])
+        .code()?
+        == 0)
+}
+
+/// Snapshot versions of a zvol (none when it does not exist).
+pub fn snapshots(zvol: &str) -> Result<Vec<Version>> {
+    if !exists(zvol)? {
+        return Ok(Vec::new());
+    }
+    let text = Cmd::new("zfs")
+        .args([
+            "list",
+            "-H",
+            "-p",
+            "-t",
+            "snapshot",
+            "-o",
+            "name,createtxg",
+            "-d",
+            "1",
+            zvol,
+        ])
+        .stdout()?;
+    Ok(parse_snapshots(zvol, &text))
+}
+
+/// `zfs send` of `zvol@to`, incremental from `@from` when given.
+pub fn send_cmd(zvol: &str, from: Option<&Version>, to: &Version) -> Cmd {
+    let cmd = Cmd::new("zfs").arg("send");
+    let cmd = match from {
+        Some(f) => cmd.args(["-i", &format!("@{f}")]),
+        None => cmd,
+    };
+    cmd.arg(format!("{zvol}@{to}"))
+}
+
+/// `zfs receive -s -F zvol`: resumable, rolling back anything written since the last snapshot.
+pub fn receive_cmd(zvol: &str) -> Cmd {
+    Cmd::new("zfs").args(["receive", "-s", "-F", zvol])
+}
+
+/// Drops a half-received stream's saved state (after an interruption).
+pub fn abort_receive(zvol: &str) -> Result<()> {
+    let token = Cmd::new("zfs")
+        .args(["get", "-H", "-o", "value", "receive_resume_token", zvol])
+        .stdout()
+        .unwrap_or_default();
+    if !token.trim().is_empty() && token.trim() != "-" {
+        Cmd::new("zfs").args(["receive", "-A", zvol]).run()?;
+    }
+    Ok(())
+}
+
+/// Creates `dataset` and its parents if missing.
+pub fn ensure_filesystem(dataset: &str) -> Result<()> {
+    if !exists(dataset)? {
+        Cmd::new("zfs").args(["create", "-p", dataset]).run()?;
+    }
+    Ok(())
+}
+
+/// The block device of a zvol snapshot (made visible on demand), once udev created it.
+pub fn snapshot_device(zvol: &str, v: &Version) -> Result<PathBuf> {
+    Cmd::new("zfs")
+        .args(["set", "snapdev=visible", zvol])
+        .run()?;
+    wait_for_device(PathBuf::from(format!("/dev/zvol/{zvol}@{v}")))
+}
+
+/// The block device of a zvol.
+pub fn volume_device(zvol: &str) -> Result<PathBuf> {
+    wait_for_device(PathBuf::from(format!("/dev/zvol/{zvol}")))
+}
+
+fn wait_for_device(path: PathBuf) -> Result<PathBuf> {
+    let start = Instant::now();
+    while !path.exists() {
+        if start.elapsed() > Duration::from_secs(60) {
+            anyhow::bail!("{} did not appear within 60s", path.display());
+        }
+        let _ = Cmd::new("udevadm").args(["settle", "--timeout=5"]).run();
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    path.canonicalize()
+        .with_context(|| format!("resolving {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_captured_zfs_list_output() {
+        let text = include_str!("../tests/fixtures/zfs-list-snapshots.txt");
+        let got = parse_snapshots("box/upgradectl/image", text);
+        assert_eq!(
+            got,
+            vec!["1.0".parse::<Version>().unwrap(), "2.0".parse().unwrap()]
+        );
+        assert!(parse_snapshots("other/image", text).is_empty());
+    }
+
+    #[test]
+    fn send_command_lines() {
+        let v = |s: &str| s.parse::<Version>().unwrap();
+        assert_eq!(
+            send_cmd("p/i", Some(&v("1.0")), &v("2.0")).display(),
+            "zfs send -i @1.0 p/i@2.0"
+        );
+        assert_eq!(
+            send_cmd("p/i", None, &v("2.0")).display(),
+            "zfs send p/i@2.0"
+        );
+    }
+}
