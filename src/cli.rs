@@ -54,7 +54,7 @@ impl Cli {
             .unwrap_or_default()
             .trim_start_matches("error: ");
         let exit = crate::error::Exit::Refused as u8;
-        crate::output::Output::stdout(true).error(&anyhow::anyhow!("{message}"), "refused", exit);
+        crate::output::print_error(true, &anyhow::anyhow!("{message}"), "refused", exit);
         std::process::exit(exit.into());
     }
 }
