@@ -189,22 +189,28 @@ pub fn upgrade(
         s.state_of(v).is_some() && store::image_path(&ctx.layout, v).is_file()
     };
     let target = match version.or_else(|| state.prepared.clone()) {
+        Some(v) if state.state_of(&v) == Some(ImageState::Bad) => {
+            return Err(refused(format!(
+                "image {v} was marked bad and is not tried again"
+            )));
+        }
         Some(v) if ready(&state, &v) => v,
+        Some(v) if dry_run || ctx.config.server.is_none() => {
+            return Err(refused(format!(
+                "image {v} is not prepared on this box; run `upgradectl prepare --version {v}` first"
+            )));
+        }
+        None if dry_run || ctx.config.server.is_none() => {
+            return Err(Error::NothingToDo(
+                "no image is prepared; run `upgradectl prepare`".into(),
+            )
+            .into());
+        }
         // Not prepared yet: prepare first (download, receive, export, verify).
-        pinned if !dry_run => {
+        pinned => {
             let report = crate::prepare::prepare_locked(ctx, pinned.as_ref(), ctx.wait)?;
             state = ctx.load_state()?;
             report.version
-        }
-        Some(v) => {
-            return Err(refused(format!(
-                "image {v} is not prepared; a dry run does not download"
-            )))
-        }
-        None => {
-            return Err(
-                Error::NothingToDo("no image is prepared; run `upgradectl prepare`".into()).into(),
-            )
         }
     };
     let result = switch(ctx, &mut state, &booted, &target, dry_run);
