@@ -422,6 +422,22 @@ impl RoMount {
 
 impl Drop for RoMount {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg(self.dir.path()).status();
+        // A child spawned by a parallel test may briefly hold a descriptor inherited from
+        // this process (between fork and exec): retry, then detach lazily, never leak.
+        for _ in 0..20 {
+            let ok = Command::new("umount")
+                .arg(self.dir.path())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if ok {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
     }
 }
