@@ -31,12 +31,22 @@ impl ImageMount {
             mounted: false,
             writable: None,
         };
-        let device = attach(image, read_only).with_context(ctx)?;
-        let dev_path: PathBuf = device
-            .path()
-            .context("loop device has no path")
-            .with_context(ctx)?;
-        guard.device = Some(device);
+        // A block device (a zvol on the server) is mounted as it is, so that discards reach
+        // it; an image file goes through a loop device.
+        let is_block = std::fs::metadata(image)
+            .map(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()))
+            .unwrap_or(false);
+        let dev_path: PathBuf = if is_block {
+            image.to_owned()
+        } else {
+            let device = attach(image, read_only).with_context(ctx)?;
+            let path = device
+                .path()
+                .context("loop device has no path")
+                .with_context(ctx)?;
+            guard.device = Some(device);
+            path
+        };
         let flags = if read_only {
             MsFlags::MS_RDONLY
         } else {

@@ -1,0 +1,211 @@
+//! Delivery benchmark: upgradectl's code against the plain shell equivalent on the same data,
+//! in the same run. `cargo bench --bench delivery` (as root is not needed).
+//!
+//! - sha256 of 1 GiB: `hashing::sha256_file` vs `sha256sum`;
+//! - sparse export of an ext4 image: `export::export` vs `dd bs=1M conv=sparse` (+ sha256sum
+//!   for the same end-to-end check), and the allocated size of both results;
+//! - the box pipeline on a served diff: verified resumable download + multi-threaded xz
+//!   decode vs `curl | xz -dc`, both into /dev/null (ZFS receive runs in the VM tier).
+
+use std::io::Write;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use upgradectl::manifest::{Blob, Release};
+use upgradectl::server::store::StoredRelease;
+use upgradectl::server::{Server, Store, StreamSource};
+use upgradectl::version::Version;
+
+fn time<T>(f: impl FnOnce() -> T) -> (T, f64) {
+    let t = Instant::now();
+    let r = f();
+    (r, t.elapsed().as_secs_f64())
+}
+
+fn sh(cmd: &str) -> f64 {
+    let (status, secs) = time(|| {
+        Command::new("bash")
+            .args(["-c", cmd])
+            .stdout(Stdio::null())
+            .status()
+            .unwrap()
+    });
+    assert!(status.success(), "{cmd}");
+    secs
+}
+
+fn row(what: &str, ours: f64, theirs: f64, unit_bytes: u64) {
+    let mb = unit_bytes as f64 / 1e6;
+    println!(
+        "{what:<44} upgradectl {:>7.3}s ({:>7.0} MB/s)   shell {:>7.3}s ({:>7.0} MB/s)   speedup {:.2}x",
+        ours,
+        mb / ours,
+        theirs,
+        mb / theirs,
+        theirs / ours
+    );
+}
+
+/// Streams of a directory of files, for the server (ZFS runs in the VM tier).
+struct FileSource(std::path::PathBuf);
+impl StreamSource for FileSource {
+    fn send(&self, _: Option<&Version>, to: &Version, out: &mut dyn Write) -> anyhow::Result<()> {
+        std::io::copy(
+            &mut std::fs::File::open(self.0.join(format!("full-{to}")))?,
+            out,
+        )?;
+        Ok(())
+    }
+    fn has(&self, _: &Version) -> anyhow::Result<bool> {
+        Ok(true)
+    }
+}
+
+fn main() {
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let d = dir.path();
+
+    // sha256
+    let big = d.join("big");
+    sh(&format!("head -c 1G /dev/urandom > {}", big.display()));
+    sh(&format!("cat {} > /dev/null", big.display())); // warm the page cache
+    let (ours, t_ours) = time(|| upgradectl::hashing::sha256_file(&big).unwrap());
+    let out = Command::new("sha256sum").arg(&big).output().unwrap();
+    let (_, t_sh) = time(|| Command::new("sha256sum").arg(&big).output().unwrap());
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with(&ours));
+    row("sha256 of 1 GiB", t_ours, t_sh, 1 << 30);
+    std::fs::remove_file(&big).unwrap();
+
+    // sparse export of a real ext4 image (the files of /usr/lib, about half full)
+    let img = d.join("src.img");
+    sh(&format!("mkfs.ext4 -q -F -d /usr/lib {} 2G", img.display()));
+    sh(&format!("cat {} > /dev/null", img.display()));
+    let sha = upgradectl::hashing::sha256_file(&img).unwrap();
+    let size = std::fs::metadata(&img).unwrap().len();
+    let blob = Blob { size, sha256: sha };
+    let ours_out = d.join("ours.img");
+    let (_, t_ours) = time(|| upgradectl::export::export(&img, &ours_out, &blob).unwrap());
+    let dd_out = d.join("dd.img");
+    let t_sh = sh(&format!(
+        "dd if={0} of={1} bs=1M conv=sparse,fsync status=none && sha256sum {1}",
+        img.display(),
+        dd_out.display()
+    ));
+    row(
+        "sparse export + end-to-end sha256 (2 GiB)",
+        t_ours,
+        t_sh,
+        size,
+    );
+    let alloc = |p: &Path| std::fs::metadata(p).unwrap().blocks() * 512 >> 20;
+    let used: u64 = String::from_utf8(
+        Command::new("du")
+            .args(["-sm", "/usr/lib"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap()
+    .split_whitespace()
+    .next()
+    .unwrap()
+    .parse()
+    .unwrap();
+    println!(
+        "{:<44} upgradectl {} MiB, dd {} MiB allocated (files: {used} MiB, image: {} MiB)",
+        "exported image size on disk",
+        alloc(&ours_out),
+        alloc(&dd_out),
+        size >> 20
+    );
+
+    // the box pipeline: a served artifact, downloaded, verified, decompressed
+    let streams = d.join("streams");
+    std::fs::create_dir_all(&streams).unwrap();
+    std::fs::copy(&img, streams.join("full-2.0")).unwrap();
+    let store = Store::open(&d.join("store")).unwrap();
+    let v: Version = "2.0".parse().unwrap();
+    store
+        .save_releases(&[StoredRelease {
+            channel: "stable".into(),
+            release: Release {
+                version: v.clone(),
+                rollout: 100,
+                paused: false,
+                image: blob.clone(),
+            },
+        }])
+        .unwrap();
+    let key = ed25519_dalek::SigningKey::from_bytes(&[9u8; 32]);
+    let build_start = Instant::now();
+    upgradectl::server::build::build(&store, &FileSource(streams.clone()), &key, None, &v).unwrap();
+    let build_secs = build_start.elapsed().as_secs_f64();
+    let artifact = store.artifact_path("full-2.0.xz");
+    let xz_size = std::fs::metadata(&artifact).unwrap().len();
+    println!(
+        "{:<44} {build_secs:.1}s, {} MiB -> {} MiB xz",
+        "server: build full stream (xz, all cores)",
+        size >> 20,
+        xz_size >> 20
+    );
+    let server = Arc::new(Server::new(
+        store,
+        key.clone(),
+        Arc::new(FileSource(streams)),
+        u64::MAX,
+    ));
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        tokio::runtime::Runtime::new()
+            .unwrap()
+            .block_on(async move {
+                upgradectl::server::serve(
+                    tokio::net::TcpListener::from_std(listener).unwrap(),
+                    server,
+                )
+                .await
+                .unwrap()
+            })
+    });
+    let url = format!("http://{addr}/v1/artifacts/full-2.0.xz");
+    let env: upgradectl::sign::Envelope = serde_json::from_slice(
+        &std::fs::read(d.join("store/artifacts/full-2.0.xz.descriptor")).unwrap(),
+    )
+    .unwrap();
+    let desc: upgradectl::manifest::Descriptor =
+        upgradectl::sign::open(&env, &[key.verifying_key()], "d").unwrap();
+    let limits = upgradectl::fetch::Limits {
+        stall: Duration::from_secs(30),
+        min_speed: 1,
+    };
+    let dest = d.join("dl.xz");
+    let (_, t_ours) = time(|| {
+        let client = upgradectl::fetch::client(&limits).unwrap();
+        upgradectl::fetch::download(&client, &url, &dest, &desc, &limits, &mut |_, _| {}).unwrap();
+        let threads = std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(1);
+        let stream = liblzma::stream::MtStreamBuilder::new()
+            .threads(threads)
+            .memlimit_stop(u64::MAX)
+            .decoder()
+            .unwrap();
+        let mut xz = liblzma::read::XzDecoder::new_stream(
+            std::io::BufReader::new(std::fs::File::open(&dest).unwrap()),
+            stream,
+        );
+        std::io::copy(&mut xz, &mut std::io::sink()).unwrap();
+    });
+    let t_sh = sh(&format!("curl -sf {url} | xz -dc > /dev/null"));
+    row(
+        "box: fetch+verify+decompress vs curl|xz -dc",
+        t_ours,
+        t_sh,
+        size,
+    );
+}
