@@ -93,21 +93,23 @@ scenario_boot() {
 # says so. Entries in custom.cfg (sourced by upgradectl's grub.cfg) load the kernel from 1.0 but
 # name a missing / corrupted image for the initramfs.
 scenario_fallback() {
-  vm_alive || { boot_box; expect_boot 1.0 || return 1; }
+  ensure_box || return 1
+  local running
+  running=$(status_field "s['booted']")
   vm_run "head -c 64M /dev/urandom > /host/images/corrupt.img" || return 1
   local entry bad
   for bad in missing corrupt; do
     vm_ssh "cat > /host/boot/grub/custom.cfg" <<CFG || return 1
 menuentry 'test: $bad image' --id test-$bad {
   search --no-floppy --fs-uuid --set=root $HOST_UUID
-  loopback loop /images/1.0.img
-  linux (loop)/vmlinuz root=UUID=$HOST_UUID rw upgradectl.image=/images/$bad.img upgradectl.fallback=/images/1.0.img panic=5 console=ttyS0,115200
+  loopback loop /images/$running.img
+  linux (loop)/vmlinuz root=UUID=$HOST_UUID rw upgradectl.image=/images/$bad.img upgradectl.fallback=/images/$running.img panic=5 console=ttyS0,115200
   initrd (loop)/initrd.img
 }
 CFG
     vm_run "grub-editenv /host/boot/grub/grubenv set next_entry=test-$bad" || return 1
     vm_reboot
-    expect_boot 1.0 || return 1
+    expect_boot "$running" || return 1
     entry=$(vm_ssh "cat /run/upgradectl/boot-report")
     log "boot report: $(tr '\n' ' ' <<<"$entry")"
     assert_eq "$(status_field "s['last_boot']['fallback']")" True "fallback flag ($bad)" || return 1
@@ -145,7 +147,16 @@ provision_delivery() {
 }
 
 publish() {
+  vm_run "mountpoint -q /srv/source || mount -o ro /dev/vdd /srv/source" || return 1
   vm_run "upgradectl publish --store /srv/store --zvol srv/images/image --version $1 --from /srv/source/$1.img"
+}
+
+# ensure_box : the appliance is running (scenarios continue from the disks a previous one left).
+ensure_box() {
+  if ! vm_alive; then
+    boot_box
+    vm_wait_boot 900 >/dev/null || return 1
+  fi
 }
 
 # json_field JSON EXPR
@@ -158,6 +169,7 @@ upgrade_and_reboot() {
 }
 
 scenario_upgrade() {
+  ensure_box || return 1
   provision_delivery || return 1
   publish 2.0 || return 1
   local rc=0 out
@@ -183,6 +195,7 @@ scenario_upgrade() {
 }
 
 scenario_revert() {
+  ensure_box || return 1
   vm_mark
   vm_run "upgradectl revert" || true
   expect_boot 1.0 || return 1
@@ -194,6 +207,7 @@ scenario_revert() {
 }
 
 scenario_broken() {
+  ensure_box || return 1
   publish 3.0 || return 1
   upgrade_and_reboot
   vm_wait 'broken init of image 3.0' 900 || return 1
@@ -210,6 +224,7 @@ scenario_broken() {
 # A prepare killed in the middle (download or receive) and rerun completes without
 # downloading again what it had.
 scenario_resume() {
+  ensure_box || return 1
   publish 4.0 || return 1
   vm_run "upgradectl --wait prepare --version 4.0 --json >/tmp/p1.json 2>&1 & pid=\$!
     d=/host/var/lib/upgradectl/downloads
@@ -230,6 +245,7 @@ scenario_resume() {
 # A hard power-off during the switch (migration, GRUB update) leaves a box that boots the old or
 # the new image, never neither. The cut points are offsets into `upgrade --no-reboot`.
 scenario_powercut() {
+  ensure_box || return 1
   local cut booted
   for cut in 0.15 0.4 0.8 1.5; do
     booted=$(status_field "s['booted']")
