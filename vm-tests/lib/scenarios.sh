@@ -147,7 +147,7 @@ provision_delivery() {
 }
 
 publish() {
-  vm_run "mountpoint -q /srv/source || mount -o ro /dev/vdd /srv/source" || return 1
+  vm_run "mkdir -p /srv/source && { mountpoint -q /srv/source || mount -o ro /dev/vdd /srv/source; }" || return 1
   vm_run "upgradectl publish --store /srv/store --zvol srv/images/image --version $1 --from /srv/source/$1.img"
 }
 
