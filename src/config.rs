@@ -140,6 +140,8 @@ impl Default for MigrateConfig {
                 "/etc/network/interfaces.d",
                 "/etc/netplan",
                 "/etc/upgradectl/box.toml",
+                "/etc/hostid",
+                "/etc/zfs/zpool.cache",
             ]
             .map(String::from)
             .to_vec(),
