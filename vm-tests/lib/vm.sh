@@ -97,7 +97,7 @@ vm_kill() {
 
 vm_poweroff() {
   if vm_alive; then
-    vm_ssh 'systemctl poweroff' || true
+    vm_ssh 'systemctl poweroff 2>/dev/null' || true
     local deadline=$((SECONDS + 120))
     while vm_alive && [ "$SECONDS" -lt "$deadline" ]; do sleep 0.5; done
   fi
