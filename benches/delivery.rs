@@ -101,9 +101,18 @@ fn main() {
         size,
     );
     let dd_only = d.join("dd-only.img");
-    let t_dd = sh(&format!("dd if={} of={} bs=1M conv=sparse,fsync status=none", img.display(), dd_only.display()));
-    row("sparse export, ours (with sha256) vs dd alone", t_ours, t_dd, size);
-    let alloc = |p: &Path| std::fs::metadata(p).unwrap().blocks() * 512 >> 20;
+    let t_dd = sh(&format!(
+        "dd if={} of={} bs=1M conv=sparse,fsync status=none",
+        img.display(),
+        dd_only.display()
+    ));
+    row(
+        "sparse export, ours (with sha256) vs dd alone",
+        t_ours,
+        t_dd,
+        size,
+    );
+    let alloc = |p: &Path| (std::fs::metadata(p).unwrap().blocks() * 512) >> 20;
     let used: u64 = String::from_utf8(
         Command::new("du")
             .args(["-sm", "/usr/bin"])

@@ -13,8 +13,9 @@ use crate::manifest::Blob;
 
 const BLOCK: usize = 1 << 20;
 
-/// Copies `device` to `dest`, leaving holes for all-zero blocks, hashing everything; fsyncs.
-/// Fails with `ChecksumMismatch` (and removes `dest`) when the content is not `expected`.
+/// Copies `device` to `dest`, leaving holes for all-zero blocks, hashing everything on a second
+/// core while the copy goes on; fsyncs. Fails with `ChecksumMismatch` (and removes `dest`)
+/// when the content is not `expected`.
 pub fn export(device: &Path, dest: &Path, expected: &Blob) -> Result<()> {
     let ctx = || format!("exporting {} to {}", device.display(), dest.display());
     let mut src = File::open(device).with_context(ctx)?;
@@ -24,26 +25,43 @@ pub fn export(device: &Path, dest: &Path, expected: &Blob) -> Result<()> {
         .truncate(true)
         .open(dest)
         .with_context(ctx)?;
-    let mut hash = Sha256::new();
-    let mut buf = vec![0u8; BLOCK];
+    // Blocks go to the hasher and come back to be refilled: no allocation per block.
+    let (to_hash, hash_rx) = std::sync::mpsc::sync_channel::<(Vec<u8>, usize)>(4);
+    let (to_fill, free_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    for _ in 0..6 {
+        to_fill.send(vec![0u8; BLOCK]).expect("receiver alive");
+    }
+    let hasher = std::thread::spawn(move || {
+        let mut hash = Sha256::new();
+        for (buf, n) in hash_rx {
+            hash.update(&buf[..n]);
+            if to_fill.send(buf).is_err() {
+                break;
+            }
+        }
+        hex::encode(hash.finalize())
+    });
     let mut total: u64 = 0;
-    loop {
-        let n = read_full(&mut src, &mut buf).with_context(ctx)?;
+    let copied: Result<()> = (|| loop {
+        let mut buf = free_rx.recv().context("hasher stopped")?;
+        let n = read_full(&mut src, &mut buf)?;
         if n == 0 {
-            break;
+            return Ok(());
         }
         let block = &buf[..n];
-        hash.update(block);
-        if block.iter().all(|&b| b == 0) {
+        if is_zero(block) {
             out.seek(SeekFrom::Current(n as i64))?;
         } else {
-            out.write_all(block).with_context(ctx)?;
+            out.write_all(block)?;
         }
         total += n as u64;
-    }
+        to_hash.send((buf, n)).context("hasher stopped")?;
+    })();
+    drop(to_hash);
+    let actual = hasher.join().expect("hasher thread");
+    copied.with_context(ctx)?;
     out.set_len(total).with_context(ctx)?;
     out.sync_all().with_context(ctx)?;
-    let actual = hex::encode(hash.finalize());
     if total != expected.size || actual != expected.sha256 {
         let _ = std::fs::remove_file(dest);
         return Err(Error::ChecksumMismatch {
@@ -58,6 +76,15 @@ pub fn export(device: &Path, dest: &Path, expected: &Blob) -> Result<()> {
         .into());
     }
     Ok(())
+}
+
+fn is_zero(block: &[u8]) -> bool {
+    let words = block.chunks_exact(16);
+    let tail = words.remainder();
+    words
+        .map(|w| u128::from_ne_bytes(w.try_into().expect("16 bytes")))
+        .all(|w| w == 0)
+        && tail.iter().all(|&b| b == 0)
 }
 
 fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
