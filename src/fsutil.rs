@@ -1,8 +1,8 @@
 //! Durable file writes: the one `atomic_write`, directory fsync, and space queries.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::Write;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 
 use anyhow::{Context, Result};
@@ -41,17 +41,6 @@ pub fn remove_durably(path: &Path) -> Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e).with_context(|| format!("removing {}", path.display())),
     }
-}
-
-/// Opens (creating) a file for appending, mode 0644.
-pub fn open_append(path: &Path) -> Result<File> {
-    fs::create_dir_all(parent_dir(path))?;
-    OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o644)
-        .open(path)
-        .with_context(|| format!("opening {}", path.display()))
 }
 
 /// Bytes a file really occupies on disk (holes are free).

@@ -14,7 +14,6 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use anyhow::{Context, Result};
 use axum::body::Body;
@@ -225,9 +224,4 @@ pub fn now() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
-}
-
-/// A short pause used by blocking callers that wait on the server.
-pub fn backoff(retry_after: u64) -> Duration {
-    Duration::from_secs(retry_after.clamp(1, 300))
 }
