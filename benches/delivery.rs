@@ -199,18 +199,7 @@ fn main() {
     let (_, t_ours) = time(|| {
         let client = upgradectl::fetch::client(&limits).unwrap();
         upgradectl::fetch::download(&client, &url, &dest, &desc, &limits, &mut |_, _| {}).unwrap();
-        let threads = std::thread::available_parallelism()
-            .map(|n| n.get() as u32)
-            .unwrap_or(1);
-        let stream = liblzma::stream::MtStreamBuilder::new()
-            .threads(threads)
-            .memlimit_stop(u64::MAX)
-            .decoder()
-            .unwrap();
-        let mut xz = liblzma::read::XzDecoder::new_stream(
-            std::io::BufReader::new(std::fs::File::open(&dest).unwrap()),
-            stream,
-        );
+        let mut xz = upgradectl::prepare::xz_reader(std::fs::File::open(&dest).unwrap()).unwrap();
         std::io::copy(&mut xz, &mut std::io::sink()).unwrap();
     });
     let t_sh = sh(&format!("curl -sf {url} | xz -dc > /dev/null"));

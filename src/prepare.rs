@@ -279,6 +279,19 @@ fn receive(file: &std::path::Path, zvol: &str, base: Option<&Version>, to: &Vers
         .spawn()
         .with_context(|| format!("starting {}", cmd.display()))?;
     let mut stdin = child.stdin.take().expect("piped");
+    let mut xz = xz_reader(std::fs::File::open(file)?)?;
+    let copied = std::io::copy(&mut xz, &mut stdin).and_then(|_| stdin.flush());
+    drop(stdin);
+    let output = child.wait_with_output()?;
+    crate::cmd::check_status(&cmd, &output)?;
+    copied.context("decompressing into zfs receive")?;
+    Ok(())
+}
+
+/// Decompresses xz on all cores (the server writes independent blocks for this).
+pub fn xz_reader<R: std::io::Read>(
+    input: R,
+) -> Result<liblzma::read::XzDecoder<std::io::BufReader<R>>> {
     let threads = std::thread::available_parallelism()
         .map(|n| n.get() as u32)
         .unwrap_or(1);
@@ -287,12 +300,8 @@ fn receive(file: &std::path::Path, zvol: &str, base: Option<&Version>, to: &Vers
         .memlimit_stop(u64::MAX)
         .decoder()
         .context("creating the xz decoder")?;
-    let input = std::io::BufReader::new(std::fs::File::open(file)?);
-    let mut xz = liblzma::read::XzDecoder::new_stream(input, stream);
-    let copied = std::io::copy(&mut xz, &mut stdin).and_then(|_| stdin.flush());
-    drop(stdin);
-    let output = child.wait_with_output()?;
-    crate::cmd::check_status(&cmd, &output)?;
-    copied.context("decompressing into zfs receive")?;
-    Ok(())
+    Ok(liblzma::read::XzDecoder::new_stream(
+        std::io::BufReader::new(input),
+        stream,
+    ))
 }
