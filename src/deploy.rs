@@ -272,7 +272,9 @@ fn render_upgrade(r: &UpgradeReport) -> String {
 }
 
 /// Migrates and arms `target`. Order matters for power loss: grub.cfg (with the new entry),
-/// then the state (trial armed), then grubenv's `next_entry` in one atomic write.
+/// then the state (trial armed), then grubenv's `next_entry` in one atomic write. Each GRUB
+/// write checkpoints the host filesystem's journal, so the migrated image's blocks and grub.cfg
+/// are where GRUB reads them before `next_entry` names the image.
 fn switch(
     ctx: &mut Ctx,
     state: &mut State,

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 
-use crate::fsutil::atomic_write;
+use crate::fsutil::atomic_write_for_boot;
 use crate::version::Version;
 
 /// grubenv variable: the entry GRUB boots once.
@@ -125,9 +125,9 @@ pub fn render_entries(menu: &Menu) -> String {
     s
 }
 
-/// Writes grub.cfg atomically.
+/// Writes grub.cfg atomically, where GRUB can read it (journal checkpointed).
 pub fn write_config(path: &Path, menu: &Menu) -> Result<()> {
-    atomic_write(path, render_config(menu).as_bytes(), 0o644).context("writing grub.cfg")
+    atomic_write_for_boot(path, render_config(menu).as_bytes(), 0o644).context("writing grub.cfg")
 }
 
 /// A GRUB environment block: ordered `key=value` pairs.
@@ -196,7 +196,8 @@ pub fn read_env(path: &Path) -> Result<Env> {
     }
 }
 
-/// Sets (`Some`) or removes (`None`) variables in one atomic rewrite, keeping the others.
+/// Sets (`Some`) or removes (`None`) variables in one atomic rewrite, keeping the others,
+/// where GRUB can read it (journal checkpointed).
 pub fn update_env(path: &Path, changes: &[(&str, Option<&str>)]) -> Result<()> {
     let mut env = read_env(path)?;
     for (key, value) in changes {
@@ -205,7 +206,7 @@ pub fn update_env(path: &Path, changes: &[(&str, Option<&str>)]) -> Result<()> {
             None => env.remove(*key),
         };
     }
-    atomic_write(path, &render_env(&env)?, 0o644)
+    atomic_write_for_boot(path, &render_env(&env)?, 0o644)
         .with_context(|| format!("writing {}", path.display()))
 }
 

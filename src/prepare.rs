@@ -190,6 +190,8 @@ fn prepare_once(ctx: &mut Ctx, pinned: Option<&Version>) -> Result<PrepareReport
     let image = store::image_path(&ctx.layout, &target);
     std::fs::rename(&partial, &image)?;
     crate::fsutil::fsync_dir(&ctx.layout.images_dir())?;
+    // GRUB must read the whole image before any menu entry names it.
+    crate::fsutil::checkpoint(&image)?;
 
     state.accept(&target)?;
     deploy::register_prepared(

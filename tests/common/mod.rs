@@ -40,6 +40,8 @@ timeout_seconds = 5
 
 pub struct HostRoot {
     dir: tempfile::TempDir,
+    /// The ext4 filesystem file mounted at ROOT/host, when the host partition is a real one.
+    host_disk: Option<PathBuf>,
 }
 
 /// What one invocation did: exit code, every JSON line of stdout, stderr.
@@ -127,18 +129,98 @@ impl HostRoot {
     /// A box provisioned with image 1.0 (booted) and image 2.0 on disk but not registered.
     /// `init` has not run yet.
     pub fn new() -> HostRoot {
+        HostRoot::build(false)
+    }
+
+    /// Like `new`, with the host partition a real ext4 filesystem (a file on a loop device,
+    /// mounted at ROOT/host), so that what GRUB would read can be compared with what Linux
+    /// reads: see `grub_reads`. The setup itself is checkpointed (unmount and mount again).
+    pub fn on_ext4() -> HostRoot {
+        HostRoot::build(true)
+    }
+
+    fn build(on_ext4: bool) -> HostRoot {
         let dir = tempfile::Builder::new()
             .prefix("upgradectl-host-")
             .tempdir()
             .unwrap();
-        let h = HostRoot { dir };
+        let mut h = HostRoot {
+            dir,
+            host_disk: None,
+        };
+        if on_ext4 {
+            let disk = h.path("host.disk");
+            fs::write(&disk, b"").unwrap();
+            tool(&["truncate", "-s", "256M", disk.to_str().unwrap()]);
+            // 4 KiB blocks as on a real host partition (GRUB 2.06 cannot read a file that
+            // starts with a hole, which a 1 KiB-block filesystem gives any ext4 image).
+            tool(&[
+                "mkfs.ext4",
+                "-q",
+                "-F",
+                "-b",
+                "4096",
+                disk.to_str().unwrap(),
+            ]);
+            fs::create_dir_all(h.host("")).unwrap();
+            h.host_disk = Some(disk);
+            h.mount_host();
+        }
         h.write_running_tree();
         fs::create_dir_all(h.host("images")).unwrap();
         h.add_image("1.0");
         h.add_image("2.0");
         h.boot("1.0");
         h.set_config(CONFIG);
+        if on_ext4 {
+            umount_retrying(&h.host(""));
+            h.mount_host();
+        }
         h
+    }
+
+    fn mount_host(&self) {
+        let disk = self.host_disk.as_ref().expect("the host partition is ext4");
+        tool(&[
+            "mount",
+            "-o",
+            "loop",
+            disk.to_str().unwrap(),
+            self.host("").to_str().unwrap(),
+        ]);
+    }
+
+    /// A file of the host partition as GRUB reads it: through GRUB's own ext4 driver
+    /// (`grub-fstest`) on the disk's blocks as they are now, without replaying the journal
+    /// (GRUB cannot). `None` when GRUB does not find the file.
+    pub fn grub_reads(&self, rel: &str) -> Option<Vec<u8>> {
+        let disk = self.host_disk.as_ref().expect("the host partition is ext4");
+        let out = tempfile::NamedTempFile::new().unwrap();
+        let status = Command::new("grub-fstest")
+            .arg(disk)
+            .args(["cp", &format!("/{}", rel.trim_start_matches('/'))])
+            .arg(out.path())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("running grub-fstest");
+        status.success().then(|| fs::read(out.path()).unwrap())
+    }
+
+    /// Asserts that GRUB reads each of the host partition's files `rels` exactly as Linux does.
+    #[track_caller]
+    pub fn assert_grub_sees(&self, rels: &[&str], after: &str) {
+        for rel in rels {
+            let linux = fs::read(self.host(rel)).unwrap();
+            match self.grub_reads(rel) {
+                None => panic!("after {after}: GRUB does not find {rel} on the host partition"),
+                Some(grub) => assert!(
+                    grub == linux,
+                    "after {after}: GRUB reads {rel} differently from Linux ({} vs {} bytes)",
+                    grub.len(),
+                    linux.len()
+                ),
+            }
+        }
     }
 
     /// A box after `init --version 1.0`.
@@ -233,8 +315,19 @@ impl HostRoot {
         fs::write(s("etc/os-release"), format!("VERSION_ID={v}\n")).unwrap();
         fs::write(s("etc/netplan/01-default.yaml"), "dhcp: true\n").unwrap();
         fs::write(s("etc/ssh/sshd_config"), format!("# image {v}\n")).unwrap();
+        // mkfs.ext4 zeroes its journal with FALLOC_FL_ZERO_RANGE: unwritten extents, which
+        // GRUB's ext4 driver reads as whatever the disk holds there (Linux reads zeros). The
+        // box's images come from a sparse export (holes, never unwritten extents): copy the
+        // same way.
+        let built = tempfile::NamedTempFile::new().unwrap();
+        mkfs(src.path(), built.path(), 16);
         let img = self.image(v);
-        mkfs(src.path(), &img, 16);
+        tool(&[
+            "cp",
+            "--sparse=always",
+            built.path().to_str().unwrap(),
+            img.to_str().unwrap(),
+        ]);
         img
     }
 
@@ -422,22 +515,31 @@ impl RoMount {
 
 impl Drop for RoMount {
     fn drop(&mut self) {
-        // A child spawned by a parallel test may briefly hold a descriptor inherited from
-        // this process (between fork and exec): retry, then detach lazily, never leak.
-        for _ in 0..20 {
-            let ok = Command::new("umount")
-                .arg(self.dir.path())
-                .stderr(std::process::Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success());
-            if ok {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-        let _ = Command::new("umount")
-            .arg("-l")
-            .arg(self.dir.path())
-            .status();
+        umount_retrying(self.dir.path());
     }
+}
+
+impl Drop for HostRoot {
+    fn drop(&mut self) {
+        if self.host_disk.is_some() {
+            umount_retrying(&self.host(""));
+        }
+    }
+}
+
+/// Unmounts `path`. A child spawned by a parallel test may briefly hold a descriptor inherited
+/// from this process (between fork and exec): retry, then detach lazily, never leak.
+pub fn umount_retrying(path: &Path) {
+    for _ in 0..20 {
+        let ok = Command::new("umount")
+            .arg(path)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let _ = Command::new("umount").arg("-l").arg(path).status();
 }

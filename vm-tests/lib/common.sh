@@ -4,8 +4,11 @@
 
 VMT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 REPO_DIR=$(cd "$VMT_DIR/.." && pwd)
-CACHE_DIR=${VMT_CACHE:-$VMT_DIR/cache}
-WORK_DIR=${VMT_WORK:-$CACHE_DIR/work}
+# Artefacts (ZFS module, base tree, images) are keyed by a hash of their inputs and shared by
+# every clone on the machine, so a second CI run on the same machine is warm; a run's disks and
+# logs (work) belong to the clone.
+CACHE_DIR=${VMT_CACHE:-/var/cache/upgradectl-vm-tests}
+WORK_DIR=${VMT_WORK:-$VMT_DIR/work}
 SUITE=bookworm
 MIRROR=${VMT_MIRROR:-http://deb.debian.org/debian}
 SECURITY_MIRROR=${VMT_SECURITY_MIRROR:-http://deb.debian.org/debian-security}

@@ -1,0 +1,44 @@
+#!/bin/bash
+# What GRUB will boot, read the way GRUB reads it: its own ext4 driver (`grub-fstest`) on the
+# box's disk as it is after a power cut, without the journal replay Linux would do. Sourced
+# after common.sh.
+
+# grub_cat DISK PATH OUT : copies PATH of the host partition (msdos1) out of DISK as GRUB reads it.
+grub_cat() {
+  grub-fstest "$1" cp "(loop0,msdos1)$2" "$3"
+}
+
+# grub_view_check DISK : the box, powered off, boots a complete image: GRUB finds a valid
+# grub.cfg and grubenv, the entry it will pick (next_entry, else the default) names an image
+# GRUB reads whole, and that image is a clean ext4 filesystem with a kernel and an initrd.
+# Prints the image path.
+grub_view_check() {
+  local disk=$1 dir entry image
+  dir=$(mktemp -d "$WORK_DIR/grubview.XXXXXX")
+  # shellcheck disable=SC2064  # expand now: dir is local
+  trap "rm -rf '$dir'" RETURN
+  grub_cat "$disk" /boot/grub/grub.cfg "$dir/grub.cfg" || { log "GRUB cannot read grub.cfg"; return 1; }
+  [ -s "$dir/grub.cfg" ] || { log "GRUB reads an empty grub.cfg"; return 1; }
+  grub-script-check "$dir/grub.cfg" || { log "grub.cfg as GRUB reads it is not valid"; return 1; }
+  grub_cat "$disk" /boot/grub/grubenv "$dir/grubenv" || { log "GRUB cannot read grubenv"; return 1; }
+  [ "$(stat -c %s "$dir/grubenv")" = 1024 ] || { log "grubenv as GRUB reads it is not 1024 bytes"; return 1; }
+  entry=$(grub-editenv "$dir/grubenv" list | sed -n 's/^next_entry=//p')
+  if [ -z "$entry" ]; then
+    entry=$(sed -n 's/^set default="\(.*\)"$/\1/p' "$dir/grub.cfg" | head -n1)
+  fi
+  [ -n "$entry" ] || { log "GRUB has no entry to boot"; return 1; }
+  image=$(awk -v id="$entry" '
+    $1 == "menuentry" && $0 ~ ("--id " id " ") { inside = 1; next }
+    inside && $1 == "loopback" { print $3; exit }
+    inside && $1 == "}" { inside = 0 }' "$dir/grub.cfg")
+  [ -n "$image" ] || { log "grub.cfg has no entry $entry"; return 1; }
+  grub_cat "$disk" "$image" "$dir/image" || { log "GRUB cannot read $image"; return 1; }
+  e2fsck -fn "$dir/image" >"$dir/fsck.log" 2>&1 || {
+    log "$image as GRUB reads it is not a clean ext4 filesystem:"
+    tail -n 5 "$dir/fsck.log" >&2
+    return 1
+  }
+  debugfs -R 'stat /vmlinuz' "$dir/image" 2>/dev/null | grep -q 'Type: symlink\|Type: regular' \
+    || { log "$image has no /vmlinuz"; return 1; }
+  echo "$image"
+}
