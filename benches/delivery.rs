@@ -14,10 +14,10 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use upgradectl::manifest::{Blob, Release};
-use upgradectl::server::store::StoredRelease;
+use upgradectl::core::manifest::{Blob, Release};
+use upgradectl::core::version::Version;
+use upgradectl::server::artifacts::StoredRelease;
 use upgradectl::server::{Server, Store, StreamSource};
-use upgradectl::version::Version;
 
 fn time<T>(f: impl FnOnce() -> T) -> (T, f64) {
     let t = Instant::now();
@@ -72,7 +72,7 @@ fn main() {
     let big = d.join("big");
     sh(&format!("head -c 1G /dev/urandom > {}", big.display()));
     sh(&format!("cat {} > /dev/null", big.display())); // warm the page cache
-    let (ours, t_ours) = time(|| upgradectl::hashing::sha256_file(&big).unwrap());
+    let (ours, t_ours) = time(|| upgradectl::core::hashing::sha256_file(&big).unwrap());
     let out = Command::new("sha256sum").arg(&big).output().unwrap();
     let (_, t_sh) = time(|| Command::new("sha256sum").arg(&big).output().unwrap());
     assert!(String::from_utf8_lossy(&out.stdout).starts_with(&ours));
@@ -83,11 +83,12 @@ fn main() {
     let img = d.join("src.img");
     sh(&format!("mkfs.ext4 -q -F -d /usr/bin {} 1G", img.display()));
     sh(&format!("cat {} > /dev/null", img.display()));
-    let sha = upgradectl::hashing::sha256_file(&img).unwrap();
+    let sha = upgradectl::core::hashing::sha256_file(&img).unwrap();
     let size = std::fs::metadata(&img).unwrap().len();
     let blob = Blob { size, sha256: sha };
     let ours_out = d.join("ours.img");
-    let (_, t_ours) = time(|| upgradectl::export::export(&img, &ours_out, &blob).unwrap());
+    let (_, t_ours) =
+        time(|| upgradectl::appliance::prepare::export::export(&img, &ours_out, &blob).unwrap());
     let dd_out = d.join("dd.img");
     let t_sh = sh(&format!(
         "dd if={0} of={1} bs=1M conv=sparse,fsync status=none && sha256sum {1}",
@@ -185,21 +186,31 @@ fn main() {
             })
     });
     let url = format!("http://{addr}/v1/artifacts/full-2.0.xz");
-    let env: upgradectl::sign::Envelope = serde_json::from_slice(
+    let env: upgradectl::core::sign::Envelope = serde_json::from_slice(
         &std::fs::read(d.join("store/artifacts/full-2.0.xz.descriptor")).unwrap(),
     )
     .unwrap();
-    let desc: upgradectl::manifest::Descriptor =
-        upgradectl::sign::open(&env, &[key.verifying_key()], "d").unwrap();
-    let limits = upgradectl::fetch::Limits {
+    let desc: upgradectl::core::manifest::Descriptor =
+        upgradectl::core::sign::open(&env, &[key.verifying_key()], "d").unwrap();
+    let limits = upgradectl::appliance::prepare::fetch::Limits {
         stall: Duration::from_secs(30),
         min_speed: 1,
     };
     let dest = d.join("dl.xz");
     let (_, t_ours) = time(|| {
-        let client = upgradectl::fetch::client(&limits).unwrap();
-        upgradectl::fetch::download(&client, &url, &dest, &desc, &limits, &mut |_, _| {}).unwrap();
-        let mut xz = upgradectl::prepare::xz_reader(std::fs::File::open(&dest).unwrap()).unwrap();
+        let client = upgradectl::appliance::prepare::fetch::client(&limits).unwrap();
+        upgradectl::appliance::prepare::fetch::download(
+            &client,
+            &url,
+            &dest,
+            &desc,
+            &limits,
+            &mut |_, _| {},
+        )
+        .unwrap();
+        let mut xz =
+            upgradectl::appliance::prepare::receive::xz_reader(std::fs::File::open(&dest).unwrap())
+                .unwrap();
         std::io::copy(&mut xz, &mut std::io::sink()).unwrap();
     });
     let t_sh = sh(&format!("curl -sf {url} | xz -dc > /dev/null"));

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::version::Version;
+use crate::core::version::Version;
 
 /// Image-based OS upgrades: whole ext4 images booted by GRUB loopback, delivered as ZFS diffs.
 #[derive(Debug, Parser)]

@@ -87,9 +87,11 @@ pub fn classify(err: &anyhow::Error) -> (Exit, &'static str) {
             return (e.exit(), e.kind());
         }
         if cause
-            .downcast_ref::<crate::version::VersionError>()
+            .downcast_ref::<crate::core::version::VersionError>()
             .is_some()
-            || cause.downcast_ref::<crate::config::ConfigError>().is_some()
+            || cause
+                .downcast_ref::<crate::appliance::config::ConfigError>()
+                .is_some()
         {
             return (Exit::Refused, "refused");
         }

@@ -10,13 +10,13 @@ use std::time::Duration;
 
 use anyhow::Result;
 use ed25519_dalek::SigningKey;
+use upgradectl::appliance::prepare::fetch::{self, Limits};
+use upgradectl::core::manifest::{Blob, Descriptor, Manifest, Release};
+use upgradectl::core::sign;
+use upgradectl::core::version::Version;
 use upgradectl::error::Error;
-use upgradectl::fetch::{self, Limits};
-use upgradectl::manifest::{Blob, Descriptor, Manifest, Release};
-use upgradectl::server::store::StoredRelease;
+use upgradectl::server::artifacts::StoredRelease;
 use upgradectl::server::{Server, Store, StreamSource};
-use upgradectl::sign;
-use upgradectl::version::Version;
 
 /// Stand-in for ZFS (not available on this host): streams are files `full-V` / `A-to-B`.
 struct FileSource {

@@ -2,56 +2,21 @@
 //! as xz in independent blocks on all cores, hashed per chunk, and its descriptor signed.
 
 use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::BufWriter;
 
 use anyhow::{Context, Result};
 use ed25519_dalek::SigningKey;
 
-use super::store::Store;
-use crate::fsutil::atomic_write;
-use crate::hashing::{HashingWriter, CHUNK_SIZE};
-use crate::manifest::{artifact_name, Descriptor, Encoding};
-use crate::sign;
-use crate::version::Version;
-use crate::zfs;
+use super::artifacts::Store;
+use super::source::StreamSource;
+use crate::core::hashing::{HashingWriter, CHUNK_SIZE};
+use crate::core::manifest::{artifact_name, Descriptor, Encoding};
+use crate::core::sign;
+use crate::core::version::Version;
+use crate::sys::fsutil::atomic_write;
 
 /// xz block size: blocks are independent, so boxes decompress them on all cores.
 const XZ_BLOCK: u64 = 8 << 20;
-
-/// Where send streams come from.
-pub trait StreamSource: Send + Sync {
-    /// Writes the uncompressed stream of `to`, incremental from `from`, into `out`.
-    fn send(&self, from: Option<&Version>, to: &Version, out: &mut dyn Write) -> Result<()>;
-    /// Whether the source holds version `v`.
-    fn has(&self, v: &Version) -> Result<bool>;
-}
-
-/// The real source: snapshots of the server's image zvol.
-pub struct ZfsSource {
-    pub zvol: String,
-}
-
-impl StreamSource for ZfsSource {
-    fn send(&self, from: Option<&Version>, to: &Version, out: &mut dyn Write) -> Result<()> {
-        let cmd = zfs::send_cmd(&self.zvol, from, to);
-        let mut child = cmd
-            .to_command()
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .with_context(|| format!("starting {}", cmd.display()))?;
-        let mut stdout = child.stdout.take().expect("piped");
-        let copied = std::io::copy(&mut stdout, out);
-        let output = child.wait_with_output()?;
-        crate::cmd::check_status(&cmd, &output)?;
-        copied.with_context(|| format!("reading {}", cmd.display()))?;
-        Ok(())
-    }
-
-    fn has(&self, v: &Version) -> Result<bool> {
-        Ok(zfs::snapshots(&self.zvol)?.contains(v))
-    }
-}
 
 /// Builds `artifact_name(from, to)` into the store; the descriptor is written last.
 pub fn build(

@@ -166,14 +166,14 @@ impl Config {
     /// Loads the image's configuration under `root` (defaults when absent), then merges the
     /// box-specific override found on the host partition.
     pub fn load(root: &Path) -> Result<Config> {
-        let image_file = crate::paths::under(root, IMAGE_CONFIG);
+        let image_file = crate::appliance::paths::under(root, IMAGE_CONFIG);
         let mut value = read_table(&image_file)?.unwrap_or_default();
         let host_mount = value
             .get("host_mount")
             .and_then(|v| v.as_str())
             .unwrap_or("/host")
             .to_owned();
-        let layout = crate::paths::Layout::new(root, Path::new(&host_mount));
+        let layout = crate::appliance::paths::Layout::new(root, Path::new(&host_mount));
         let override_file = layout.host_config();
         let mut blame = image_file.clone();
         if let Some(over) = read_table(&override_file)? {
@@ -280,7 +280,7 @@ mod tests {
 
     #[test]
     fn the_shipped_example_parses() {
-        let text = include_str!("../upgradectl.toml.example");
+        let text = include_str!("../../upgradectl.toml.example");
         let c = Config::parse(text, Path::new("upgradectl.toml.example")).unwrap();
         assert_eq!(c.channel, "stable");
         assert!(!c.health.is_empty());

@@ -7,8 +7,8 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 
-use crate::fsutil::atomic_write_for_boot;
-use crate::version::Version;
+use crate::core::version::Version;
+use crate::sys::fsutil::atomic_write_for_boot;
 
 /// grubenv variable: the entry GRUB boots once.
 pub const NEXT_ENTRY: &str = "next_entry";

@@ -7,13 +7,13 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use serde::Serialize;
 
-use crate::cmd::Cmd;
+use crate::core::manifest::{Blob, Release, CHANNELS};
+use crate::core::version::Version;
 use crate::error::refused;
-use crate::loopmount::ImageMount;
-use crate::manifest::{Blob, Release, CHANNELS};
-use crate::server::store::{Store, StoredRelease};
-use crate::version::Version;
-use crate::zfs;
+use crate::server::artifacts::{Store, StoredRelease};
+use crate::sys::cmd::Cmd;
+use crate::sys::loopmount::ImageMount;
+use crate::sys::zfs;
 
 #[derive(Debug, Serialize)]
 pub struct PublishReport {
@@ -112,7 +112,7 @@ pub fn publish(
         .run()?;
     let snap = zfs::snapshot_device(zvol, version)?;
     let size = block_size(&snap)?;
-    let sha256 = crate::hashing::sha256_file(&snap)?;
+    let sha256 = crate::core::hashing::sha256_file(&snap)?;
     let image = Blob { size, sha256 };
     releases.push(StoredRelease {
         channel: channel.to_owned(),

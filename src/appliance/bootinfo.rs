@@ -6,8 +6,8 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use serde::Serialize;
 
-use crate::paths::Layout;
-use crate::version::Version;
+use crate::appliance::paths::Layout;
+use crate::core::version::Version;
 
 /// The initramfs's account of a boot (`key=value` lines, see docs/boot-chain.md).
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]

@@ -8,10 +8,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
-use super::build::StreamSource;
-use crate::fsutil::atomic_write;
-use crate::manifest::Release;
-use crate::version::Version;
+use super::source::StreamSource;
+use crate::core::manifest::Release;
+use crate::core::version::Version;
+use crate::sys::fsutil::atomic_write;
 
 /// A release as the server records it: on which channel.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -115,7 +115,7 @@ impl Store {
         for e in fs::read_dir(self.dir.join("artifacts"))? {
             let e = e?;
             let name = e.file_name().to_string_lossy().into_owned();
-            if crate::manifest::parse_artifact_name(&name).is_some() {
+            if crate::core::manifest::parse_artifact_name(&name).is_some() {
                 let md = e.metadata()?;
                 items.push((md.modified()?, md.len(), name));
             }

@@ -1,21 +1,23 @@
-//! Images on the host partition: what is there, how big, and making room for a new one.
+//! Images on the host partition: what is there and how big, which of them GRUB offers, and the
+//! one space planner that makes room for a new one.
 
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use serde::Serialize;
 
+use crate::appliance::ctx::Ctx;
+use crate::appliance::grub::{self, Menu};
+use crate::appliance::paths::Layout;
+use crate::appliance::state::State;
+use crate::core::version::Version;
 use crate::error::Error;
-use crate::fsutil;
-use crate::paths::Layout;
-use crate::version::Version;
+use crate::sys::fsutil;
 
 /// One image file in `images/`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ImageFile {
     pub version: Version,
-    #[serde(skip)]
-    pub path: PathBuf,
     /// Apparent size in bytes.
     pub size: u64,
     /// Bytes really allocated (image files are sparse).
@@ -43,7 +45,6 @@ pub fn list(layout: &Layout) -> Result<Vec<ImageFile>> {
         }
         images.push(ImageFile {
             version,
-            path: entry.path(),
             size: md.len(),
             allocated: fsutil::allocated_bytes(&entry.path())?,
         });
@@ -93,28 +94,87 @@ pub fn plan_space(need: u64, free: u64, removable: &[(Version, u64)]) -> Result<
     }
 }
 
-/// Space preflight before writing an image of `image_bytes`: succeeds when it fits with the
-/// margin, naming the images to remove first; fails with `NoSpace` before anything is touched.
-pub fn preflight(
-    layout: &Layout,
-    image_bytes: u64,
-    margin: u64,
-    removable: &[ImageFile],
-) -> Result<Vec<Version>> {
-    let free = fsutil::free_bytes(layout.host())?;
-    let need = image_bytes + margin;
-    let removable: Vec<(Version, u64)> = removable
-        .iter()
-        .map(|i| (i.version.clone(), i.allocated))
+/// The GRUB menu the state calls for: every registered, not-bad image present on disk.
+pub fn menu(ctx: &Ctx, state: &State) -> Result<Menu> {
+    let booted = ctx.booted()?;
+    let images = list(&ctx.layout)?
+        .into_iter()
+        .map(|i| i.version)
+        .filter(|v| state.bootable(v))
         .collect();
-    plan_space(need, free, &removable).map_err(|free_after| {
-        Error::NoSpace {
-            path: layout.host().display().to_string(),
-            need,
-            free: free_after,
-        }
-        .into()
+    let grub = &ctx.config.grub;
+    Ok(Menu {
+        images,
+        default: state.default.clone(),
+        previous: state.previous.clone(),
+        host_uuid: grub
+            .host_uuid
+            .clone()
+            .or(booted.host_uuid)
+            .or_else(|| state.host_uuid.clone()),
+        kernel_args: grub.kernel_args.clone(),
+        panic_seconds: grub.panic_seconds,
+        timeout_seconds: grub.timeout_seconds,
     })
+}
+
+/// Rewrites grub.cfg from the state.
+pub fn sync_grub(ctx: &Ctx, state: &State) -> Result<()> {
+    grub::write_config(&ctx.layout.grub_cfg(), &menu(ctx, state)?)
+}
+
+/// Registers a complete, verified image file as prepared and adds it to the menu.
+pub fn register_prepared(
+    ctx: &Ctx,
+    state: &mut State,
+    v: &Version,
+    sha256: Option<String>,
+) -> Result<()> {
+    state.register_prepared(v, sha256)?;
+    sync_grub(ctx, state)
+}
+
+/// Removes image files (menu first, so GRUB never offers a missing image), then forgets them.
+pub fn remove(ctx: &Ctx, state: &mut State, remove: &[Version]) -> Result<()> {
+    if remove.is_empty() {
+        return Ok(());
+    }
+    let mut next = state.clone();
+    for v in remove {
+        next.forget(v);
+    }
+    let mut menu = menu(ctx, &next)?;
+    menu.images.retain(|v| !remove.contains(v));
+    grub::write_config(&ctx.layout.grub_cfg(), &menu)?;
+    for v in remove {
+        fsutil::remove_durably(&image_path(&ctx.layout, v))?;
+        let _ = std::fs::remove_file(ctx.baseline_path(v));
+    }
+    *state = next;
+    Ok(())
+}
+
+/// The space planner: makes room for `bytes` more on the host partition (plus the configured
+/// margin), removing unprotected images, oldest first, when that is enough; otherwise
+/// `NoSpace` before anything is touched.
+pub fn ensure_space(ctx: &Ctx, state: &mut State, bytes: u64) -> Result<()> {
+    let booted = ctx.booted()?.version;
+    let protected = state.protected(booted.as_ref());
+    let removable: Vec<(Version, u64)> = list(&ctx.layout)?
+        .into_iter()
+        .filter(|i| !protected.contains(&i.version))
+        .map(|i| (i.version, i.allocated))
+        .collect();
+    let host = ctx.layout.host();
+    let need = bytes + (ctx.config.space_margin_mib << 20);
+    let chosen =
+        plan_space(need, fsutil::free_bytes(host)?, &removable).map_err(|free| Error::NoSpace {
+            path: host.display().to_string(),
+            need,
+            free,
+        })?;
+    remove(ctx, state, &chosen)?;
+    state.save(&ctx.layout.state_file())
 }
 
 #[cfg(test)]

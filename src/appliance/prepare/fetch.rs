@@ -12,9 +12,9 @@ use reqwest::header::{RANGE, RETRY_AFTER};
 use reqwest::StatusCode;
 use sha2::{Digest, Sha256};
 
+use crate::core::manifest::Descriptor;
+use crate::core::sign::Envelope;
 use crate::error::Error;
-use crate::manifest::Descriptor;
-use crate::sign::Envelope;
 
 /// Limits of a download.
 #[derive(Debug, Clone)]
@@ -139,7 +139,7 @@ pub fn download(
     }
     file.sync_all()?;
     drop(file);
-    let actual = crate::hashing::sha256_file(&partial)?;
+    let actual = crate::core::hashing::sha256_file(&partial)?;
     if actual != d.sha256 {
         let _ = std::fs::remove_file(&partial);
         return Err(Error::ChecksumMismatch {
@@ -150,7 +150,7 @@ pub fn download(
         .into());
     }
     std::fs::rename(&partial, dest)?;
-    crate::fsutil::fsync_dir(dest.parent().unwrap_or(Path::new(".")))?;
+    crate::sys::fsutil::fsync_dir(dest.parent().unwrap_or(Path::new(".")))?;
     Ok(fetched)
 }
 

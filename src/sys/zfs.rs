@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
-use crate::cmd::Cmd;
-use crate::version::Version;
+use crate::core::version::Version;
+use crate::sys::cmd::Cmd;
 
 /// Versions of `zvol`'s snapshots, from `zfs list -H -p -t snapshot -o name,createtxg` output.
 /// Snapshots whose names are not versions are ignored. Pure.
@@ -116,7 +116,7 @@ mod tests {
 
     #[test]
     fn parses_captured_zfs_list_output() {
-        let text = include_str!("../tests/fixtures/zfs-list-snapshots.txt");
+        let text = include_str!("../../tests/fixtures/zfs-list-snapshots.txt");
         let got = parse_snapshots("box/upgradectl/image", text);
         assert_eq!(
             got,

@@ -9,7 +9,7 @@ use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::error::Error;
-use crate::fsutil::atomic_write;
+use crate::sys::fsutil::atomic_write;
 
 const PUBLIC_PREFIX: &str = "ed25519:";
 

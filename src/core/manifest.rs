@@ -5,8 +5,8 @@ use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::core::version::Version;
 use crate::error::{refused, Error};
-use crate::version::Version;
 
 pub const CHANNELS: [&str; 4] = ["stable", "candidate", "beta", "edge"];
 

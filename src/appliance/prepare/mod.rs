@@ -2,21 +2,25 @@
 //! space → download the diff (resumable, verified) → `zfs receive` → export to
 //! `images/.V.img.partial` → verify end to end → rename → register as prepared.
 
-use std::io::Write;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use serde::Serialize;
 
-use crate::deploy::{self, Ctx};
+pub mod export;
+pub mod fetch;
+pub mod receive;
+
+use crate::appliance::ctx::Ctx;
+use crate::appliance::images;
+use crate::core::manifest::{self, artifact_name, Descriptor, Manifest, PlanInput};
+use crate::core::sign;
+use crate::core::version::Version;
 use crate::error::{refused, Error};
-use crate::fetch::{self, Fetched, Limits};
-use crate::manifest::{self, artifact_name, Descriptor, Manifest, PlanInput};
-use crate::sign;
-use crate::store;
-use crate::version::Version;
-use crate::zfs;
+use crate::sys::clock::now;
+use crate::sys::zfs;
+use fetch::{Fetched, Limits};
+use receive::receive;
 
 #[derive(Debug, Serialize)]
 pub struct PrepareReport {
@@ -50,13 +54,6 @@ fn box_id(ctx: &Ctx) -> Result<String> {
     })
 }
 
-/// The verb. `wait`: sleep through "come back later" (bounded by download.max_wait_seconds).
-pub fn prepare(ctx: &mut Ctx, pinned: Option<Version>, wait: bool) -> Result<()> {
-    let _lock = ctx.lock()?;
-    let report = prepare_locked(ctx, pinned.as_ref(), wait)?;
-    ctx.out.report(&report, render)
-}
-
 /// `prepare` for a caller that holds the lock (`upgrade` of an unprepared version).
 pub fn prepare_locked(
     ctx: &mut Ctx,
@@ -83,20 +80,6 @@ pub fn prepare_locked(
             other => return other,
         }
     }
-}
-
-fn render(r: &PrepareReport) -> String {
-    format!(
-        "image {} prepared from {} ({} MiB downloaded, {} MiB resumed; image {} MiB) in {:.1}s",
-        r.version,
-        r.base
-            .as_ref()
-            .map_or("a full stream".to_owned(), |b| format!("a diff from {b}")),
-        r.downloaded_bytes >> 20,
-        r.resumed_bytes >> 20,
-        r.image_bytes >> 20,
-        r.seconds
-    )
 }
 
 fn trusted_keys(ctx: &Ctx) -> Result<Vec<ed25519_dalek::VerifyingKey>> {
@@ -138,18 +121,19 @@ fn prepare_once(ctx: &mut Ctx, pinned: Option<&Version>) -> Result<PrepareReport
     let plan = manifest::plan(&PlanInput {
         manifest: &manifest,
         channel: &channel,
-        now: crate::server::now(),
+        now: now(),
         bucket: manifest::bucket(&box_id(ctx)?),
         newest_accepted: state.newest_accepted.as_ref(),
         pinned,
         local: &local,
     })?;
     let target = plan.release.version.clone();
-    if store::image_path(&ctx.layout, &target).is_file() && state.prepared.as_ref() == Some(&target)
+    if images::image_path(&ctx.layout, &target).is_file()
+        && state.prepared.as_ref() == Some(&target)
     {
         return Err(Error::NothingToDo(format!("image {target} is already prepared")).into());
     }
-    deploy::ensure_space(ctx, &mut state, plan.release.image.size)?;
+    images::ensure_space(ctx, &mut state, plan.release.image.size)?;
 
     let name = artifact_name(plan.base.as_ref(), &target);
     let durl = format!("{server}/v1/artifacts/{name}.descriptor");
@@ -180,27 +164,27 @@ fn prepare_once(ctx: &mut Ctx, pinned: Option<&Version>) -> Result<PrepareReport
         .with_context(|| format!("receiving {name} into {zvol}"))?;
 
     let device = zfs::snapshot_device(&zvol, &target)?;
-    let partial = store::partial_path(&ctx.layout, &target);
+    let partial = images::partial_path(&ctx.layout, &target);
     ctx.out.event(
         "export",
         &serde_json::json!({"version": target}),
         &format!("exporting image {target}"),
     )?;
-    crate::export::export(&device, &partial, &plan.release.image)?;
-    let image = store::image_path(&ctx.layout, &target);
+    export::export(&device, &partial, &plan.release.image)?;
+    let image = images::image_path(&ctx.layout, &target);
     std::fs::rename(&partial, &image)?;
-    crate::fsutil::fsync_dir(&ctx.layout.images_dir())?;
+    crate::sys::fsutil::fsync_dir(&ctx.layout.images_dir())?;
     // GRUB must read the whole image before any menu entry names it.
-    crate::fsutil::checkpoint(&image)?;
+    crate::sys::fsutil::checkpoint(&image)?;
 
     state.accept(&target)?;
-    deploy::register_prepared(
+    images::register_prepared(
         ctx,
         &mut state,
         &target,
         Some(plan.release.image.sha256.clone()),
     )?;
-    state.record("prepare", &Ok(()), crate::server::now());
+    state.record("prepare", &Ok(()), now());
     state.save(&ctx.layout.state_file())?;
     let _ = std::fs::remove_file(&file);
     Ok(PrepareReport {
@@ -255,55 +239,4 @@ fn download_with_progress(
         b.finish_and_clear();
     }
     r
-}
-
-/// Decompresses the verified artifact on all cores into `zfs receive -s -F`. A receive left
-/// half done by an interruption is aborted first: the artifact is local and verified, so
-/// receiving it again costs no download.
-fn receive(file: &std::path::Path, zvol: &str, base: Option<&Version>, to: &Version) -> Result<()> {
-    if zfs::snapshots(zvol)?.contains(to) {
-        return Ok(());
-    }
-    if let Some((parent, _)) = zvol.rsplit_once('/') {
-        zfs::ensure_filesystem(parent)?;
-    }
-    if zfs::exists(zvol)? {
-        zfs::abort_receive(zvol)?;
-    } else if base.is_some() {
-        anyhow::bail!("{zvol} does not exist; an incremental stream needs its base");
-    }
-    let cmd = zfs::receive_cmd(zvol);
-    let mut child = cmd
-        .to_command()
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("starting {}", cmd.display()))?;
-    let mut stdin = child.stdin.take().expect("piped");
-    let mut xz = xz_reader(std::fs::File::open(file)?)?;
-    let copied = std::io::copy(&mut xz, &mut stdin).and_then(|_| stdin.flush());
-    drop(stdin);
-    let output = child.wait_with_output()?;
-    crate::cmd::check_status(&cmd, &output)?;
-    copied.context("decompressing into zfs receive")?;
-    Ok(())
-}
-
-/// Decompresses xz on all cores (the server writes independent blocks for this).
-pub fn xz_reader<R: std::io::Read>(
-    input: R,
-) -> Result<liblzma::read::XzDecoder<std::io::BufReader<R>>> {
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get() as u32)
-        .unwrap_or(1);
-    let stream = liblzma::stream::MtStreamBuilder::new()
-        .threads(threads)
-        .memlimit_stop(u64::MAX)
-        .decoder()
-        .context("creating the xz decoder")?;
-    Ok(liblzma::read::XzDecoder::new_stream(
-        std::io::BufReader::new(input),
-        stream,
-    ))
 }

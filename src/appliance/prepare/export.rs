@@ -8,8 +8,8 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use sha2::{Digest, Sha256};
 
+use crate::core::manifest::Blob;
 use crate::error::Error;
-use crate::manifest::Blob;
 
 const BLOCK: usize = 1 << 20;
 

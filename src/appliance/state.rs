@@ -7,9 +7,9 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
+use crate::core::version::Version;
 use crate::error::{refused, Error};
-use crate::fsutil::atomic_write;
-use crate::version::Version;
+use crate::sys::fsutil::atomic_write;
 
 const SCHEMA: u32 = 1;
 

@@ -4,13 +4,13 @@
 use anyhow::Result;
 use serde::Serialize;
 
-use crate::bootinfo::BootReport;
-use crate::deploy::Ctx;
-use crate::fsutil;
-use crate::grub;
-use crate::state::{ImageState, Operation, Trying};
-use crate::store;
-use crate::version::Version;
+use crate::appliance::bootinfo::BootReport;
+use crate::appliance::ctx::Ctx;
+use crate::appliance::grub;
+use crate::appliance::images;
+use crate::appliance::state::{ImageState, Operation, Trying};
+use crate::core::version::Version;
+use crate::sys::fsutil;
 
 #[derive(Debug, Serialize)]
 pub struct Status {
@@ -75,7 +75,7 @@ pub fn gather(ctx: &Ctx) -> Result<Status> {
             attempted: env.get(grub::ATTEMPTED) == Some(&version.grub_id()),
         });
     let mut images = Vec::new();
-    for file in store::list(&ctx.layout)?.into_iter().rev() {
+    for file in images::list(&ctx.layout)?.into_iter().rev() {
         let record = state.images.get(&file.version);
         let state_name = match record.map(|r| r.state) {
             Some(ImageState::Prepared) => "prepared",

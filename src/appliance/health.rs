@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use serde::Serialize;
 
-use crate::cmd::Cmd;
-use crate::config::HealthCheck;
+use crate::appliance::config::HealthCheck;
+use crate::sys::cmd::Cmd;
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct CheckResult {

@@ -1,0 +1,17 @@
+//! The appliance side: what runs on a box. Its context and configuration, where things live,
+//! the state machine of its images, GRUB, configuration migration, health checks, status, the
+//! image store with its space planner, the prepare pipeline (fetch → receive → export) and one
+//! file per verb.
+
+pub mod bootinfo;
+pub mod config;
+pub mod ctx;
+pub mod grub;
+pub mod health;
+pub mod images;
+pub mod migrate;
+pub mod paths;
+pub mod prepare;
+pub mod state;
+pub mod status;
+pub mod verbs;

@@ -1,0 +1,143 @@
+//! `confirm`: after a boot, settle a trial. Healthy → default; unhealthy → bad, back to the
+//! default.
+
+use anyhow::Result;
+use serde::Serialize;
+
+use crate::appliance::ctx::Ctx;
+use crate::appliance::grub;
+use crate::appliance::health::{self, CheckResult};
+use crate::appliance::images;
+use crate::appliance::state::Settle;
+use crate::core::version::Version;
+use crate::error::Error;
+use crate::sys::clock::now;
+
+#[derive(Serialize)]
+struct ConfirmReport {
+    booted: Version,
+    outcome: &'static str,
+    default: Option<Version>,
+    checks: Vec<CheckResult>,
+    message: String,
+}
+
+/// After a boot: settle a trial. Healthy → default; unhealthy → bad, back to the default.
+pub fn confirm(ctx: &mut Ctx, no_reboot: bool) -> Result<()> {
+    let _lock = ctx.lock()?;
+    let booted = ctx.booted_version()?;
+    let mut state = ctx.load_state()?;
+    let env = grub::read_env(&ctx.layout.grubenv())?;
+    // Our grub.cfg records each one-shot boot it makes; a trial GRUB never started (power lost
+    // between arming and rebooting) is disarmed instead of being blamed.
+    let attempted = state
+        .trying
+        .as_ref()
+        .is_some_and(|t| env.get(grub::ATTEMPTED) == Some(&t.version.grub_id()));
+    let settle = state.settle(&booted, attempted);
+    let (outcome, message, checks, result, reboot_to): (
+        &str,
+        String,
+        Vec<CheckResult>,
+        Result<()>,
+        Option<Version>,
+    ) = match settle {
+        Settle::Trial(v) => {
+            let checks = health::run_all(&ctx.config.health)?;
+            let failed: Vec<String> = checks
+                .iter()
+                .filter(|c| !c.ok)
+                .map(|c| format!("{}: {}", c.name, c.detail))
+                .collect();
+            if failed.is_empty() {
+                state.confirm(&v)?;
+                (
+                    "confirmed",
+                    format!("image {v} is healthy and now the default"),
+                    checks,
+                    Ok(()),
+                    None,
+                )
+            } else {
+                let reason = format!("health checks failed: {}", failed.join("; "));
+                state.fail_trial(&v, reason.clone())?;
+                let back = state.default.clone();
+                let msg = format!(
+                    "image {v} marked bad ({reason}); going back to {}",
+                    back.as_ref().map_or("-".into(), |b| b.to_string())
+                );
+                (
+                    "failed",
+                    msg.clone(),
+                    checks,
+                    Err(anyhow::anyhow!(msg)),
+                    back,
+                )
+            }
+        }
+        Settle::TrialDidNotBoot { tried, booted } => {
+            let msg = format!("image {tried} did not come up; the box is back on {booted} and {tried} is marked bad");
+            (
+                "trial-did-not-boot",
+                msg.clone(),
+                vec![],
+                Err(anyhow::anyhow!(msg)),
+                None,
+            )
+        }
+        Settle::TrialNotAttempted(v) => (
+            "trial-not-attempted",
+            format!("image {v} was armed but never booted (interrupted switch); it stays prepared"),
+            vec![],
+            Ok(()),
+            None,
+        ),
+        Settle::AlreadyDefault => {
+            let msg = if state.default.as_ref() == Some(&booted) {
+                format!("image {booted} is the default; nothing to confirm")
+            } else {
+                format!(
+                    "image {booted} runs but is not the default ({}); nothing to confirm",
+                    state.default.as_ref().map_or("-".into(), |d| d.to_string())
+                )
+            };
+            ("nothing-to-do", msg, vec![], Ok(()), None)
+        }
+    };
+    // grub.cfg first: a crash before the state is saved leaves the new default in GRUB and the
+    // trial in the state, which the next confirm settles the same way.
+    images::sync_grub(ctx, &state)?;
+    if outcome == "confirmed" || outcome == "trial-not-attempted" {
+        grub::update_env(&ctx.layout.grubenv(), &[(grub::ATTEMPTED, None)])?;
+    }
+    // The verdict is recorded, reported and acted on (reboot) before it becomes the exit code.
+    state.record("confirm", &result, now());
+    state.save(&ctx.layout.state_file())?;
+    let report = ConfirmReport {
+        booted,
+        outcome,
+        default: state.default.clone(),
+        checks,
+        message: message.clone(),
+    };
+    ctx.out.report(&report, |r| {
+        let mut s = String::new();
+        for c in &r.checks {
+            s += &format!(
+                "  {} {}: {} ({:.1}s)\n",
+                if c.ok { "ok  " } else { "FAIL" },
+                c.name,
+                c.detail,
+                c.seconds
+            );
+        }
+        s + &r.message
+    })?;
+    if let Some(target) = reboot_to.filter(|_| !no_reboot) {
+        ctx.reboot(&target)?;
+    }
+    match (outcome, result) {
+        ("nothing-to-do", _) => Err(Error::NothingToDo(message).into()),
+        (_, r) => r,
+    }
+}

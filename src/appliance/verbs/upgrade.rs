@@ -1,0 +1,185 @@
+//! `upgrade`: the fast part of a switch. Migrate configuration into the prepared image, arm
+//! GRUB to try it once, reboot (preparing first when the image is not there yet).
+
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+
+use crate::appliance::ctx::Ctx;
+use crate::appliance::grub;
+use crate::appliance::images;
+use crate::appliance::migrate;
+use crate::appliance::state::{ImageState, State};
+use crate::core::version::Version;
+use crate::error::{refused, Error};
+use crate::sys::loopmount::ImageMount;
+
+#[derive(Serialize)]
+struct UpgradeReport {
+    version: Version,
+    from: Version,
+    migration: migrate::Plan,
+    dry_run: bool,
+    reboot: bool,
+    seconds: f64,
+}
+
+/// The fast part of an upgrade: migrate configuration into the prepared image, arm GRUB to try
+/// it once, reboot.
+pub fn upgrade(
+    ctx: &mut Ctx,
+    version: Option<Version>,
+    dry_run: bool,
+    no_reboot: bool,
+) -> Result<()> {
+    let start = Instant::now();
+    let _lock = ctx.lock()?;
+    let booted = ctx.booted_version()?;
+    let mut state = ctx.load_state()?;
+    let ready = |s: &State, v: &Version| {
+        s.state_of(v).is_some() && images::image_path(&ctx.layout, v).is_file()
+    };
+    let target = match version.or_else(|| state.prepared.clone()) {
+        Some(v) if state.state_of(&v) == Some(ImageState::Bad) => {
+            return Err(refused(format!(
+                "image {v} was marked bad and is not tried again"
+            )));
+        }
+        Some(v) if ready(&state, &v) => v,
+        Some(v) if dry_run || ctx.config.server.is_none() => {
+            return Err(refused(format!(
+                "image {v} is not prepared on this box; run `upgradectl prepare --version {v}` first"
+            )));
+        }
+        None if dry_run || ctx.config.server.is_none() => {
+            return Err(Error::NothingToDo(
+                "no image is prepared; run `upgradectl prepare`".into(),
+            )
+            .into());
+        }
+        // Not prepared yet: prepare first (download, receive, export, verify).
+        pinned => {
+            let report = crate::appliance::prepare::prepare_locked(ctx, pinned.as_ref(), ctx.wait)?;
+            state = ctx.load_state()?;
+            report.version
+        }
+    };
+    let result = switch(ctx, &mut state, &booted, &target, dry_run);
+    if dry_run {
+        let migration = result?;
+        let report = UpgradeReport {
+            version: target,
+            from: booted,
+            migration,
+            dry_run,
+            reboot: false,
+            seconds: start.elapsed().as_secs_f64(),
+        };
+        return ctx.out.report(&report, render_upgrade);
+    }
+    let migration = ctx.finish(&mut state, "upgrade", result)?;
+    let report = UpgradeReport {
+        version: target.clone(),
+        from: booted,
+        migration,
+        dry_run,
+        reboot: !no_reboot,
+        seconds: start.elapsed().as_secs_f64(),
+    };
+    ctx.out.report(&report, render_upgrade)?;
+    if !no_reboot {
+        ctx.reboot(&target)?;
+    }
+    Ok(())
+}
+
+fn render_upgrade(r: &UpgradeReport) -> String {
+    let mut s = String::new();
+    for a in &r.migration.actions {
+        match a {
+            migrate::Action::Copy { path, .. } => s += &format!("  migrate {path}\n"),
+            migrate::Action::Remove { path } => s += &format!("  remove  {path}\n"),
+            migrate::Action::Same { .. } => {}
+        }
+    }
+    for c in &r.migration.conflicts {
+        s += &format!(
+            "  warning: {c} changed on this box and in image {}; the box's copy wins\n",
+            r.version
+        );
+    }
+    if r.dry_run {
+        s += &format!("would switch from {} to {} (dry run)\n", r.from, r.version);
+    } else {
+        s += &format!(
+            "image {} armed for one boot (from {}) in {:.2}s\n",
+            r.version, r.from, r.seconds
+        );
+        if !r.reboot {
+            s += "reboot to try it; `upgradectl confirm` makes it the default once it is healthy\n";
+        }
+    }
+    s
+}
+
+/// Migrates and arms `target`. Order matters for power loss: grub.cfg (with the new entry),
+/// then the state (trial armed), then grubenv's `next_entry` in one atomic write. Each GRUB
+/// write checkpoints the host filesystem's journal, so the migrated image's blocks and grub.cfg
+/// are where GRUB reads them before `next_entry` names the image.
+fn switch(
+    ctx: &mut Ctx,
+    state: &mut State,
+    booted: &Version,
+    target: &Version,
+    dry_run: bool,
+) -> Result<migrate::Plan> {
+    let image = images::image_path(&ctx.layout, target);
+    match state.state_of(target) {
+        Some(ImageState::Bad) | Some(ImageState::Prepared) | Some(ImageState::Good) | Some(ImageState::Trying)
+            if image.is_file() => {}
+        _ => {
+            return Err(refused(format!(
+                "image {target} is not prepared on this box; run `upgradectl prepare --version {target}` first"
+            )))
+        }
+    }
+    // Check the transition before touching the image.
+    state.clone().arm(target, booted)?;
+
+    let mount = ImageMount::open(&image, dry_run)?;
+    let patterns = &ctx.config.migrate.paths;
+    let running_baseline = migrate::load_baseline(&ctx.baseline_path(booted))?;
+    let plan = migrate::plan(
+        ctx.layout.root(),
+        mount.path(),
+        patterns,
+        running_baseline.as_ref(),
+    )
+    .context("planning the configuration migration")?;
+    if dry_run {
+        mount.close()?;
+        return Ok(plan);
+    }
+    let shipped = migrate::baseline(mount.path(), patterns)?;
+    crate::sys::fsutil::atomic_write(
+        &ctx.baseline_path(target),
+        &serde_json::to_vec(&shipped)?,
+        0o644,
+    )?;
+    migrate::apply(ctx.layout.root(), mount.path(), &plan).context("migrating configuration")?;
+    mount.close()?;
+
+    state.arm(target, booted)?;
+    images::sync_grub(ctx, state)?;
+    state.save(&ctx.layout.state_file())?;
+    grub::update_env(
+        &ctx.layout.grubenv(),
+        &[
+            (grub::NEXT_ENTRY, Some(&target.grub_id())),
+            (grub::ATTEMPTED, None),
+        ],
+    )
+    .context("arming GRUB's one-shot entry")?;
+    Ok(plan)
+}

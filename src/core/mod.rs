@@ -1,0 +1,7 @@
+//! What the box and the server share, pure (no I/O but reading what the caller hands in):
+//! versions, the protocol's documents and names, signatures, hashing.
+
+pub mod hashing;
+pub mod manifest;
+pub mod sign;
+pub mod version;

@@ -1,0 +1,9 @@
+//! Thin effects on the system, each behind one module: running tools, durable writes, ZFS, loop
+//! mounts, the lock, the clock.
+
+pub mod clock;
+pub mod cmd;
+pub mod fsutil;
+pub mod lock;
+pub mod loopmount;
+pub mod zfs;
