@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use anyhow::Result;
 use serde::Deserialize;
 
+use crate::core::manifest::CHANNELS;
+
 /// Where the image's configuration lives.
 pub const IMAGE_CONFIG: &str = "/etc/upgradectl/upgradectl.toml";
 
@@ -86,8 +88,6 @@ pub struct DownloadConfig {
     pub min_speed_bytes: u64,
     /// Longest `--wait` sleeps for "come back later", in total.
     pub max_wait_seconds: u64,
-    /// Memory the box may spend on a dictionary-compressed diff (the base image window), MiB.
-    pub max_dictionary_mib: u64,
 }
 
 fn default_check_timeout() -> u64 {
@@ -155,12 +155,9 @@ impl Default for DownloadConfig {
             stall_seconds: 60,
             min_speed_bytes: 1024,
             max_wait_seconds: 3600,
-            max_dictionary_mib: 1024,
         }
     }
 }
-
-const CHANNELS: [&str; 4] = ["stable", "candidate", "beta", "edge"];
 
 impl Config {
     /// Loads the image's configuration under `root` (defaults when absent), then merges the

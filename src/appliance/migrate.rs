@@ -5,13 +5,11 @@
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fs;
-use std::io::Read;
 use std::os::unix::fs::{lchown, MetadataExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 
 use crate::error::refused;
 
@@ -131,7 +129,7 @@ fn plan_entry(
         _ => {
             fs::symlink_metadata(&d).is_ok_and(|m| m.is_file())
                 && same_meta(&md, &d)
-                && hash_file(&s)? == hash_file(&d)?
+                && crate::core::hashing::sha256_file(&s)? == crate::core::hashing::sha256_file(&d)?
         }
     };
     if identical {
@@ -140,11 +138,11 @@ fn plan_entry(
     }
     if kind == Kind::File {
         if let Some(base) = baseline.and_then(|b| b.get(&name)) {
-            let ours = hash_file(&s)?;
+            let ours = crate::core::hashing::sha256_file(&s)?;
             let theirs = fs::symlink_metadata(&d)
                 .ok()
                 .filter(|m| m.is_file())
-                .map(|_| hash_file(&d))
+                .map(|_| crate::core::hashing::sha256_file(&d))
                 .transpose()?;
             if &ours != base && theirs.as_ref().is_some_and(|t| t != base) {
                 plan.conflicts.push(name.clone());
@@ -335,20 +333,6 @@ fn expand(root: &Path, rel_pattern: &Path) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-fn hash_file(p: &Path) -> Result<String> {
-    let mut f = fs::File::open(p).with_context(|| format!("opening {}", p.display()))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(hex::encode(h.finalize()))
-}
-
 /// Hashes the declared files of an image as shipped (before migration writes into it).
 pub fn baseline(root: &Path, patterns: &[String]) -> Result<Baseline> {
     let mut out = Baseline::new();
@@ -364,7 +348,10 @@ pub fn baseline(root: &Path, patterns: &[String]) -> Result<Baseline> {
                 let entry = entry?;
                 if entry.file_type().is_file() {
                     let rel = entry.path().strip_prefix(root).expect("under root");
-                    out.insert(display(rel), hash_file(entry.path())?);
+                    out.insert(
+                        display(rel),
+                        crate::core::hashing::sha256_file(entry.path())?,
+                    );
                 }
             }
         }
@@ -511,13 +498,16 @@ mod tests {
         fs::write(src.join("etc/hosts"), "box edit").unwrap();
         fs::write(dst.join("etc/hosts"), "new image edit").unwrap();
         let mut base = Baseline::new();
-        base.insert("/etc/hosts".into(), hex::encode(Sha256::digest(b"shipped")));
+        base.insert(
+            "/etc/hosts".into(),
+            crate::core::hashing::sha256_hex(b"shipped"),
+        );
         let plan = plan(&src, &dst, &pats(&["/etc/hosts"]), Some(&base)).unwrap();
         assert_eq!(plan.conflicts, vec!["/etc/hosts".to_string()]);
         // Unchanged on the box: no conflict.
         base.insert(
             "/etc/hosts".into(),
-            hex::encode(Sha256::digest(b"box edit")),
+            crate::core::hashing::sha256_hex(b"box edit"),
         );
         let plan = super::plan(&src, &dst, &pats(&["/etc/hosts"]), Some(&base)).unwrap();
         assert!(plan.conflicts.is_empty());

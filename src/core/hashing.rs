@@ -9,13 +9,59 @@ use sha2::{Digest, Sha256};
 /// Size of the pieces each artifact is verified in.
 pub const CHUNK_SIZE: u64 = 4 << 20;
 
+/// sha256 of a byte slice, hex.
+pub fn sha256_hex(data: &[u8]) -> String {
+    hex::encode(Sha256::digest(data))
+}
+
+/// Hashes a stream in fixed-size chunks: feed it bytes, get each chunk's digest (hex) as the
+/// chunk completes; `finish` gives the digest of a last, shorter chunk.
+pub struct ChunkHasher {
+    chunk: Sha256,
+    in_chunk: u64,
+    chunk_size: u64,
+}
+
+impl ChunkHasher {
+    pub fn new(chunk_size: u64) -> Self {
+        assert!(chunk_size > 0, "chunk size 0");
+        ChunkHasher {
+            chunk: Sha256::new(),
+            in_chunk: 0,
+            chunk_size,
+        }
+    }
+
+    /// Feeds `data`; calls `completed` with the digest of each chunk it completes, in order.
+    pub fn update<E>(
+        &mut self,
+        mut data: &[u8],
+        mut completed: impl FnMut(String) -> Result<(), E>,
+    ) -> Result<(), E> {
+        while !data.is_empty() {
+            let take = ((self.chunk_size - self.in_chunk) as usize).min(data.len());
+            self.chunk.update(&data[..take]);
+            self.in_chunk += take as u64;
+            data = &data[take..];
+            if self.in_chunk == self.chunk_size {
+                self.in_chunk = 0;
+                completed(hex::encode(self.chunk.finalize_reset()))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The digest of the bytes fed since the last complete chunk, if any.
+    pub fn finish(self) -> Option<String> {
+        (self.in_chunk > 0).then(|| hex::encode(self.chunk.finalize()))
+    }
+}
+
 /// Wraps a writer; hashes everything written, as a whole and per chunk.
 pub struct HashingWriter<W> {
     inner: W,
     whole: Sha256,
-    chunk: Sha256,
-    in_chunk: u64,
-    chunk_size: u64,
+    chunker: ChunkHasher,
     pub chunks: Vec<String>,
     pub written: u64,
 }
@@ -25,9 +71,7 @@ impl<W: Write> HashingWriter<W> {
         HashingWriter {
             inner,
             whole: Sha256::new(),
-            chunk: Sha256::new(),
-            in_chunk: 0,
-            chunk_size,
+            chunker: ChunkHasher::new(chunk_size),
             chunks: Vec::new(),
             written: 0,
         }
@@ -35,9 +79,7 @@ impl<W: Write> HashingWriter<W> {
 
     /// The inner writer, the whole digest and the chunk digests.
     pub fn finish(mut self) -> (W, String, Vec<String>) {
-        if self.in_chunk > 0 {
-            self.chunks.push(hex::encode(self.chunk.finalize_reset()));
-        }
+        self.chunks.extend(self.chunker.finish());
         (self.inner, hex::encode(self.whole.finalize()), self.chunks)
     }
 }
@@ -45,18 +87,12 @@ impl<W: Write> HashingWriter<W> {
 impl<W: Write> Write for HashingWriter<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let n = self.inner.write(buf)?;
-        let mut data = &buf[..n];
-        self.whole.update(data);
-        while !data.is_empty() {
-            let take = ((self.chunk_size - self.in_chunk) as usize).min(data.len());
-            self.chunk.update(&data[..take]);
-            self.in_chunk += take as u64;
-            data = &data[take..];
-            if self.in_chunk == self.chunk_size {
-                self.chunks.push(hex::encode(self.chunk.finalize_reset()));
-                self.in_chunk = 0;
-            }
-        }
+        self.whole.update(&buf[..n]);
+        let chunks = &mut self.chunks;
+        self.chunker.update(&buf[..n], |d| -> io::Result<()> {
+            chunks.push(d);
+            Ok(())
+        })?;
         self.written += n as u64;
         Ok(n)
     }

@@ -1,6 +1,4 @@
-//! ed25519 signing: key files, and the signed envelope every manifest and descriptor travels in.
-
-use std::path::Path;
+//! ed25519 signing: public keys, and the signed envelope every manifest and descriptor travels in.
 
 use anyhow::{Context, Result};
 use base64::engine::general_purpose::STANDARD as B64;
@@ -9,9 +7,8 @@ use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::error::Error;
-use crate::sys::fsutil::atomic_write;
 
-const PUBLIC_PREFIX: &str = "ed25519:";
+pub const PUBLIC_PREFIX: &str = "ed25519:";
 
 /// A signed document: the exact payload bytes and signatures over them.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -44,40 +41,6 @@ pub fn parse_public_key(s: &str) -> Result<VerifyingKey> {
         .and_then(|b| b.try_into().ok())
         .with_context(|| format!("public key {s:?} is not 32 bytes of base64"))?;
     VerifyingKey::from_bytes(&bytes).with_context(|| format!("public key {s:?} is invalid"))
-}
-
-/// Writes a new key pair: `<dir>/upgradectl.key` (secret, 0600) and `<dir>/upgradectl.pub`.
-pub fn keygen(dir: &Path) -> Result<String> {
-    let key = SigningKey::generate(&mut rand::rngs::OsRng);
-    let secret = dir.join("upgradectl.key");
-    anyhow::ensure!(
-        !secret.exists(),
-        "{} exists; refusing to overwrite a key",
-        secret.display()
-    );
-    atomic_write(
-        &secret,
-        format!("{}\n", B64.encode(key.to_bytes())).as_bytes(),
-        0o600,
-    )?;
-    let public = public_key_string(&key.verifying_key());
-    atomic_write(
-        &dir.join("upgradectl.pub"),
-        format!("{public}\n").as_bytes(),
-        0o644,
-    )?;
-    Ok(public)
-}
-
-pub fn load_secret(path: &Path) -> Result<SigningKey> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading key {}", path.display()))?;
-    let bytes: [u8; 32] = B64
-        .decode(text.trim())
-        .ok()
-        .and_then(|b| b.try_into().ok())
-        .with_context(|| format!("{} is not an upgradectl secret key", path.display()))?;
-    Ok(SigningKey::from_bytes(&bytes))
 }
 
 /// Signs a payload.
@@ -146,14 +109,5 @@ mod tests {
             Some(Error::SignatureInvalid(_))
         ));
         assert!(open::<Vec<i32>>(&env, &[], "t").is_err());
-    }
-
-    #[test]
-    fn keygen_round_trips() {
-        let dir = tempfile::tempdir().unwrap();
-        let public = keygen(dir.path()).unwrap();
-        let secret = load_secret(&dir.path().join("upgradectl.key")).unwrap();
-        assert_eq!(parse_public_key(&public).unwrap(), secret.verifying_key());
-        assert!(keygen(dir.path()).is_err(), "never overwrites");
     }
 }

@@ -4,6 +4,7 @@
 pub mod artifacts;
 pub mod build;
 pub mod http;
+pub mod keys;
 pub mod publish;
 pub mod source;
 pub mod verbs;

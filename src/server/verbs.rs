@@ -6,12 +6,11 @@ use std::sync::Arc;
 use anyhow::Result;
 
 use crate::cli::{KeygenArgs, PublishArgs, ReleaseArgs, ServeArgs};
-use crate::core::sign;
 use crate::output::Output;
-use crate::server::{publish, source::ZfsSource, Server, Store};
+use crate::server::{keys, publish, source::ZfsSource, Server, Store};
 
 pub fn keygen(a: KeygenArgs, mut out: Output) -> Result<()> {
-    let public = sign::keygen(&a.out)?;
+    let public = keys::keygen(&a.out)?;
     out.report(&serde_json::json!({ "public_key": public }), |_| {
         public.clone()
     })
@@ -56,7 +55,7 @@ pub fn release(a: ReleaseArgs, mut out: Output) -> Result<()> {
 
 pub fn serve(a: ServeArgs) -> Result<()> {
     let store = Store::open(&a.store.store)?;
-    let key = sign::load_secret(&a.key)?;
+    let key = keys::load_secret(&a.key)?;
     let source = Arc::new(ZfsSource {
         zvol: a.store.zvol.clone(),
     });

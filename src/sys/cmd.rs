@@ -63,27 +63,26 @@ impl Cmd {
         c
     }
 
-    /// Runs to completion; returns the output when the exit code is accepted.
-    pub fn output(&self) -> Result<Output> {
+    /// Runs to completion, capturing stdout and stderr, whatever the exit code.
+    fn capture(&self) -> Result<Output> {
         tracing::debug!(cmd = %self.display(), "running");
-        let out = self
-            .to_command()
+        self.to_command()
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .output()
-            .with_context(|| format!("starting {}", self.display()))?;
+            .with_context(|| format!("starting {}", self.display()))
+    }
+
+    /// Runs to completion; returns the output when the exit code is accepted.
+    pub fn output(&self) -> Result<Output> {
+        let out = self.capture()?;
         check_status(self, &out)?;
         Ok(out)
     }
 
     /// Runs and returns the exit code, whatever it is (callers that branch on it).
     pub fn code(&self) -> Result<i32> {
-        let out = self
-            .to_command()
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .output()
-            .with_context(|| format!("starting {}", self.display()))?;
+        let out = self.capture()?;
         out.status
             .code()
             .with_context(|| format!("{} was killed by a signal", self.display()))

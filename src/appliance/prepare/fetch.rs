@@ -10,8 +10,8 @@ use anyhow::{Context, Result};
 use reqwest::blocking::{Client, Response};
 use reqwest::header::{RANGE, RETRY_AFTER};
 use reqwest::StatusCode;
-use sha2::{Digest, Sha256};
 
+use crate::core::hashing::{sha256_file, sha256_hex, ChunkHasher};
 use crate::core::manifest::Descriptor;
 use crate::core::sign::Envelope;
 use crate::error::Error;
@@ -139,7 +139,7 @@ pub fn download(
     }
     file.sync_all()?;
     drop(file);
-    let actual = crate::core::hashing::sha256_file(&partial)?;
+    let actual = sha256_file(&partial)?;
     if actual != d.sha256 {
         let _ = std::fs::remove_file(&partial);
         return Err(Error::ChecksumMismatch {
@@ -166,7 +166,7 @@ fn verified_prefix(file: &mut File, d: &Descriptor) -> Result<u64> {
             break;
         }
         file.read_exact(&mut buf[..want as usize])?;
-        if &hex::encode(Sha256::digest(&buf[..want as usize])) != expected {
+        if &sha256_hex(&buf[..want as usize]) != expected {
             break;
         }
         good += want;
@@ -186,10 +186,26 @@ fn stream_chunks(
     progress: Progress,
 ) -> Result<u64> {
     let mut pos = offset;
-    let mut chunk = Sha256::new();
+    let mut chunks = ChunkHasher::new(d.chunk_size);
+    let mut index = (offset / d.chunk_size) as usize;
     let mut buf = vec![0u8; 256 << 10];
     let mut window_start = Instant::now();
     let mut window_bytes = 0u64;
+    // A chunk whose digest does not match the descriptor: cut the file back to its start.
+    let verify = |file: &mut File, index: &mut usize, actual: String| -> Result<()> {
+        let expected = d.chunks.get(*index);
+        if expected != Some(&actual) {
+            file.set_len(*index as u64 * d.chunk_size)?;
+            return Err(Error::ChecksumMismatch {
+                what: format!("{url} chunk {index}"),
+                expected: expected.cloned().unwrap_or_default(),
+                actual,
+            }
+            .into());
+        }
+        *index += 1;
+        Ok(())
+    };
     loop {
         let n = match resp.read(&mut buf) {
             Ok(0) => break,
@@ -203,29 +219,10 @@ fn stream_chunks(
             file.set_len(pos - pos % d.chunk_size)?;
             anyhow::bail!("{url} is longer than the {} bytes signed", d.size);
         }
-        let mut data = &buf[..n];
-        while !data.is_empty() {
-            let in_chunk = pos % d.chunk_size;
-            let chunk_len = d.chunk_size.min(d.size - (pos - in_chunk));
-            let take = ((chunk_len - in_chunk) as usize).min(data.len());
-            file.write_all(&data[..take])?;
-            chunk.update(&data[..take]);
-            pos += take as u64;
-            data = &data[take..];
-            if pos % d.chunk_size == 0 || pos == d.size {
-                let index = ((pos - 1) / d.chunk_size) as usize;
-                let actual = hex::encode(chunk.finalize_reset());
-                if d.chunks.get(index) != Some(&actual) {
-                    file.set_len(pos - chunk_len)?;
-                    return Err(Error::ChecksumMismatch {
-                        what: format!("{url} chunk {index}"),
-                        expected: d.chunks.get(index).cloned().unwrap_or_default(),
-                        actual,
-                    }
-                    .into());
-                }
-            }
-        }
+        let data = &buf[..n];
+        file.write_all(data)?;
+        pos += n as u64;
+        chunks.update(data, |actual| verify(file, &mut index, actual))?;
         window_bytes += n as u64;
         progress(pos, d.size);
         if window_start.elapsed() >= limits.stall {
@@ -248,6 +245,9 @@ fn stream_chunks(
             "{url} ended after {pos} bytes, {} signed; rerun to resume",
             d.size
         );
+    }
+    if let Some(last) = chunks.finish() {
+        verify(file, &mut index, last)?;
     }
     Ok(pos - offset)
 }
