@@ -38,6 +38,9 @@ pub enum Error {
     },
     #[error("not enough space on {path}: need {need} bytes, {free} free even after cleaning up")]
     NoSpace { path: String, need: u64, free: u64 },
+    /// A tool or a write ran out of space (`No space left on device`).
+    #[error("{0}")]
+    DiskFull(String),
     #[error("{what}: expected sha256 {expected}, got {actual}")]
     ChecksumMismatch {
         what: String,
@@ -55,7 +58,7 @@ impl Error {
             Error::NothingToDo(_) => Exit::NothingToDo,
             Error::ComeBackLater { .. } => Exit::ComeBackLater,
             Error::Locked { .. } => Exit::Locked,
-            Error::NoSpace { .. } => Exit::NoSpace,
+            Error::NoSpace { .. } | Error::DiskFull(_) => Exit::NoSpace,
             Error::ChecksumMismatch { .. } => Exit::Failed,
         }
     }
@@ -67,7 +70,7 @@ impl Error {
             Error::NothingToDo(_) => "nothing-to-do",
             Error::ComeBackLater { .. } => "come-back-later",
             Error::Locked { .. } => "locked",
-            Error::NoSpace { .. } => "no-space",
+            Error::NoSpace { .. } | Error::DiskFull(_) => "no-space",
             Error::ChecksumMismatch { .. } => "checksum-mismatch",
             Error::SignatureInvalid(_) => "signature-invalid",
         }
@@ -80,11 +83,19 @@ pub fn refused(msg: impl Into<String>) -> anyhow::Error {
 }
 
 /// The exit code and kind for any error chain: the first typed error in the chain decides;
-/// a bad version or config anywhere in the chain is refused input.
+/// a bad version or config anywhere in the chain is refused input; a full disk anywhere
+/// (ENOSPC, EDQUOT) is "no space", whichever tool or write hit it.
 pub fn classify(err: &anyhow::Error) -> (Exit, &'static str) {
     for cause in err.chain() {
         if let Some(e) = cause.downcast_ref::<Error>() {
             return (e.exit(), e.kind());
+        }
+        if cause
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::raw_os_error)
+            .is_some_and(|e| e == nix::libc::ENOSPC || e == nix::libc::EDQUOT)
+        {
+            return (Exit::NoSpace, "no-space");
         }
         if cause
             .downcast_ref::<crate::core::version::VersionError>()

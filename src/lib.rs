@@ -23,8 +23,11 @@ use appliance::verbs;
 use cli::{Cli, Command};
 use output::Output;
 
-/// Runs one invocation; the caller maps the error to an exit code.
+/// Runs one invocation; the caller maps the error to an exit code. Call it while the process
+/// has one thread: it first moves into a private mount namespace (see
+/// `sys::loopmount::private_mount_namespace`).
 pub fn run(cli: Cli, out: Output) -> Result<()> {
+    sys::loopmount::private_mount_namespace()?;
     let box_ctx = |out: Output| -> Result<Ctx> {
         let config = Config::load(&cli.root)?;
         Ok(Ctx {

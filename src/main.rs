@@ -9,6 +9,8 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .without_time()
         .init();
+    // Fail points armed through FAILPOINTS (only in the test build; see sys::faults).
+    let _fail_points = fail::FailScenario::setup();
     let json = cli.json;
     match upgradectl::run(cli, upgradectl::output::Output::stdout(json)) {
         Ok(()) => std::process::ExitCode::SUCCESS,

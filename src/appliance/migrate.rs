@@ -154,8 +154,10 @@ fn plan_entry(
 }
 
 /// Carries out a plan. Every destination's parents are checked for symlinks first, so a write
-/// can never leave the new image's root.
+/// can never leave the new image's root. Refuses with `NoSpace` before copying anything when
+/// the new image has not room enough for what the plan copies.
 pub fn apply(src: &Path, dst: &Path, plan: &Plan) -> Result<()> {
+    check_room(src, dst, plan)?;
     for action in &plan.actions {
         match action {
             Action::Same { .. } => {}
@@ -176,10 +178,34 @@ pub fn apply(src: &Path, dst: &Path, plan: &Plan) -> Result<()> {
                 check_inside(dst, &rel)?;
                 copy_one(&src.join(&rel), &dst.join(&rel), *kind)
                     .with_context(|| format!("migrating {path}"))?;
+                crate::fail_point!("migrate::copied");
             }
         }
     }
     // Durable once the image is unmounted and fsynced (`ImageMount::close`).
+    Ok(())
+}
+
+/// Space the plan's copies need in the new image (file sizes rounded up to 4 KiB blocks, plus
+/// a block per entry for its inode's metadata), against what the image has free.
+fn check_room(src: &Path, dst: &Path, plan: &Plan) -> Result<()> {
+    const BLOCK: u64 = 4096;
+    let mut need = 0;
+    for action in &plan.actions {
+        if let Action::Copy { path, .. } = action {
+            let len = fs::symlink_metadata(src.join(relative(path)?)).map_or(0, |m| m.len());
+            need += len.div_ceil(BLOCK) * BLOCK + BLOCK;
+        }
+    }
+    let free = crate::sys::fsutil::free_bytes(dst)?;
+    if need > free {
+        return Err(crate::error::Error::NoSpace {
+            path: "the new image".into(),
+            need,
+            free,
+        }
+        .into());
+    }
     Ok(())
 }
 

@@ -36,6 +36,11 @@ pub struct ImageRecord {
     /// Why the image is bad.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// A migration into the image started and did not finish: its content is neither the
+    /// exported image nor a migrated one. It is out of GRUB's menu and is exported again
+    /// from the pool's snapshot before it is used.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub half_migrated: bool,
 }
 
 impl ImageRecord {
@@ -44,6 +49,7 @@ impl ImageRecord {
             state,
             sha256: None,
             reason: None,
+            half_migrated: false,
         }
     }
 }
@@ -145,6 +151,29 @@ impl State {
         self.images.get(v).map(|r| r.state)
     }
 
+    /// Whether a migration into `v` was interrupted (see `ImageRecord::half_migrated`).
+    pub fn half_migrated(&self, v: &Version) -> bool {
+        self.images.get(v).is_some_and(|r| r.half_migrated)
+    }
+
+    /// `v`'s image file was exported again after an interrupted migration: usable again.
+    pub fn reexported(&mut self, v: &Version) {
+        if let Some(r) = self.images.get_mut(v) {
+            r.half_migrated = false;
+        }
+    }
+
+    /// The migration into `v` (to be armed from `booted`) starts: from now until `arm`, the
+    /// image is not bootable. Refuses what `arm` would refuse, before the image is touched.
+    pub fn begin_migration(&mut self, v: &Version, booted: &Version) -> Result<()> {
+        self.clone().arm(v, booted)?;
+        self.images
+            .get_mut(v)
+            .expect("arm checked it")
+            .half_migrated = true;
+        Ok(())
+    }
+
     fn set_state(&mut self, v: &Version, state: ImageState) {
         self.images
             .entry(v.clone())
@@ -173,8 +202,10 @@ impl State {
             Some(ImageState::Prepared) | None => {}
         }
         self.set_state(v, ImageState::Prepared);
+        let record = self.images.get_mut(v).expect("just set");
+        record.half_migrated = false;
         if sha256.is_some() {
-            self.images.get_mut(v).expect("just set").sha256 = sha256;
+            record.sha256 = sha256;
         }
         self.prepared = Some(v.clone());
         Ok(())
@@ -207,6 +238,7 @@ impl State {
             }
         }
         self.set_state(v, ImageState::Trying);
+        self.images.get_mut(v).expect("just set").half_migrated = false;
         self.trying = Some(Trying {
             version: v.clone(),
             from: booted.clone(),
@@ -333,7 +365,7 @@ impl State {
         matches!(
             self.state_of(v),
             Some(ImageState::Prepared | ImageState::Trying | ImageState::Good)
-        )
+        ) && !self.half_migrated(v)
     }
 
     /// Forgets an image whose file was removed. Bad images are remembered so that they are

@@ -106,23 +106,58 @@ pub fn check_status(cmd: &Cmd, out: &Output) -> Result<()> {
         Some(c) if cmd.ok_codes.contains(&c) => Ok(()),
         code => {
             let stderr = String::from_utf8_lossy(&out.stderr);
-            let stderr = stderr.trim();
-            let tail = &stderr[stderr.len().saturating_sub(STDERR_TAIL)..];
-            let tail = tail.trim_start_matches(|c: char| !c.is_ascii());
+            let tail = tail_chars(stderr.trim(), STDERR_TAIL);
             let how = code.map_or("was killed by a signal".to_owned(), |c| {
                 format!("exited with {c}")
             });
-            if tail.is_empty() {
-                bail!("{} {how}", cmd.display())
+            let msg = match tail {
+                "" => format!("{} {how}", cmd.display()),
+                tail => format!("{} {how}: {tail}", cmd.display()),
+            };
+            if stderr.contains("No space left on device") || stderr.contains("out of space") {
+                return Err(crate::error::Error::DiskFull(msg).into());
             }
-            bail!("{} {how}: {tail}", cmd.display())
+            bail!(msg)
         }
     }
+}
+
+/// The last `max` bytes of `s` or fewer, cut at a character boundary.
+fn tail_chars(s: &str, max: usize) -> &str {
+    let mut start = s.len().saturating_sub(max);
+    while !s.is_char_boundary(start) {
+        start += 1;
+    }
+    &s[start..]
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_non_ascii_stderr_is_cut_at_a_character_boundary() {
+        let err = Cmd::new("sh")
+            .args([
+                "-c",
+                "{ for i in $(seq 600); do printf 'é'; done; printf a; } >&2; exit 1",
+            ])
+            .run()
+            .unwrap_err();
+        assert!(err.to_string().ends_with("éa"), "{err}");
+    }
+
+    #[test]
+    fn a_tool_out_of_space_is_no_space() {
+        let err = Cmd::new("sh")
+            .args([
+                "-c",
+                "echo 'cannot receive: No space left on device' >&2; exit 1",
+            ])
+            .run()
+            .unwrap_err();
+        assert_eq!(crate::error::classify(&err).0, crate::error::Exit::NoSpace);
+    }
 
     #[test]
     fn failure_names_argv_and_stderr() {

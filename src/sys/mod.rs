@@ -3,6 +3,7 @@
 
 pub mod clock;
 pub mod cmd;
+pub mod faults;
 pub mod fsutil;
 pub mod lock;
 pub mod loopmount;

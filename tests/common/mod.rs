@@ -473,6 +473,85 @@ impl HostRoot {
         from_output(self.command(args).output().unwrap())
     }
 
+    /// Runs `upgradectl --root ROOT --json ARGS` with fail points armed (`FAILPOINTS`, see
+    /// `sys::faults`). Returns the exit code, `None` when the process was killed.
+    pub fn run_faulty(&self, args: &[&str], failpoints: &str) -> (Option<i32>, String) {
+        let out = self
+            .command(args)
+            .env("FAILPOINTS", failpoints)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code(), text)
+    }
+
+    /// Asserts what must hold after any interruption, however it came: `status` works, the
+    /// lock is free, no image is attached to a loop device or mounted (a killed process's
+    /// private mount namespace may take a moment to go), grubenv and grub.cfg are valid, and
+    /// every image GRUB can boot is a clean ext4 filesystem.
+    #[track_caller]
+    pub fn assert_consistent(&self, after: &str) {
+        let status = self.run(&["status"]);
+        assert_eq!(
+            status.code, 0,
+            "after {after}: status fails: {}",
+            status.stdout
+        );
+        let lock = self.run(&["cleanup", "--dry-run"]);
+        assert_ne!(lock.code, 5, "after {after}: the lock is still held");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        for entry in fs::read_dir(self.host("images")).unwrap() {
+            let img = entry.unwrap().path();
+            loop {
+                let held = tool(&["losetup", "-j", img.to_str().unwrap()]);
+                if held.trim().is_empty() {
+                    break;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "after {after}: {} is still attached: {held}",
+                    img.display()
+                );
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        }
+        let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap();
+        assert!(
+            !mounts.contains("upgradectl-mnt-"),
+            "after {after}: a mount leaked:\n{mounts}"
+        );
+        self.grubenv();
+        tool(&[
+            "grub-script-check",
+            self.host("boot/grub/grub.cfg").to_str().unwrap(),
+        ]);
+        for v in self.menu_versions() {
+            let img = self.image(&v);
+            let out = Command::new("e2fsck")
+                .args(["-fn", img.to_str().unwrap()])
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "after {after}: image {v} in GRUB's menu is not clean: {}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+    }
+
+    /// The versions grub.cfg has entries for.
+    pub fn menu_versions(&self) -> Vec<String> {
+        self.grub_cfg()
+            .lines()
+            .filter_map(|l| l.split("--id upgradectl-").nth(1))
+            .map(|l| l.trim_end_matches(" {").to_owned())
+            .collect()
+    }
+
     pub fn status(&self) -> Value {
         self.run(&["status"]).expect(0).last().clone()
     }

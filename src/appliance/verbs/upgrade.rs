@@ -38,7 +38,9 @@ pub fn upgrade(
     let booted = ctx.booted_version()?;
     let mut state = ctx.load_state()?;
     let ready = |s: &State, v: &Version| {
-        s.state_of(v).is_some() && images::image_path(&ctx.layout, v).is_file()
+        s.state_of(v).is_some()
+            && !s.half_migrated(v)
+            && images::image_path(&ctx.layout, v).is_file()
     };
     let target = match version.or_else(|| state.prepared.clone()) {
         Some(v) if state.state_of(&v) == Some(ImageState::Bad) => {
@@ -123,10 +125,15 @@ fn render_upgrade(r: &UpgradeReport) -> String {
     s
 }
 
-/// Migrates and arms `target`. Order matters for power loss: grub.cfg (with the new entry),
-/// then the state (trial armed), then grubenv's `next_entry` in one atomic write. Each GRUB
-/// write checkpoints the host filesystem's journal, so the migrated image's blocks and grub.cfg
-/// are where GRUB reads them before `next_entry` names the image.
+/// Migrates and arms `target`. Order matters for power loss and kills:
+/// 1. the state marks the image half-migrated and grub.cfg drops it, before it is opened
+///    read-write: an interrupted migration leaves an image nobody boots, which `prepare`
+///    exports again from the pool's snapshot;
+/// 2. migrate, unmount, fsync the image;
+/// 3. grub.cfg (with the entry again), the state (trial armed), then grubenv's `next_entry`.
+///
+/// Each GRUB write checkpoints the host filesystem's journal, so the migrated image's blocks
+/// and grub.cfg are where GRUB reads them before `next_entry` names the image.
 fn switch(
     ctx: &mut Ctx,
     state: &mut State,
@@ -135,17 +142,25 @@ fn switch(
     dry_run: bool,
 ) -> Result<migrate::Plan> {
     let image = images::image_path(&ctx.layout, target);
-    match state.state_of(target) {
-        Some(ImageState::Bad) | Some(ImageState::Prepared) | Some(ImageState::Good) | Some(ImageState::Trying)
-            if image.is_file() => {}
-        _ => {
-            return Err(refused(format!(
-                "image {target} is not prepared on this box; run `upgradectl prepare --version {target}` first"
-            )))
-        }
+    if state.state_of(target).is_none() || !image.is_file() {
+        return Err(refused(format!(
+            "image {target} is not prepared on this box; run `upgradectl prepare --version {target}` first"
+        )));
+    }
+    if state.half_migrated(target) {
+        return Err(refused(format!(
+            "image {target} was left half-migrated by an interrupted upgrade; run \
+             `upgradectl prepare --version {target}` to export it again"
+        )));
     }
     // Check the transition before touching the image.
     state.clone().arm(target, booted)?;
+    if !dry_run {
+        state.begin_migration(target, booted)?;
+        state.save(&ctx.layout.state_file())?;
+        images::sync_grub(ctx, state)?;
+        crate::fail_point!("switch::marked");
+    }
 
     let mount = ImageMount::open(&image, dry_run)?;
     let patterns = &ctx.config.migrate.paths;
@@ -161,6 +176,7 @@ fn switch(
         mount.close()?;
         return Ok(plan);
     }
+    crate::fail_point!("switch::mounted");
     let shipped = migrate::baseline(mount.path(), patterns)?;
     crate::sys::fsutil::atomic_write(
         &ctx.baseline_path(target),
@@ -168,11 +184,15 @@ fn switch(
         0o644,
     )?;
     migrate::apply(ctx.layout.root(), mount.path(), &plan).context("migrating configuration")?;
+    crate::fail_point!("switch::migrated");
     mount.close()?;
+    crate::fail_point!("switch::closed");
 
     state.arm(target, booted)?;
     images::sync_grub(ctx, state)?;
+    crate::fail_point!("switch::grub-written");
     state.save(&ctx.layout.state_file())?;
+    crate::fail_point!("switch::state-saved");
     grub::update_env(
         &ctx.layout.grubenv(),
         &[
@@ -181,5 +201,6 @@ fn switch(
         ],
     )
     .context("arming GRUB's one-shot entry")?;
+    crate::fail_point!("switch::armed");
     Ok(plan)
 }
