@@ -55,3 +55,36 @@ fn a_migration_that_does_not_fit_copies_nothing() {
     );
     assert!(!h.grubenv().contains_key("next_entry"));
 }
+
+/// Item: an interrupted prepare left `images/.V.img.partial` and `downloads/*` behind, which
+/// `status` did not show and `cleanup` did not remove (the box stayed out of space forever).
+#[test]
+fn leftovers_of_interrupted_runs_are_shown_and_cleaned_up() {
+    let h = HostRoot::provisioned();
+    let partial = h.host("images/.3.0.img.partial");
+    std::fs::write(&partial, vec![7u8; 1 << 20]).unwrap();
+    let downloads = h.host("var/lib/upgradectl/downloads");
+    std::fs::create_dir_all(&downloads).unwrap();
+    std::fs::write(downloads.join("2.0-to-3.0.xz.partial"), vec![1u8; 1 << 20]).unwrap();
+    std::fs::write(h.host("boot/grub/.tmp-abc123"), b"half a grub.cfg").unwrap();
+
+    let s = h.status();
+    let listed: Vec<&str> = s["leftovers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed.len(), 3, "{listed:?}");
+    assert!(listed
+        .iter()
+        .any(|p| p.ends_with("images/.3.0.img.partial")));
+
+    let r = h.run(&["cleanup"]).expect(0);
+    assert_eq!(r.last()["leftovers"].as_array().unwrap().len(), 3);
+    assert!(r.last()["freed_bytes"].as_u64().unwrap() >= 2 << 20);
+    assert!(!partial.exists());
+    assert!(h.status()["leftovers"].as_array().unwrap().is_empty());
+    h.run(&["cleanup"]).expect(3);
+    h.assert_consistent("cleanup of leftovers");
+}

@@ -53,6 +53,70 @@ pub fn list(layout: &Layout) -> Result<Vec<ImageFile>> {
     Ok(images)
 }
 
+/// A file an interrupted run left on the host partition: a partial export or download, a
+/// temp file of an atomic write.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Leftover {
+    pub path: PathBuf,
+    /// Bytes it really occupies.
+    pub allocated: u64,
+}
+
+/// Files interrupted runs left behind (nothing else writes there while the lock is held):
+/// `images/.*` (partial exports, temp files), everything in `downloads/`, and atomic writes'
+/// temp files next to grub.cfg, grubenv, the state and the migration baselines.
+pub fn leftovers(layout: &Layout) -> Result<Vec<Leftover>> {
+    type IsLeftover = fn(&str) -> bool;
+    let dirs: [(PathBuf, IsLeftover); 5] = [
+        (layout.images_dir(), |n| n.starts_with('.')),
+        (layout.downloads_dir(), |_| true),
+        (layout.grub_dir(), |n| n.starts_with(".tmp-")),
+        (layout.state_dir(), |n| n.starts_with(".tmp-")),
+        (layout.state_dir().join("baseline"), |n| {
+            n.starts_with(".tmp-")
+        }),
+    ];
+    let mut found = Vec::new();
+    for (dir, is_leftover) in dirs {
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e).with_context(|| format!("listing {}", dir.display())),
+        };
+        for entry in entries {
+            let entry = entry?;
+            let keep = entry
+                .file_name()
+                .to_str()
+                .is_none_or(|name| !is_leftover(name));
+            if keep || !entry.file_type()?.is_file() {
+                continue;
+            }
+            found.push(Leftover {
+                allocated: fsutil::allocated_bytes(&entry.path())?,
+                path: entry.path(),
+            });
+        }
+    }
+    found.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(found)
+}
+
+/// Removes the leftovers of interrupted runs but `keep` (a download this run resumes).
+/// Returns the bytes freed. Only under the lock: another run's files are not leftovers.
+pub fn remove_leftovers(layout: &Layout, keep: &[PathBuf]) -> Result<u64> {
+    let mut freed = 0;
+    for l in leftovers(layout)? {
+        if keep.contains(&l.path) {
+            continue;
+        }
+        tracing::info!("removing {} left by an interrupted run", l.path.display());
+        fsutil::remove_durably(&l.path)?;
+        freed += l.allocated;
+    }
+    Ok(freed)
+}
+
 /// Path of version `v`'s image file.
 pub fn image_path(layout: &Layout, v: &Version) -> PathBuf {
     layout.images_dir().join(v.image_file_name())

@@ -377,9 +377,10 @@ impl State {
     }
 
     /// Records that `v` was accepted from a server (anti-replay high-water mark).
+    /// Records that `v` was fetched; an older version is refused (the same one is a refetch).
     pub fn accept(&mut self, v: &Version) -> Result<()> {
         if let Some(n) = &self.newest_accepted {
-            if v <= n {
+            if v < n {
                 return Err(refused(format!(
                     "version {v} is not newer than {n}, the newest this box has accepted \
                      (downgrades go through `upgradectl revert`)"
@@ -524,7 +525,9 @@ mod tests {
     #[test]
     fn replays_and_downgrades_are_refused() {
         let mut s = installed();
-        assert!(s.accept(&v("1.0")).is_err());
+        assert!(s.accept(&v("0.9")).is_err());
+        // The same version again is a refetch (`manifest::plan` decides when that is allowed).
+        s.accept(&v("1.0")).unwrap();
         s.accept(&v("2.0")).unwrap();
         assert!(s.accept(&v("1.5")).is_err());
         s.accept(&v("10.0")).unwrap();

@@ -24,6 +24,9 @@ pub struct Status {
     pub newest_accepted: Option<Version>,
     pub images: Vec<ImageStatus>,
     pub host: HostStatus,
+    /// Files interrupted runs left on the host partition; `cleanup` and the next `prepare`
+    /// remove them.
+    pub leftovers: Vec<images::Leftover>,
     pub last_operation: Option<Operation>,
     /// The initramfs's report of the last boot (persistent on the host partition).
     pub last_boot: Option<BootReport>,
@@ -49,6 +52,9 @@ pub struct ImageStatus {
     pub booted: bool,
     pub default: bool,
     pub in_menu: bool,
+    /// A migration into it was interrupted: `prepare` exports it again before it is used.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub half_migrated: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sha256: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -88,6 +94,7 @@ pub fn gather(ctx: &Ctx) -> Result<Status> {
             booted: booted.version.as_ref() == Some(&file.version),
             default: state.default.as_ref() == Some(&file.version),
             in_menu: state.bootable(&file.version),
+            half_migrated: state.half_migrated(&file.version),
             state: state_name.to_owned(),
             size: file.size,
             allocated: file.allocated,
@@ -109,6 +116,7 @@ pub fn gather(ctx: &Ctx) -> Result<Status> {
             path: ctx.layout.host().display().to_string(),
             free_bytes: fsutil::free_bytes(ctx.layout.host()).ok(),
         },
+        leftovers: images::leftovers(&ctx.layout)?,
         last_operation: state.last_operation,
         last_boot: BootReport::read(&ctx.layout.boot_report())?,
     })
@@ -154,6 +162,9 @@ pub fn render(s: &Status) -> String {
         if i.default {
             marks.push("default");
         }
+        if i.half_migrated {
+            marks.push("HALF-MIGRATED: prepare exports it again");
+        }
         o += &format!(
             "  {:<12} {:<9} {:>7} MiB ({} MiB on disk){}{}\n",
             i.version.to_string(),
@@ -173,6 +184,14 @@ pub fn render(s: &Status) -> String {
     }
     if let Some(free) = s.host.free_bytes {
         o += &format!("host:      {} ({} MiB free)\n", s.host.path, free >> 20);
+    }
+    if !s.leftovers.is_empty() {
+        let bytes: u64 = s.leftovers.iter().map(|l| l.allocated).sum();
+        o += &format!(
+            "leftovers: {} file(s), {} MiB from interrupted runs (cleanup or the next prepare removes them)\n",
+            s.leftovers.len(),
+            bytes >> 20
+        );
     }
     if let Some(op) = &s.last_operation {
         o += &format!(

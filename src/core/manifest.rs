@@ -101,8 +101,11 @@ pub struct PlanInput<'a> {
     pub channel: &'a str,
     pub now: u64,
     pub bucket: u8,
-    /// Versions at or below this are refused (no downgrade, no replay).
+    /// Versions at or below this are refused (no downgrade, no replay)...
     pub newest_accepted: Option<&'a Version>,
+    /// ...except this one (equal to `newest_accepted`), when its image is gone from the box or
+    /// was left half-migrated: fetching the same signed version again replays nothing.
+    pub refetch: Option<&'a Version>,
     pub pinned: Option<&'a Version>,
     /// Snapshots in the box's pool.
     pub local: &'a [Version],
@@ -144,7 +147,12 @@ pub fn plan(i: &PlanInput) -> Result<Plan> {
                 .max_by(|a, b| a.version.cmp(&b.version))
                 .cloned();
             match newest {
-                Some(r) if i.newest_accepted.is_none_or(|n| &r.version > n) => r,
+                Some(r)
+                    if i.newest_accepted.is_none_or(|n| &r.version > n)
+                        || i.refetch == Some(&r.version) =>
+                {
+                    r
+                }
                 _ => {
                     return Err(Error::NothingToDo(format!(
                         "no newer image for this box on channel {}",
@@ -156,7 +164,7 @@ pub fn plan(i: &PlanInput) -> Result<Plan> {
         }
     };
     if let Some(n) = i.newest_accepted {
-        if &release.version <= n {
+        if &release.version < n || (&release.version == n && i.refetch != Some(n)) {
             return Err(refused(format!(
                 "version {} is not newer than {n}, the newest this box has accepted \
                  (downgrades go through `upgradectl revert`)",
@@ -218,6 +226,7 @@ mod tests {
             now: 500,
             bucket: 50,
             newest_accepted: accepted,
+            refetch: None,
             pinned: None,
             local,
         }
@@ -264,6 +273,23 @@ mod tests {
         let mut other = input(&m, &[], None);
         other.channel = "edge";
         assert!(plan(&other).is_err());
+    }
+
+    #[test]
+    fn the_newest_accepted_version_is_fetched_again_only_as_a_refetch() {
+        let m = manifest();
+        let two = v("2.0");
+        let mut i = input(&m, &[], Some(&two));
+        assert!(plan(&i).is_err(), "no newer image");
+        i.pinned = Some(&two);
+        assert!(plan(&i).is_err(), "a pinned replay of an accepted version");
+        i.refetch = Some(&two);
+        assert_eq!(plan(&i).unwrap().release.version, two);
+        i.pinned = None;
+        assert_eq!(plan(&i).unwrap().release.version, two);
+        let one = v("1.0");
+        i.pinned = Some(&one);
+        assert!(plan(&i).is_err(), "older than accepted, refetch or not");
     }
 
     #[test]

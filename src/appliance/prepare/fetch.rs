@@ -104,7 +104,7 @@ pub fn download(
             resumed: d.size,
         });
     }
-    let partial = PathBuf::from(format!("{}.partial", dest.display()));
+    let partial = partial_path(dest);
     let mut file = OpenOptions::new()
         .read(true)
         .write(true)
@@ -152,6 +152,11 @@ pub fn download(
     std::fs::rename(&partial, dest)?;
     crate::sys::fsutil::fsync_dir(dest.parent().unwrap_or(Path::new(".")))?;
     Ok(fetched)
+}
+
+/// Where the download of `dest` grows until it is complete and verified.
+pub fn partial_path(dest: &Path) -> PathBuf {
+    PathBuf::from(format!("{}.partial", dest.display()))
 }
 
 /// Length of the prefix of `file` made of whole chunks that match the descriptor.

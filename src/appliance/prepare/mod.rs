@@ -13,12 +13,13 @@ pub mod receive;
 
 use crate::appliance::ctx::Ctx;
 use crate::appliance::images;
+use crate::appliance::state::State;
 use crate::core::manifest::{self, artifact_name, Descriptor, Manifest, PlanInput};
 use crate::core::sign;
 use crate::core::version::Version;
 use crate::error::{refused, Error};
 use crate::sys::clock::now;
-use crate::sys::zfs;
+use crate::sys::{fsutil, zfs};
 use fetch::{Fetched, Limits};
 use receive::receive;
 
@@ -118,50 +119,94 @@ fn prepare_once(ctx: &mut Ctx, pinned: Option<&Version>) -> Result<PrepareReport
     let zvol = box_zvol(ctx);
     let local = zfs::snapshots(&zvol)?;
     let mut state = ctx.load_state()?;
+    let refetch = state
+        .newest_accepted
+        .clone()
+        .filter(|v| !usable_image(ctx, &state, v));
     let plan = manifest::plan(&PlanInput {
         manifest: &manifest,
         channel: &channel,
         now: now(),
         bucket: manifest::bucket(&box_id(ctx)?),
         newest_accepted: state.newest_accepted.as_ref(),
+        refetch: refetch.as_ref(),
         pinned,
         local: &local,
     })?;
     let target = plan.release.version.clone();
-    if images::image_path(&ctx.layout, &target).is_file()
-        && state.prepared.as_ref() == Some(&target)
-    {
+    if usable_image(ctx, &state, &target) && state.prepared.as_ref() == Some(&target) {
         return Err(Error::NothingToDo(format!("image {target} is already prepared")).into());
     }
-    images::ensure_space(ctx, &mut state, plan.release.image.size)?;
+    // An image file of the target that is not usable (half-migrated) is replaced.
+    fsutil::remove_durably(&images::image_path(&ctx.layout, &target))?;
 
-    let name = artifact_name(plan.base.as_ref(), &target);
-    let durl = format!("{server}/v1/artifacts/{name}.descriptor");
-    let descriptor: Descriptor = sign::open(
-        &fetch::get_envelope(&client, &durl, &name)?,
-        &trusted,
-        &name,
-    )?;
-    if descriptor.name != name || descriptor.to != target || descriptor.from != plan.base {
-        return Err(Error::SignatureInvalid(format!(
-            "the descriptor at {durl} describes {}, not {name}",
-            descriptor.name
-        ))
-        .into());
+    let mut report = PrepareReport {
+        version: target.clone(),
+        base: plan.base.clone(),
+        artifact: String::new(),
+        artifact_bytes: 0,
+        downloaded_bytes: 0,
+        resumed_bytes: 0,
+        image_bytes: plan.release.image.size,
+        seconds: 0.0,
+    };
+    let mut download = None;
+    if local.contains(&target) {
+        // Received before (an image exported again after an interrupted migration, or one
+        // whose file went missing): nothing to download.
+        images::remove_leftovers(&ctx.layout, &[])?;
+        images::ensure_space(ctx, &mut state, plan.release.image.size)?;
+        report.base = None;
+        report.artifact = "local-snapshot".into();
+    } else {
+        let name = artifact_name(plan.base.as_ref(), &target);
+        let durl = format!("{server}/v1/artifacts/{name}.descriptor");
+        let descriptor: Descriptor = sign::open(
+            &fetch::get_envelope(&client, &durl, &name)?,
+            &trusted,
+            &name,
+        )?;
+        if descriptor.name != name || descriptor.to != target || descriptor.from != plan.base {
+            return Err(Error::SignatureInvalid(format!(
+                "the descriptor at {durl} describes {}, not {name}",
+                descriptor.name
+            ))
+            .into());
+        }
+        let dir = ctx.layout.downloads_dir();
+        std::fs::create_dir_all(&dir)?;
+        let file = dir.join(&name);
+        let partial = fetch::partial_path(&file);
+        // Everything this prepare writes on the host partition: the rest of the download,
+        // then the image (sparse, so at most its size).
+        images::remove_leftovers(&ctx.layout, &[file.clone(), partial.clone()])?;
+        let have = [&file, &partial]
+            .iter()
+            .filter_map(|p| std::fs::metadata(p).ok())
+            .map(|m| m.len())
+            .max()
+            .unwrap_or(0);
+        let to_download = descriptor.size.saturating_sub(have);
+        images::ensure_space(ctx, &mut state, plan.release.image.size + to_download)?;
+        crate::fail_point!("prepare::planned");
+
+        let aurl = format!("{server}/v1/artifacts/{name}");
+        let fetched = download_with_progress(ctx, &client, &aurl, &file, &descriptor, &limits)?;
+        crate::fail_point!("prepare::downloaded");
+        ctx.out.event(
+            "receive",
+            &serde_json::json!({"artifact": name}),
+            &format!("receiving {name} into {zvol}"),
+        )?;
+        receive(&file, &zvol, plan.base.as_ref(), &target)
+            .with_context(|| format!("receiving {name} into {zvol}"))?;
+        crate::fail_point!("prepare::received");
+        report.artifact = name;
+        report.artifact_bytes = descriptor.size;
+        report.downloaded_bytes = fetched.downloaded;
+        report.resumed_bytes = fetched.resumed;
+        download = Some(file);
     }
-    let dir = ctx.layout.downloads_dir();
-    std::fs::create_dir_all(&dir)?;
-    let file = dir.join(&name);
-    let aurl = format!("{server}/v1/artifacts/{name}");
-    let fetched = download_with_progress(ctx, &client, &aurl, &file, &descriptor, &limits)?;
-
-    ctx.out.event(
-        "receive",
-        &serde_json::json!({"artifact": name}),
-        &format!("receiving {name} into {zvol}"),
-    )?;
-    receive(&file, &zvol, plan.base.as_ref(), &target)
-        .with_context(|| format!("receiving {name} into {zvol}"))?;
 
     let device = zfs::snapshot_device(&zvol, &target)?;
     let partial = images::partial_path(&ctx.layout, &target);
@@ -171,32 +216,40 @@ fn prepare_once(ctx: &mut Ctx, pinned: Option<&Version>) -> Result<PrepareReport
         &format!("exporting image {target}"),
     )?;
     export::export(&device, &partial, &plan.release.image)?;
+    crate::fail_point!("prepare::exported");
     let image = images::image_path(&ctx.layout, &target);
     std::fs::rename(&partial, &image)?;
-    crate::sys::fsutil::fsync_dir(&ctx.layout.images_dir())?;
+    fsutil::fsync_dir(&ctx.layout.images_dir())?;
     // GRUB must read the whole image before any menu entry names it.
-    crate::sys::fsutil::checkpoint(&image)?;
+    fsutil::checkpoint(&image)?;
+    crate::fail_point!("prepare::renamed");
 
     state.accept(&target)?;
-    images::register_prepared(
-        ctx,
-        &mut state,
-        &target,
-        Some(plan.release.image.sha256.clone()),
-    )?;
+    if state.half_migrated(&target) {
+        state.reexported(&target);
+        images::sync_grub(ctx, &state)?;
+    } else {
+        images::register_prepared(
+            ctx,
+            &mut state,
+            &target,
+            Some(plan.release.image.sha256.clone()),
+        )?;
+    }
     state.record("prepare", &Ok(()), now());
     state.save(&ctx.layout.state_file())?;
-    let _ = std::fs::remove_file(&file);
-    Ok(PrepareReport {
-        version: target,
-        base: plan.base,
-        artifact: name,
-        artifact_bytes: descriptor.size,
-        downloaded_bytes: fetched.downloaded,
-        resumed_bytes: fetched.resumed,
-        image_bytes: plan.release.image.size,
-        seconds: start.elapsed().as_secs_f64(),
-    })
+    if let Some(file) = download {
+        fsutil::remove_durably(&file)?;
+    }
+    report.seconds = start.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// Whether `v`'s image file is on disk, registered and whole (not left half-migrated).
+fn usable_image(ctx: &Ctx, state: &State, v: &Version) -> bool {
+    state.state_of(v).is_some()
+        && !state.half_migrated(v)
+        && images::image_path(&ctx.layout, v).is_file()
 }
 
 fn download_with_progress(

@@ -1,4 +1,5 @@
-//! `cleanup`: remove images that are neither booted, default, previous nor prepared.
+//! `cleanup`: remove images that are neither booted, default, previous nor prepared, and what
+//! interrupted runs left behind.
 
 use anyhow::Result;
 use serde::Serialize;
@@ -11,6 +12,8 @@ use crate::error::Error;
 #[derive(Serialize)]
 struct CleanupReport {
     removed: Vec<Version>,
+    /// Partial exports and downloads, temp files of interrupted runs.
+    leftovers: Vec<std::path::PathBuf>,
     kept: Vec<Version>,
     freed_bytes: u64,
     dry_run: bool,
@@ -28,12 +31,15 @@ pub fn cleanup(ctx: &mut Ctx, dry_run: bool) -> Result<()> {
         &state.protected(booted.as_ref()),
         ctx.config.keep_extra_images,
     );
+    let leftovers = images::leftovers(&ctx.layout)?;
     let freed = on_disk
         .iter()
         .filter(|i| remove.contains(&i.version))
         .map(|i| i.allocated)
+        .chain(leftovers.iter().map(|l| l.allocated))
         .sum();
     if !dry_run {
+        images::remove_leftovers(&ctx.layout, &[])?;
         images::remove(ctx, &mut state, &remove)?;
         ctx.finish(&mut state, "cleanup", Ok(()))?;
     }
@@ -43,11 +49,12 @@ pub fn cleanup(ctx: &mut Ctx, dry_run: bool) -> Result<()> {
         .collect();
     let report = CleanupReport {
         removed: remove,
+        leftovers: leftovers.into_iter().map(|l| l.path).collect(),
         kept,
         freed_bytes: freed,
         dry_run,
     };
-    let empty = report.removed.is_empty();
+    let empty = report.removed.is_empty() && report.leftovers.is_empty();
     ctx.out.report(&report, |r| {
         let verb = if r.dry_run { "would remove" } else { "removed" };
         let mut s: String = r
@@ -55,6 +62,9 @@ pub fn cleanup(ctx: &mut Ctx, dry_run: bool) -> Result<()> {
             .iter()
             .map(|v| format!("{verb} image {v}\n"))
             .collect();
+        for l in &r.leftovers {
+            s += &format!("{verb} {} (left by an interrupted run)\n", l.display());
+        }
         s += &format!(
             "{} MiB {}; kept {}",
             r.freed_bytes >> 20,
@@ -68,7 +78,7 @@ pub fn cleanup(ctx: &mut Ctx, dry_run: bool) -> Result<()> {
         s
     })?;
     if empty {
-        return Err(Error::NothingToDo("no image to remove".into()).into());
+        return Err(Error::NothingToDo("no image or leftover to remove".into()).into());
     }
     Ok(())
 }
