@@ -210,8 +210,10 @@ pub fn remove(ctx: &Ctx, state: &mut State, remove: &[Version]) -> Result<()> {
     let mut menu = menu(ctx, &next)?;
     menu.images.retain(|v| !remove.contains(v));
     grub::write_config(&ctx.layout.grub_cfg(), &menu)?;
+    crate::fail_point!("images::menu-written");
     for v in remove {
         fsutil::remove_durably(&image_path(&ctx.layout, v))?;
+        crate::fail_point!("images::removed");
         let _ = std::fs::remove_file(ctx.baseline_path(v));
     }
     *state = next;

@@ -9,6 +9,7 @@ pub mod ctx;
 pub mod grub;
 pub mod health;
 pub mod images;
+pub mod intent;
 pub mod migrate;
 pub mod paths;
 pub mod prepare;

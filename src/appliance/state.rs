@@ -62,6 +62,16 @@ pub struct Trying {
     pub from: Version,
 }
 
+/// A change of the state whose GRUB side is not written yet. The state is saved with it first,
+/// then GRUB's files, then it is cleared: a run interrupted in between is finished by the next
+/// run (`intent::lock`), never undone by it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "verb")]
+pub enum Pending {
+    /// `revert` to `to`: grub.cfg with the new default, grubenv with nothing armed.
+    Revert { to: Version },
+}
+
 /// The last operation's outcome, for `status`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Operation {
@@ -91,6 +101,9 @@ pub struct State {
     /// The host partition's filesystem UUID, learned at provisioning or from `root=UUID=`.
     #[serde(default)]
     pub host_uuid: Option<String>,
+    /// An operation written as intent whose GRUB side is not done yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending: Option<Pending>,
 }
 
 impl Default for State {
@@ -105,6 +118,7 @@ impl Default for State {
             images: BTreeMap::new(),
             last_operation: None,
             host_uuid: None,
+            pending: None,
         }
     }
 }

@@ -6,6 +6,7 @@ use serde::Serialize;
 
 use crate::appliance::ctx::Ctx;
 use crate::appliance::images;
+use crate::appliance::intent;
 use crate::core::version::Version;
 use crate::error::Error;
 
@@ -21,8 +22,7 @@ struct CleanupReport {
 
 /// Removes images that are neither booted, default, previous nor prepared.
 pub fn cleanup(ctx: &mut Ctx, dry_run: bool) -> Result<()> {
-    let _lock = ctx.lock()?;
-    let mut state = ctx.load_state()?;
+    let (_lock, mut state, _) = intent::lock(ctx)?;
     let booted = ctx.booted()?.version;
     let on_disk = images::list(&ctx.layout)?;
     let versions: Vec<Version> = on_disk.iter().map(|i| i.version.clone()).collect();

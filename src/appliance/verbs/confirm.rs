@@ -8,6 +8,7 @@ use crate::appliance::ctx::Ctx;
 use crate::appliance::grub;
 use crate::appliance::health::{self, CheckResult};
 use crate::appliance::images;
+use crate::appliance::intent;
 use crate::appliance::state::Settle;
 use crate::core::version::Version;
 use crate::error::Error;
@@ -24,9 +25,8 @@ struct ConfirmReport {
 
 /// After a boot: settle a trial. Healthy → default; unhealthy → bad, back to the default.
 pub fn confirm(ctx: &mut Ctx, no_reboot: bool) -> Result<()> {
-    let _lock = ctx.lock()?;
+    let (_lock, mut state, _) = intent::lock(ctx)?;
     let booted = ctx.booted_version()?;
-    let mut state = ctx.load_state()?;
     let env = grub::read_env(&ctx.layout.grubenv())?;
     // Our grub.cfg records each one-shot boot it makes; a trial GRUB never started (power lost
     // between arming and rebooting) is disarmed instead of being blamed.
@@ -106,9 +106,12 @@ pub fn confirm(ctx: &mut Ctx, no_reboot: bool) -> Result<()> {
     };
     // grub.cfg first: a crash before the state is saved leaves the new default in GRUB and the
     // trial in the state, which the next confirm settles the same way.
+    crate::fail_point!("confirm::checked");
     images::sync_grub(ctx, &state)?;
+    crate::fail_point!("confirm::grub-written");
     if outcome == "confirmed" || outcome == "trial-not-attempted" {
         grub::update_env(&ctx.layout.grubenv(), &[(grub::ATTEMPTED, None)])?;
+        crate::fail_point!("confirm::env-written");
     }
     // The verdict is recorded, reported and acted on (reboot) before it becomes the exit code.
     state.record("confirm", &result, now());

@@ -7,6 +7,7 @@ use serde::Serialize;
 use crate::appliance::ctx::Ctx;
 use crate::appliance::grub;
 use crate::appliance::images;
+use crate::appliance::intent;
 use crate::core::version::Version;
 use crate::error::refused;
 
@@ -18,12 +19,11 @@ struct InitReport {
 
 /// Provisioning: `images/V.img` exists on the host partition; make it the default.
 pub fn init(ctx: &mut Ctx, version: &Version, host_uuid: Option<String>) -> Result<()> {
-    let _lock = ctx.lock()?;
+    let (_lock, mut state, _) = intent::lock(ctx)?;
     let path = images::image_path(&ctx.layout, version);
     if !path.is_file() {
         return Err(refused(format!("image {} does not exist", path.display())));
     }
-    let mut state = ctx.load_state()?;
     state.install(version);
     if host_uuid.is_some() {
         state.host_uuid = host_uuid;
@@ -33,6 +33,7 @@ pub fn init(ctx: &mut Ctx, version: &Version, host_uuid: Option<String>) -> Resu
         grub::update_env(&ctx.layout.grubenv(), &[])?;
     }
     images::sync_grub(ctx, &state)?;
+    crate::fail_point!("init::grub-written");
     ctx.finish(&mut state, "init", Ok(()))?;
     let report = InitReport {
         default: version.clone(),

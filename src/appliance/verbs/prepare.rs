@@ -3,12 +3,13 @@
 use anyhow::Result;
 
 use crate::appliance::ctx::Ctx;
+use crate::appliance::intent;
 use crate::appliance::prepare::{prepare_locked, PrepareReport};
 use crate::core::version::Version;
 
 /// The verb. `wait`: sleep through "come back later" (bounded by download.max_wait_seconds).
 pub fn prepare(ctx: &mut Ctx, pinned: Option<Version>, wait: bool) -> Result<()> {
-    let _lock = ctx.lock()?;
+    let (_lock, _, _) = intent::lock(ctx)?;
     let report = prepare_locked(ctx, pinned.as_ref(), wait)?;
     ctx.out.report(&report, render)
 }

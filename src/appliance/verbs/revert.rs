@@ -5,8 +5,9 @@ use anyhow::Result;
 use serde::Serialize;
 
 use crate::appliance::ctx::Ctx;
-use crate::appliance::grub;
 use crate::appliance::images;
+use crate::appliance::intent;
+use crate::appliance::state::Pending;
 use crate::core::version::Version;
 use crate::error::refused;
 
@@ -20,22 +21,29 @@ struct RevertReport {
 
 /// Makes the previous image the default again (or abandons an unconfirmed trial) and reboots.
 pub fn revert(ctx: &mut Ctx, no_reboot: bool) -> Result<()> {
-    let _lock = ctx.lock()?;
+    let (_lock, mut state, finished) = intent::lock(ctx)?;
     let booted = ctx.booted_version()?;
-    let mut state = ctx.load_state()?;
-    let mut next = state.clone();
-    let target = next.revert(&booted)?;
-    if !images::image_path(&ctx.layout, &target).is_file() {
-        return Err(refused(format!(
-            "image {target} is not on disk; cannot revert to it"
-        )));
-    }
-    images::sync_grub(ctx, &next)?;
-    grub::update_env(
-        &ctx.layout.grubenv(),
-        &[(grub::NEXT_ENTRY, None), (grub::ATTEMPTED, None)],
-    )?;
-    state = next;
+    let target = match finished {
+        // A revert interrupted after its intent was saved: it is done now, not done twice.
+        Some(Pending::Revert { to }) => to,
+        None => {
+            let mut next = state.clone();
+            let target = next.revert(&booted)?;
+            if !images::image_path(&ctx.layout, &target).is_file() {
+                return Err(refused(format!(
+                    "image {target} is not on disk; cannot revert to it"
+                )));
+            }
+            let pending = Pending::Revert { to: target.clone() };
+            next.pending = Some(pending.clone());
+            next.save(&ctx.layout.state_file())?;
+            crate::fail_point!("revert::intent-saved");
+            intent::write_grub(ctx, &next, &pending)?;
+            next.pending = None;
+            state = next;
+            target
+        }
+    };
     ctx.finish(&mut state, "revert", Ok(()))?;
     let report = RevertReport {
         from: booted.clone(),

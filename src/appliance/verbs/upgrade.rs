@@ -9,6 +9,7 @@ use serde::Serialize;
 use crate::appliance::ctx::Ctx;
 use crate::appliance::grub;
 use crate::appliance::images;
+use crate::appliance::intent;
 use crate::appliance::migrate;
 use crate::appliance::state::{ImageState, State};
 use crate::core::version::Version;
@@ -34,9 +35,8 @@ pub fn upgrade(
     no_reboot: bool,
 ) -> Result<()> {
     let start = Instant::now();
-    let _lock = ctx.lock()?;
+    let (_lock, mut state, _) = intent::lock(ctx)?;
     let booted = ctx.booted_version()?;
-    let mut state = ctx.load_state()?;
     let ready = |s: &State, v: &Version| {
         s.state_of(v).is_some()
             && !s.half_migrated(v)
