@@ -61,22 +61,36 @@ pub fn render_config(menu: &Menu) -> String {
         s.push_str("serial --unit=0 --speed=115200\nterminal_input serial console\nterminal_output serial console\n");
     }
     s.push_str("if [ -s \"${prefix}/grubenv\" ]; then\n  load_env\nfi\n");
-    if let Some(d) = menu.default.as_ref().filter(|d| menu.images.contains(d)) {
+    let default = menu.default.as_ref().filter(|d| menu.images.contains(d));
+    let previous = menu.previous.as_ref().filter(|p| menu.images.contains(p));
+    if let Some(d) = default {
         let _ = writeln!(s, "set default=\"{}\"", d.grub_id());
+    }
+    // Booting the default: when it fails inside GRUB, the previous image.
+    if let Some(p) = previous {
+        let _ = writeln!(s, "set fallback=\"{}\"", p.grub_id());
     }
     // One-shot try, as grub-reboot does: boot next_entry once, then forget it, and record
     // that the attempt happened (so `confirm` can tell a failed try from a try never made).
+    // A trial that fails inside GRUB lands on the default, then on the previous image.
     s.push_str(concat!(
         "if [ -n \"${next_entry}\" ]; then\n",
         "  set default=\"${next_entry}\"\n",
+    ));
+    let chain: Vec<String> = default
+        .iter()
+        .chain(previous.iter())
+        .map(|v| v.grub_id())
+        .collect();
+    if !chain.is_empty() {
+        let _ = writeln!(s, "  set fallback=\"{}\"", chain.join(" "));
+    }
+    s.push_str(concat!(
         "  set upgradectl_attempted=\"${next_entry}\"\n",
         "  set next_entry=\n",
         "  save_env next_entry upgradectl_attempted\n",
         "fi\n",
     ));
-    if let Some(p) = menu.previous.as_ref().filter(|p| menu.images.contains(p)) {
-        let _ = writeln!(s, "set fallback=\"{}\"", p.grub_id());
-    }
     s.push_str(&render_entries(menu));
     // Local additions, as grub-mkconfig's 41_custom does.
     s.push_str("if [ -f \"${prefix}/custom.cfg\" ]; then\n  source \"${prefix}/custom.cfg\"\nfi\n");
@@ -248,6 +262,27 @@ mod tests {
             cfg.contains("upgradectl.image=/images/10.0.img upgradectl.fallback=/images/9.0.img")
         );
         assert!(cfg.contains("serial --unit=0"));
+    }
+
+    /// A trial entry that fails inside GRUB (kernel or initrd missing) must land on the
+    /// default, and only if that fails too on the previous image; without a trial the default
+    /// falls back to the previous image.
+    #[test]
+    fn a_trial_falls_back_to_the_default_then_the_previous() {
+        let cfg = render_config(&menu());
+        let trial = cfg.find("if [ -n \"${next_entry}\" ]; then").unwrap();
+        let trial_end = trial + cfg[trial..].find("\nfi\n").unwrap();
+        let block = &cfg[trial..trial_end];
+        assert!(
+            block.contains("set fallback=\"upgradectl-9.0 upgradectl-2.0\""),
+            "{block}"
+        );
+        let plain = cfg.find("set fallback=\"upgradectl-2.0\"").unwrap();
+        assert!(plain < trial, "{cfg}");
+        let mut m = menu();
+        m.previous = None;
+        let cfg = render_config(&m);
+        assert!(cfg.contains("  set fallback=\"upgradectl-9.0\"\n"), "{cfg}");
     }
 
     #[test]
