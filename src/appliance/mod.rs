@@ -12,6 +12,7 @@ pub mod images;
 pub mod intent;
 pub mod migrate;
 pub mod paths;
+pub mod pool;
 pub mod prepare;
 pub mod state;
 pub mod status;

@@ -27,6 +27,8 @@ pub struct Status {
     /// Files interrupted runs left on the host partition; `cleanup` and the next `prepare`
     /// remove them.
     pub leftovers: Vec<images::Leftover>,
+    /// The ZFS pool images are received into (null without ZFS or with the pool not imported).
+    pub pool: Option<crate::sys::zfs::PoolUsage>,
     pub last_operation: Option<Operation>,
     /// The initramfs's report of the last boot (persistent on the host partition).
     pub last_boot: Option<BootReport>,
@@ -117,6 +119,7 @@ pub fn gather(ctx: &Ctx) -> Result<Status> {
             free_bytes: fsutil::free_bytes(ctx.layout.host()).ok(),
         },
         leftovers: images::leftovers(&ctx.layout)?,
+        pool: crate::appliance::pool::usage(ctx),
         last_operation: state.last_operation,
         last_boot: BootReport::read(&ctx.layout.boot_report())?,
     })
@@ -184,6 +187,14 @@ pub fn render(s: &Status) -> String {
     }
     if let Some(free) = s.host.free_bytes {
         o += &format!("host:      {} ({} MiB free)\n", s.host.path, free >> 20);
+    }
+    if let Some(p) = &s.pool {
+        o += &format!(
+            "pool:      {} ({} of {} MiB used)\n",
+            p.name,
+            p.allocated >> 20,
+            p.size >> 20
+        );
     }
     if !s.leftovers.is_empty() {
         let bytes: u64 = s.leftovers.iter().map(|l| l.allocated).sum();

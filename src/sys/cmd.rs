@@ -64,7 +64,7 @@ impl Cmd {
     }
 
     /// Runs to completion, capturing stdout and stderr, whatever the exit code.
-    fn capture(&self) -> Result<Output> {
+    pub fn capture(&self) -> Result<Output> {
         tracing::debug!(cmd = %self.display(), "running");
         self.to_command()
             .stdout(Stdio::piped())
@@ -120,6 +120,17 @@ pub fn check_status(cmd: &Cmd, out: &Output) -> Result<()> {
             bail!(msg)
         }
     }
+}
+
+/// Whether `program` is an executable file on `PATH`.
+pub fn installed(program: &str) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::env::var_os("PATH").is_some_and(|path| {
+        std::env::split_paths(&path).any(|dir| {
+            std::fs::metadata(dir.join(program))
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+    })
 }
 
 /// The last `max` bytes of `s` or fewer, cut at a character boundary.

@@ -20,11 +20,73 @@ pub fn parse_snapshots(zvol: &str, text: &str) -> Vec<Version> {
     out
 }
 
+/// Whether `dataset` exists. A pool that is not imported (or any other failure of `zfs`) is
+/// an error, never "absent": that would make prepare receive a full stream into nothing.
 pub fn exists(dataset: &str) -> Result<bool> {
-    Ok(Cmd::new("zfs")
+    let out = Cmd::new("zfs")
         .args(["list", "-H", "-o", "name", dataset])
+        .capture()?;
+    if out.status.success() {
+        return Ok(true);
+    }
+    let pool = dataset.split('/').next().unwrap_or(dataset);
+    let pool_imported = Cmd::new("zpool")
+        .args(["list", "-H", "-o", "name", pool])
         .code()?
-        == 0)
+        == 0;
+    absent_or_error(
+        dataset,
+        &String::from_utf8_lossy(&out.stderr),
+        pool_imported,
+    )
+}
+
+/// What a failed `zfs list DATASET` means: absent only when zfs says so and the pool is there.
+/// Pure.
+fn absent_or_error(dataset: &str, stderr: &str, pool_imported: bool) -> Result<bool> {
+    let pool = dataset.split('/').next().unwrap_or(dataset);
+    if !pool_imported {
+        anyhow::bail!("ZFS pool {pool} is not imported (looking for {dataset})");
+    }
+    if stderr.contains("dataset does not exist") {
+        return Ok(false);
+    }
+    anyhow::bail!("zfs list {dataset} failed: {}", stderr.trim())
+}
+
+/// `zfs destroy zvol@v`.
+pub fn destroy_snapshot(zvol: &str, v: &Version) -> Result<()> {
+    Cmd::new("zfs")
+        .args(["destroy", &format!("{zvol}@{v}")])
+        .run()
+}
+
+/// A pool's size and use, in bytes.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct PoolUsage {
+    pub name: String,
+    pub size: u64,
+    pub allocated: u64,
+    pub free: u64,
+}
+
+/// `zpool list -Hp -o name,size,allocated,free POOL`.
+pub fn pool_usage(pool: &str) -> Result<PoolUsage> {
+    let text = Cmd::new("zpool")
+        .args(["list", "-H", "-p", "-o", "name,size,allocated,free", pool])
+        .stdout()?;
+    parse_pool_usage(&text).with_context(|| format!("parsing `zpool list {pool}`: {text:?}"))
+}
+
+/// Parses one line of `zpool list -Hp -o name,size,allocated,free`. Pure.
+pub fn parse_pool_usage(text: &str) -> Option<PoolUsage> {
+    let mut f = text.lines().next()?.split('\t');
+    Some(PoolUsage {
+        name: f.next()?.to_owned(),
+        size: f.next()?.parse().ok()?,
+        allocated: f.next()?.parse().ok()?,
+        free: f.next()?.parse().ok()?,
+    })
 }
 
 /// Snapshot versions of a zvol (none when it does not exist).
@@ -113,6 +175,21 @@ fn wait_for_device(path: PathBuf) -> Result<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_missing_pool_is_an_error_not_an_absent_dataset() {
+        let not_there = "cannot open 'box/upgradectl/image': dataset does not exist\n";
+        assert!(!absent_or_error("box/upgradectl/image", not_there, true).unwrap());
+        assert!(absent_or_error("box/upgradectl/image", not_there, false).is_err());
+        assert!(absent_or_error("box/x", "permission denied", true).is_err());
+    }
+
+    #[test]
+    fn pool_usage_parses() {
+        let u = parse_pool_usage("box\t3154116608\t1002438656\t2151677952\n").unwrap();
+        assert_eq!(u.allocated, 1002438656);
+        assert!(parse_pool_usage("box\tx\n").is_none());
+    }
 
     #[test]
     fn parses_captured_zfs_list_output() {

@@ -248,6 +248,12 @@ scenario_resume() {
   log "rerun: $out"
   assert_eq "$(json_field "$out" "d['version']")" 4.0 "prepared version" || return 1
   assert_eq "$(json_field "$out" "d['resumed_bytes'] > 0 and d['downloaded_bytes'] + d['resumed_bytes'] == d['artifact_bytes']")" True "the rerun only downloaded what was missing" || return 1
+  # The pool keeps only the snapshots of images the box keeps, plus the newest base: 3.0 (bad,
+  # removed from the host partition) goes.
+  local snaps
+  snaps=$(vm_ssh "zfs list -H -t snapshot -o name -d 1 box/upgradectl/image" | sed 's/.*@//' | sort -V | tr '\n' ' ')
+  assert_eq "$snaps" "1.0 2.0 4.0 " "snapshots in the box's pool after prepare" || return 1
+  assert_eq "$(status_field "s['pool']['name']")" box "pool usage in status" || return 1
 }
 
 # A hard power-off during the switch (migration, GRUB update) leaves a box that boots the old or

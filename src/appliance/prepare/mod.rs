@@ -12,8 +12,8 @@ pub mod fetch;
 pub mod receive;
 
 use crate::appliance::ctx::Ctx;
-use crate::appliance::images;
 use crate::appliance::state::State;
+use crate::appliance::{images, pool};
 use crate::core::manifest::{self, artifact_name, Descriptor, Manifest, PlanInput};
 use crate::core::sign;
 use crate::core::version::Version;
@@ -35,11 +35,6 @@ pub struct PrepareReport {
     pub resumed_bytes: u64,
     pub image_bytes: u64,
     pub seconds: f64,
-}
-
-/// The zvol on the box that receives images.
-pub fn box_zvol(ctx: &Ctx) -> String {
-    format!("{}/image", ctx.config.dataset)
 }
 
 fn box_id(ctx: &Ctx) -> Result<String> {
@@ -116,7 +111,7 @@ fn prepare_once(ctx: &mut Ctx, pinned: Option<&Version>) -> Result<PrepareReport
         &trusted,
         "manifest",
     )?;
-    let zvol = box_zvol(ctx);
+    let zvol = pool::zvol(ctx);
     let local = zfs::snapshots(&zvol)?;
     let mut state = ctx.load_state()?;
     let refetch = state
@@ -241,6 +236,7 @@ fn prepare_once(ctx: &mut Ctx, pinned: Option<&Version>) -> Result<PrepareReport
     if let Some(file) = download {
         fsutil::remove_durably(&file)?;
     }
+    pool::prune(ctx, &state)?;
     report.seconds = start.elapsed().as_secs_f64();
     Ok(report)
 }

@@ -41,6 +41,7 @@ pub fn cleanup(ctx: &mut Ctx, dry_run: bool) -> Result<()> {
     if !dry_run {
         images::remove_leftovers(&ctx.layout, &[])?;
         images::remove(ctx, &mut state, &remove)?;
+        crate::appliance::pool::prune(ctx, &state)?;
         ctx.finish(&mut state, "cleanup", Ok(()))?;
     }
     let kept = versions
