@@ -22,6 +22,14 @@ pub enum Exit {
     NoSpace = 6,
 }
 
+/// A configuration file that cannot be used. Always refused input.
+#[derive(Debug, thiserror::Error)]
+#[error("bad configuration in {}: {message}", file.display())]
+pub struct ConfigError {
+    pub file: std::path::PathBuf,
+    pub message: String,
+}
+
 /// An error with a meaning beyond "failed".
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -101,7 +109,7 @@ pub fn classify(err: &anyhow::Error) -> (Exit, &'static str) {
             .downcast_ref::<crate::core::version::VersionError>()
             .is_some()
             || cause
-                .downcast_ref::<crate::appliance::config::ConfigError>()
+                .downcast_ref::<ConfigError>()
                 .is_some()
         {
             return (Exit::Refused, "refused");

@@ -7,17 +7,10 @@ use anyhow::Result;
 use serde::Deserialize;
 
 use crate::core::manifest::CHANNELS;
+pub use crate::error::ConfigError;
 
 /// Where the image's configuration lives.
 pub const IMAGE_CONFIG: &str = "/etc/upgradectl/upgradectl.toml";
-
-/// A configuration file that cannot be used. Always refused input.
-#[derive(Debug, thiserror::Error)]
-#[error("bad configuration in {}: {message}", file.display())]
-pub struct ConfigError {
-    pub file: PathBuf,
-    pub message: String,
-}
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
