@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use axum::body::Body;
@@ -41,30 +42,65 @@ enum Build {
     Failed(String),
 }
 
-pub struct Server {
-    pub store: Store,
-    pub key: SigningKey,
-    pub source: Arc<dyn StreamSource>,
+/// What an operator tunes on the image server (the `serve` flags).
+#[derive(Debug, Clone)]
+pub struct Tuning {
     /// Seconds a box is told to wait while an artifact is built.
     pub retry_after: u64,
     /// Largest total size of built artifacts before the least recently used are evicted.
     pub cache_cap: u64,
+    /// Diffs are built only from the `diff_window` newest releases of the target's channel
+    /// before the target; older bases are told to take the full stream.
+    pub diff_window: usize,
+    /// How many builds run at once (each xz encoder gets its share of the cores).
+    pub max_builds: usize,
+    /// How long a failed build is not retried; doubles on each failure up to `max_backoff`.
+    pub build_backoff: Duration,
+    /// The longest a failed build waits before it is tried again.
+    pub max_backoff: Duration,
+    /// A connection that sends no complete request head for this long is closed.
+    pub idle_timeout: Duration,
+    /// Most connections served at once (also bounded by the open-files limit).
+    pub max_connections: usize,
+}
+
+impl Default for Tuning {
+    fn default() -> Tuning {
+        Tuning {
+            retry_after: 5,
+            cache_cap: u64::MAX,
+            diff_window: 3,
+            max_builds: 1,
+            build_backoff: Duration::from_secs(60),
+            max_backoff: Duration::from_secs(3600),
+            idle_timeout: Duration::from_secs(15),
+            max_connections: 10_000,
+        }
+    }
+}
+
+/// The image server's state: the store, the signing key, the stream source and the builds.
+pub struct Server {
+    pub store: Store,
+    pub key: SigningKey,
+    pub source: Arc<dyn StreamSource>,
+    pub tuning: Tuning,
     builds: Mutex<HashMap<String, Build>>,
 }
 
 impl Server {
+    /// A server over `store` signing with `key`, building from `source`.
     pub fn new(
         store: Store,
         key: SigningKey,
         source: Arc<dyn StreamSource>,
-        cache_cap: u64,
+        tuning: Tuning,
     ) -> Server {
         Server {
             store,
             key,
             source,
-            retry_after: 5,
-            cache_cap,
+            tuning,
             builds: Mutex::new(HashMap::new()),
         }
     }
@@ -73,8 +109,18 @@ impl Server {
     pub fn builds_started(&self) -> usize {
         self.store.builds_started()
     }
+
+    /// How many builds are running or waiting for a slot now.
+    pub fn builds_in_progress(&self) -> usize {
+        let builds = self.builds.lock().expect("builds lock");
+        builds
+            .values()
+            .filter(|b| matches!(b, Build::Running))
+            .count()
+    }
 }
 
+/// The routes, over `server`.
 pub fn router(server: Arc<Server>) -> Router {
     Router::new()
         .route("/v1/channels/:channel/manifest", get(get_manifest))
@@ -197,14 +243,14 @@ async fn get_artifact(
         format!("{artifact} is being built; come back later"),
     );
     resp.headers_mut()
-        .insert(header::RETRY_AFTER, HeaderValue::from(s.retry_after));
+        .insert(header::RETRY_AFTER, HeaderValue::from(s.tuning.retry_after));
     resp
 }
 
 fn spawn_build(s: Arc<Server>, artifact: String, from: Option<Version>, to: Version) {
     tokio::task::spawn_blocking(move || {
         let result = build::build(&s.store, s.source.as_ref(), &s.key, from.as_ref(), &to)
-            .and_then(|_| s.store.evict(s.cache_cap, &artifact));
+            .and_then(|_| s.store.evict(s.tuning.cache_cap, &artifact));
         let mut builds = s.builds.lock().expect("builds lock");
         match result {
             Ok(()) => {

@@ -7,7 +7,7 @@ use anyhow::Result;
 
 use crate::cli::{KeygenArgs, PublishArgs, ReleaseArgs, ServeArgs};
 use crate::output::Output;
-use crate::server::{keys, publish, source::ZfsSource, Server, Store};
+use crate::server::{keys, publish, source::ZfsSource, Server, Store, Tuning};
 
 pub fn keygen(a: KeygenArgs, mut out: Output) -> Result<()> {
     let public = keys::keygen(&a.out)?;
@@ -59,5 +59,9 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     let source = Arc::new(ZfsSource {
         zvol: a.store.zvol.clone(),
     });
-    crate::server::run(a.listen, Server::new(store, key, source, a.cache_mib << 20))
+    let tuning = Tuning {
+        cache_cap: a.cache_mib << 20,
+        ..Tuning::default()
+    };
+    crate::server::run(a.listen, Server::new(store, key, source, tuning))
 }
