@@ -61,6 +61,10 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     });
     let tuning = Tuning {
         cache_cap: a.cache_mib << 20,
+        diff_window: a.diff_window,
+        max_builds: a.max_builds,
+        idle_timeout: std::time::Duration::from_secs(a.idle_timeout),
+        max_connections: a.max_connections,
         ..Tuning::default()
     };
     crate::server::run(a.listen, Server::new(store, key, source, tuning))

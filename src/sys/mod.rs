@@ -1,9 +1,10 @@
 //! Thin effects on the system, each behind one module: running tools, durable writes, ZFS, loop
-//! mounts, the lock, the clock.
+//! mounts, the lock, the clock, resource limits.
 
 pub mod clock;
 pub mod cmd;
 pub mod fsutil;
 pub mod lock;
 pub mod loopmount;
+pub mod rlimit;
 pub mod zfs;
