@@ -142,6 +142,7 @@ fn slow_source_checks_do_not_stall_other_requests() {
         let (status, _, _) = f.get("/v1/channels/stable/manifest");
         assert_eq!(status, 200);
         let took = started.elapsed();
+        eprintln!("manifest while source checks block: {took:?}");
         assert!(took < Duration::from_secs(1), "manifest took {took:?}");
     });
 }
@@ -159,29 +160,59 @@ fn closed_by(mut conn: &TcpStream, deadline: Instant) -> bool {
     }
 }
 
-#[test]
-fn idle_connections_are_closed_and_do_not_starve_others() {
-    // The server raises it too, but the clients here are made before it runs.
-    let hard = upgradectl::sys::rlimit::raise_nofile().unwrap();
-    assert!(hard >= 4500, "RLIMIT_NOFILE hard limit {hard} is too low");
+/// A server closing idle connections after 1 s with `max_connections` slots, `idle` idle
+/// connections to it, and how long a manifest took then.
+fn with_idle_connections(max_connections: usize, idle: usize) -> (Vec<TcpStream>, Duration) {
     let f = start_with(Setup {
         tuning: Tuning {
             idle_timeout: Duration::from_secs(1),
+            max_connections,
             ..Tuning::default()
         },
         ..Setup::default()
     });
-    let idle: Vec<TcpStream> = (0..2000)
+    let idle: Vec<TcpStream> = (0..idle)
         .map(|_| TcpStream::connect(f.addr).unwrap())
         .collect();
     let started = Instant::now();
     let (status, _, _) = f.get("/v1/channels/stable/manifest");
     assert_eq!(status, 200);
     let took = started.elapsed();
-    assert!(took < Duration::from_secs(2), "manifest took {took:?}");
+    eprintln!(
+        "manifest with {} idle connections open: {took:?}",
+        idle.len()
+    );
+    (idle, took)
+}
+
+/// How many of `conns` the server left open for 15 s.
+fn left_open(conns: &[TcpStream]) -> usize {
     let deadline = Instant::now() + Duration::from_secs(15);
-    let open = idle.iter().filter(|c| !closed_by(c, deadline)).count();
-    assert_eq!(open, 0, "idle connections the server never closed");
+    conns.iter().filter(|c| !closed_by(c, deadline)).count()
+}
+
+#[test]
+fn idle_connections_are_closed_and_do_not_starve_others() {
+    // The server raises it too, but the clients here are made before it runs.
+    let hard = upgradectl::sys::rlimit::raise_nofile().unwrap();
+    assert!(hard >= 4500, "RLIMIT_NOFILE hard limit {hard} is too low");
+    let (idle, took) = with_idle_connections(Tuning::default().max_connections, 2000);
+    assert!(took < Duration::from_secs(2), "manifest took {took:?}");
+    assert_eq!(
+        left_open(&idle),
+        0,
+        "idle connections the server never closed"
+    );
+}
+
+#[test]
+fn connections_beyond_the_cap_wait_for_a_slot() {
+    let (idle, took) = with_idle_connections(10, 10);
+    assert!(
+        took >= Duration::from_millis(500),
+        "answered in {took:?} with every slot taken by an idle connection"
+    );
+    assert_eq!(left_open(&idle), 0);
 }
 
 #[test]

@@ -16,7 +16,9 @@ use crate::sys::fsutil::atomic_write;
 /// A release as the server records it: on which channel.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StoredRelease {
+    /// The channel it is released on.
     pub channel: String,
+    /// The release as manifests carry it.
     #[serde(flatten)]
     pub release: Release,
 }
@@ -24,6 +26,7 @@ pub struct StoredRelease {
 /// Whether an artifact is worth building (see `Store::buildable`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Buildable {
+    /// Build it.
     Yes,
     /// A version is not published or not in the source.
     Unknown,
@@ -55,6 +58,7 @@ pub struct Store {
 }
 
 impl Store {
+    /// Opens (creating) the store at `dir`.
     pub fn open(dir: &Path) -> Result<Store> {
         fs::create_dir_all(dir.join("artifacts"))
             .with_context(|| format!("creating store {}", dir.display()))?;
@@ -68,6 +72,7 @@ impl Store {
         self.dir.join("releases.json")
     }
 
+    /// Every published release (none before the first publish).
     pub fn releases(&self) -> Result<Vec<StoredRelease>> {
         match fs::read(self.releases_file()) {
             Ok(data) => serde_json::from_slice(&data).context("parsing releases.json"),
@@ -76,6 +81,7 @@ impl Store {
         }
     }
 
+    /// Replaces releases.json atomically.
     pub fn save_releases(&self, releases: &[StoredRelease]) -> Result<()> {
         atomic_write(
             &self.releases_file(),
@@ -98,10 +104,12 @@ impl Store {
         self.dir.join("artifacts")
     }
 
+    /// Where artifact `name` lives once built.
     pub fn artifact_path(&self, name: &str) -> PathBuf {
         self.artifacts_dir().join(name)
     }
 
+    /// Where artifact `name`'s signed descriptor lives once built.
     pub fn descriptor_path(&self, name: &str) -> PathBuf {
         self.dir
             .join("artifacts")
@@ -171,10 +179,12 @@ impl Store {
         Ok(())
     }
 
+    /// Counts a build (tests assert "once").
     pub fn note_build_started(&self) {
         self.builds_started.fetch_add(1, Ordering::SeqCst);
     }
 
+    /// How many builds were started since the store was opened.
     pub fn builds_started(&self) -> usize {
         self.builds_started.load(Ordering::SeqCst)
     }

@@ -121,9 +121,13 @@ impl Default for Tuning {
 
 /// The image server's state: the store, the signing key, the stream source and the builds.
 pub struct Server {
+    /// Releases and built artifacts.
     pub store: Store,
+    /// Signs manifests and descriptors.
     pub key: SigningKey,
+    /// Where builds get send streams.
     pub source: Arc<dyn StreamSource>,
+    /// The operator's settings.
     pub tuning: Tuning,
     builds: Mutex<HashMap<String, Build>>,
     build_slots: Arc<Semaphore>,
@@ -227,10 +231,8 @@ pub async fn serve(listener: tokio::net::TcpListener, server: Arc<Server>) -> Re
         tracing::warn!("{e:#}");
         1024
     });
-    let cap = (files.saturating_sub(RESERVED_FILES) as usize).clamp(1, usize::MAX);
-    let slots = Arc::new(Semaphore::new(
-        server.tuning.max_connections.min(cap).max(1),
-    ));
+    let slots = connection_slots(server.tuning.max_connections, files);
+    let slots = Arc::new(Semaphore::new(slots));
     let idle = server.tuning.idle_timeout;
     let app = router(server);
     loop {
@@ -250,6 +252,12 @@ pub async fn serve(listener: tokio::net::TcpListener, server: Arc<Server>) -> Re
             }
         }
     }
+}
+
+/// How many connections may be open at once: `max`, fewer if the open-files limit is lower.
+fn connection_slots(max: usize, files: u64) -> usize {
+    let by_files = files.saturating_sub(RESERVED_FILES) as usize;
+    max.min(by_files).max(1)
 }
 
 /// One HTTP/1.1 connection, holding its connection slot until it ends.
@@ -460,6 +468,13 @@ mod tests {
             backoff: Some(backoff),
         };
         assert_eq!(next(Some(&failed), 5, later), retry);
+    }
+
+    #[test]
+    fn connections_are_capped_below_the_open_files_limit() {
+        assert_eq!(connection_slots(10_000, 1024), 768);
+        assert_eq!(connection_slots(10_000, 1 << 20), 10_000);
+        assert_eq!(connection_slots(10_000, 10), 1);
     }
 
     #[test]

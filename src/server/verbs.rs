@@ -53,6 +53,7 @@ pub fn release(a: ReleaseArgs, mut out: Output) -> Result<()> {
     })
 }
 
+/// The `serve` verb: the image server over the store, signing with the key, streams from ZFS.
 pub fn serve(a: ServeArgs) -> Result<()> {
     let store = Store::open(&a.store.store)?;
     let key = keys::load_secret(&a.key)?;
