@@ -168,7 +168,7 @@ fn main() {
         store,
         key.clone(),
         Arc::new(FileSource(streams)),
-        u64::MAX,
+        upgradectl::server::Tuning::default(),
     ));
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.set_nonblocking(true).unwrap();

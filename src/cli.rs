@@ -173,6 +173,19 @@ pub struct ServeArgs {
     /// Disk the artifact cache may use, MiB; least recently used artifacts are evicted.
     #[arg(long, default_value_t = 10240)]
     pub cache_mib: u64,
+    /// Diffs are built only from the N newest releases of the target's channel before the
+    /// target; boxes on older versions are told to take the full stream.
+    #[arg(long, default_value_t = 3)]
+    pub diff_window: usize,
+    /// How many artifacts are built at once.
+    #[arg(long, default_value_t = 1)]
+    pub max_builds: usize,
+    /// Seconds a connection may stay without sending a complete request head before it is closed.
+    #[arg(long, default_value_t = 15)]
+    pub idle_timeout: u64,
+    /// Most connections served at once (also bounded by the open-files limit).
+    #[arg(long, default_value_t = 10_000)]
+    pub max_connections: usize,
 }
 
 #[derive(Debug, Args)]

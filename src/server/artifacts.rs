@@ -16,17 +16,49 @@ use crate::sys::fsutil::atomic_write;
 /// A release as the server records it: on which channel.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StoredRelease {
+    /// The channel it is released on.
     pub channel: String,
+    /// The release as manifests carry it.
     #[serde(flatten)]
     pub release: Release,
 }
 
+/// Whether an artifact is worth building (see `Store::buildable`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Buildable {
+    /// Build it.
+    Yes,
+    /// A version is not published or not in the source.
+    Unknown,
+    /// A diff whose base is too old: the box should take the full stream.
+    OutsideWindow,
+}
+
+/// Whether `from` is one of the `window` newest releases of `channel` older than `to`.
+fn in_window(
+    releases: &[StoredRelease],
+    channel: &str,
+    from: &Version,
+    to: &Version,
+    window: usize,
+) -> bool {
+    let mut older: Vec<&Version> = releases
+        .iter()
+        .filter(|r| r.channel == channel && &r.release.version < to)
+        .map(|r| &r.release.version)
+        .collect();
+    older.sort_unstable_by(|a, b| b.cmp(a));
+    older.iter().take(window).any(|v| *v == from)
+}
+
+/// The server's store directory: releases and built artifacts.
 pub struct Store {
     dir: PathBuf,
     builds_started: AtomicUsize,
 }
 
 impl Store {
+    /// Opens (creating) the store at `dir`.
     pub fn open(dir: &Path) -> Result<Store> {
         fs::create_dir_all(dir.join("artifacts"))
             .with_context(|| format!("creating store {}", dir.display()))?;
@@ -40,6 +72,7 @@ impl Store {
         self.dir.join("releases.json")
     }
 
+    /// Every published release (none before the first publish).
     pub fn releases(&self) -> Result<Vec<StoredRelease>> {
         match fs::read(self.releases_file()) {
             Ok(data) => serde_json::from_slice(&data).context("parsing releases.json"),
@@ -48,6 +81,7 @@ impl Store {
         }
     }
 
+    /// Replaces releases.json atomically.
     pub fn save_releases(&self, releases: &[StoredRelease]) -> Result<()> {
         atomic_write(
             &self.releases_file(),
@@ -65,10 +99,17 @@ impl Store {
             .find(|r| &r.version == v))
     }
 
-    pub fn artifact_path(&self, name: &str) -> PathBuf {
-        self.dir.join("artifacts").join(name)
+    /// Where built artifacts live.
+    pub fn artifacts_dir(&self) -> PathBuf {
+        self.dir.join("artifacts")
     }
 
+    /// Where artifact `name` lives once built.
+    pub fn artifact_path(&self, name: &str) -> PathBuf {
+        self.artifacts_dir().join(name)
+    }
+
+    /// Where artifact `name`'s signed descriptor lives once built.
     pub fn descriptor_path(&self, name: &str) -> PathBuf {
         self.dir
             .join("artifacts")
@@ -90,21 +131,60 @@ impl Store {
         }
     }
 
-    pub fn can_build(
+    /// Whether `artifact_name(from, to)` is worth building: both versions published and in
+    /// the source, and a diff's base one of the `window` newest releases of the target's
+    /// channel before the target. Reads releases.json and asks the source: blocking.
+    pub fn buildable(
         &self,
         from: Option<&Version>,
         to: &Version,
+        window: usize,
         source: &dyn StreamSource,
-    ) -> Result<bool> {
-        let known =
-            |v: &Version| -> Result<bool> { Ok(self.release(v)?.is_some() && source.has(v)?) };
-        Ok(known(to)? && from.map_or(Ok(true), known)?)
+    ) -> Result<Buildable> {
+        let releases = self.releases()?;
+        let published = |v: &Version| releases.iter().any(|r| &r.release.version == v);
+        let Some(target) = releases.iter().find(|r| &r.release.version == to) else {
+            return Ok(Buildable::Unknown);
+        };
+        if let Some(from) = from {
+            if !published(from) {
+                return Ok(Buildable::Unknown);
+            }
+            if !in_window(&releases, &target.channel, from, to, window) {
+                return Ok(Buildable::OutsideWindow);
+            }
+        }
+        let in_source = source.has(to)? && from.map_or(Ok(true), |f| source.has(f))?;
+        Ok(if in_source {
+            Buildable::Yes
+        } else {
+            Buildable::Unknown
+        })
     }
 
+    /// Removes what a build left half published (an artifact without its descriptor or the
+    /// reverse); never a complete artifact.
+    pub fn remove_incomplete(&self, name: &str) -> Result<()> {
+        if self.is_built(name) {
+            return Ok(());
+        }
+        for path in [self.descriptor_path(name), self.artifact_path(name)] {
+            match fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(e).with_context(|| format!("removing {}", path.display()))
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Counts a build (tests assert "once").
     pub fn note_build_started(&self) {
         self.builds_started.fetch_add(1, Ordering::SeqCst);
     }
 
+    /// How many builds were started since the store was opened.
     pub fn builds_started(&self) -> usize {
         self.builds_started.load(Ordering::SeqCst)
     }
@@ -135,5 +215,44 @@ impl Store {
             total -= size;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::manifest::Blob;
+
+    fn rel(channel: &str, v: &str) -> StoredRelease {
+        StoredRelease {
+            channel: channel.into(),
+            release: Release {
+                version: v.parse().unwrap(),
+                rollout: 100,
+                paused: false,
+                image: Blob {
+                    size: 1,
+                    sha256: String::new(),
+                },
+            },
+        }
+    }
+
+    #[test]
+    fn the_window_is_the_newest_releases_of_the_targets_channel_before_it() {
+        let releases = [
+            rel("stable", "1.0"),
+            rel("stable", "2.0"),
+            rel("beta", "2.5"),
+            rel("stable", "3.0"),
+            rel("stable", "4.0"),
+        ];
+        let v = |s: &str| -> Version { s.parse().unwrap() };
+        let ok = |from, window| in_window(&releases, "stable", &v(from), &v("4.0"), window);
+        assert!(ok("3.0", 1));
+        assert!(!ok("2.0", 1));
+        assert!(ok("2.0", 2));
+        assert!(!ok("2.5", 5), "another channel's release is no base");
+        assert!(!ok("1.0", 0));
     }
 }

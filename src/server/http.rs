@@ -5,12 +5,18 @@
 //! - `GET /v1/channels/{channel}/manifest`: a freshly signed manifest (cacheable 30 s);
 //! - `GET /v1/artifacts/{name}` (`full-V.xz`, `A-to-B.xz`): the artifact, immutable;
 //! - `GET /v1/artifacts/{name}.descriptor`: its signed descriptor, immutable;
-//!   either answers `503` + `Retry-After` (never cached) while the artifact is being built.
+//!   either answers `503` + `Retry-After` (never cached) while the artifact is being built or
+//!   while a failed build backs off, and `404` for a diff nobody should build.
+//!
+//! Each artifact is built at most once at a time and never rebuilt while complete; builds wait
+//! for one of `Tuning::max_builds` slots; blocking work (releases.json, the source) runs off
+//! the async runtime. Connections are capped and closed when idle (`serve`).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use axum::body::Body;
@@ -20,51 +26,127 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use ed25519_dalek::SigningKey;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower::ServiceExt;
 
-use super::artifacts::Store;
+use super::artifacts::{Buildable, Store};
 use super::build;
 use super::source::StreamSource;
 use crate::core::manifest::{self, Manifest};
 use crate::core::sign;
 use crate::core::version::Version;
 use crate::sys::clock::now;
+use crate::sys::rlimit;
 
 /// How long a signed manifest stays valid.
 const MANIFEST_LIFETIME: u64 = 24 * 3600;
 const IMMUTABLE: &str = "public, max-age=31536000, immutable";
 
 /// What a build in progress or failed looks like to the next asker.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 enum Build {
-    Running,
-    Failed(String),
+    /// Running or waiting for a build slot; `backoff` is the one a failure doubles.
+    Running { backoff: Option<Duration> },
+    /// Failed; not tried again before `retry_at`.
+    Failed {
+        retry_at: Instant,
+        backoff: Duration,
+    },
 }
 
-pub struct Server {
-    pub store: Store,
-    pub key: SigningKey,
-    pub source: Arc<dyn StreamSource>,
+/// What a request for an artifact that is not built leads to.
+#[derive(Debug, PartialEq)]
+enum Next {
+    /// Come back in this many seconds.
+    Wait(u64),
+    /// Start the build; `backoff` is the last failure's, if any.
+    Start { backoff: Option<Duration> },
+}
+
+/// The pure rule: one build at a time per artifact, none while a failure backs off.
+fn next(entry: Option<&Build>, retry_after: u64, now: Instant) -> Next {
+    match entry {
+        Some(Build::Running { .. }) => Next::Wait(retry_after),
+        Some(Build::Failed { retry_at, .. }) if *retry_at > now => {
+            Next::Wait((*retry_at - now).as_secs_f64().ceil() as u64)
+        }
+        Some(Build::Failed { backoff, .. }) => Next::Start {
+            backoff: Some(*backoff),
+        },
+        None => Next::Start { backoff: None },
+    }
+}
+
+/// The backoff after a failure: the first, or the last doubled, at most `max_backoff`.
+fn next_backoff(last: Option<Duration>, t: &Tuning) -> Duration {
+    last.map_or(t.build_backoff, |b| (b * 2).min(t.max_backoff))
+}
+
+/// What an operator tunes on the image server (the `serve` flags).
+#[derive(Debug, Clone)]
+pub struct Tuning {
     /// Seconds a box is told to wait while an artifact is built.
     pub retry_after: u64,
     /// Largest total size of built artifacts before the least recently used are evicted.
     pub cache_cap: u64,
+    /// Diffs are built only from the `diff_window` newest releases of the target's channel
+    /// before the target; older bases are told to take the full stream.
+    pub diff_window: usize,
+    /// How many builds run at once (each xz encoder gets its share of the cores).
+    pub max_builds: usize,
+    /// How long a failed build is not retried; doubles on each failure up to `max_backoff`.
+    pub build_backoff: Duration,
+    /// The longest a failed build waits before it is tried again.
+    pub max_backoff: Duration,
+    /// A connection that sends no complete request head for this long is closed.
+    pub idle_timeout: Duration,
+    /// Most connections served at once (also bounded by the open-files limit).
+    pub max_connections: usize,
+}
+
+impl Default for Tuning {
+    fn default() -> Tuning {
+        Tuning {
+            retry_after: 5,
+            cache_cap: u64::MAX,
+            diff_window: 3,
+            max_builds: 1,
+            build_backoff: Duration::from_secs(60),
+            max_backoff: Duration::from_secs(3600),
+            idle_timeout: Duration::from_secs(15),
+            max_connections: 10_000,
+        }
+    }
+}
+
+/// The image server's state: the store, the signing key, the stream source and the builds.
+pub struct Server {
+    /// Releases and built artifacts.
+    pub store: Store,
+    /// Signs manifests and descriptors.
+    pub key: SigningKey,
+    /// Where builds get send streams.
+    pub source: Arc<dyn StreamSource>,
+    /// The operator's settings.
+    pub tuning: Tuning,
     builds: Mutex<HashMap<String, Build>>,
+    build_slots: Arc<Semaphore>,
 }
 
 impl Server {
+    /// A server over `store` signing with `key`, building from `source`.
     pub fn new(
         store: Store,
         key: SigningKey,
         source: Arc<dyn StreamSource>,
-        cache_cap: u64,
+        tuning: Tuning,
     ) -> Server {
         Server {
             store,
             key,
             source,
-            retry_after: 5,
-            cache_cap,
+            build_slots: Arc::new(Semaphore::new(tuning.max_builds.max(1))),
+            tuning,
             builds: Mutex::new(HashMap::new()),
         }
     }
@@ -73,8 +155,64 @@ impl Server {
     pub fn builds_started(&self) -> usize {
         self.store.builds_started()
     }
+
+    /// How many builds are running or waiting for a slot now.
+    pub fn builds_in_progress(&self) -> usize {
+        let builds = self.builds.lock().expect("builds lock");
+        let running = |b: &&Build| matches!(b, Build::Running { .. });
+        builds.values().filter(running).count()
+    }
+
+    /// What a request for the unbuilt `artifact` leads to now, without claiming it.
+    fn peek(&self, artifact: &str) -> Next {
+        let builds = self.builds.lock().expect("builds lock");
+        next(
+            builds.get(artifact),
+            self.tuning.retry_after,
+            Instant::now(),
+        )
+    }
+
+    /// Claims `artifact`'s build if nobody runs it, it is not built and no failure backs off.
+    /// The check and the claim hold one lock, and a build leaves the map only once published,
+    /// so no request can slip a second build in between.
+    fn claim(&self, artifact: &str) -> Next {
+        let mut builds = self.builds.lock().expect("builds lock");
+        if self.store.is_built(artifact) {
+            return Next::Wait(self.tuning.retry_after);
+        }
+        let next = next(
+            builds.get(artifact),
+            self.tuning.retry_after,
+            Instant::now(),
+        );
+        if let Next::Start { backoff } = next {
+            builds.insert(artifact.to_owned(), Build::Running { backoff });
+        }
+        next
+    }
+
+    /// Records how `artifact`'s build ended: gone from the map, or failed and backing off.
+    fn finish(&self, artifact: &str, result: Result<()>, backoff: Option<Duration>) {
+        let mut builds = self.builds.lock().expect("builds lock");
+        match result {
+            Ok(()) => {
+                builds.remove(artifact);
+            }
+            Err(e) => {
+                let backoff = next_backoff(backoff, &self.tuning);
+                tracing::error!(
+                    "building {artifact}: {e:#}; not retried for {}s",
+                    backoff.as_secs()
+                );
+                let retry_at = Instant::now() + backoff;
+                builds.insert(artifact.to_owned(), Build::Failed { retry_at, backoff });
+            }
+        }
+    }
 }
 
+/// The routes, over `server`.
 pub fn router(server: Arc<Server>) -> Router {
     Router::new()
         .route("/v1/channels/:channel/manifest", get(get_manifest))
@@ -82,11 +220,61 @@ pub fn router(server: Arc<Server>) -> Router {
         .with_state(server)
 }
 
-/// Serves until the process ends.
+/// Descriptors kept free for files other than connections (store, builds, logs).
+const RESERVED_FILES: u64 = 256;
+
+/// Serves until the process ends: at most `max_connections` connections at once (fewer if
+/// the open-files limit, raised to its hard limit first, is lower); a connection that sends no
+/// complete request head within `idle_timeout` (also between keep-alive requests) is closed.
 pub async fn serve(listener: tokio::net::TcpListener, server: Arc<Server>) -> Result<()> {
-    axum::serve(listener, router(server))
-        .await
-        .context("serving")
+    let files = rlimit::raise_nofile().unwrap_or_else(|e| {
+        tracing::warn!("{e:#}");
+        1024
+    });
+    let slots = connection_slots(server.tuning.max_connections, files);
+    let slots = Arc::new(Semaphore::new(slots));
+    let idle = server.tuning.idle_timeout;
+    let app = router(server);
+    loop {
+        let permit = slots
+            .clone()
+            .acquire_owned()
+            .await
+            .context("connection slots")?;
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                tokio::spawn(serve_connection(stream, app.clone(), idle, permit));
+            }
+            Err(e) => {
+                // Out of files or similar: let connections finish instead of spinning.
+                tracing::warn!("accepting a connection: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// How many connections may be open at once: `max`, fewer if the open-files limit is lower.
+fn connection_slots(max: usize, files: u64) -> usize {
+    let by_files = files.saturating_sub(RESERVED_FILES) as usize;
+    max.min(by_files).max(1)
+}
+
+/// One HTTP/1.1 connection, holding its connection slot until it ends.
+async fn serve_connection(
+    stream: tokio::net::TcpStream,
+    app: Router,
+    idle: Duration,
+    _slot: OwnedSemaphorePermit,
+) {
+    let service = hyper_util::service::TowerToHyperService::new(app);
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(idle)
+        .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+    if let Err(e) = conn.await {
+        tracing::debug!("connection ended: {e}");
+    }
 }
 
 /// Binds and serves (the `serve` verb).
@@ -106,13 +294,41 @@ fn error(status: StatusCode, msg: String) -> Response {
     (status, [(header::CACHE_CONTROL, "no-store")], msg + "\n").into_response()
 }
 
+/// A 500: the details go to the log, the box gets a short fixed message.
+fn internal(what: &str, e: impl std::fmt::Display) -> Response {
+    tracing::error!("{what}: {e:#}");
+    error(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal server error".into(),
+    )
+}
+
+/// 503 + Retry-After: the artifact is being built, or its failed build backs off.
+fn come_back_later(artifact: &str, secs: u64) -> Response {
+    let mut resp = error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("{artifact} is being built; come back later"),
+    );
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+    resp
+}
+
+/// Runs blocking `f` (file reads, `zfs list`) off the async runtime.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .context("blocking task")?
+}
+
 async fn get_manifest(State(s): State<Arc<Server>>, UrlPath(channel): UrlPath<String>) -> Response {
     if !manifest::CHANNELS.contains(&channel.as_str()) {
         return error(StatusCode::NOT_FOUND, format!("no channel {channel:?}"));
     }
-    let releases = match s.store.releases() {
+    let store = s.clone();
+    let releases = match blocking(move || store.store.releases()).await {
         Ok(r) => r,
-        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+        Err(e) => return internal("reading releases", e),
     };
     let now = now();
     let m = Manifest {
@@ -131,7 +347,7 @@ async fn get_manifest(State(s): State<Arc<Server>>, UrlPath(channel): UrlPath<St
             axum::Json(env),
         )
             .into_response(),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+        Err(e) => internal("signing a manifest", e),
     }
 }
 
@@ -147,73 +363,127 @@ async fn get_artifact(
     let Some((from, to)) = manifest::parse_artifact_name(&artifact) else {
         return error(StatusCode::NOT_FOUND, format!("no artifact {name:?}"));
     };
+    if !s.store.is_built(&artifact) {
+        return not_built(s, artifact, from, to).await;
+    }
     let path: PathBuf = if descriptor {
         s.store.descriptor_path(&artifact)
     } else {
         s.store.artifact_path(&artifact)
     };
-    if s.store.is_built(&artifact) {
-        s.store.touch(&artifact);
-        let mut resp = match tower_http::services::ServeFile::new(&path)
-            .oneshot(req)
-            .await
-        {
-            Ok(r) => r.map(Body::new),
-            Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-        };
-        if resp.status().is_success() {
-            resp.headers_mut()
-                .insert(header::CACHE_CONTROL, HeaderValue::from_static(IMMUTABLE));
-        }
-        return resp;
+    s.store.touch(&artifact);
+    let mut resp = match tower_http::services::ServeFile::new(&path)
+        .oneshot(req)
+        .await
+    {
+        Ok(r) => r.map(Body::new),
+        Err(e) => return internal(&format!("serving {}", path.display()), e),
+    };
+    if resp.status().is_success() {
+        resp.headers_mut()
+            .insert(header::CACHE_CONTROL, HeaderValue::from_static(IMMUTABLE));
     }
-    // Not built: check it can be built, then build it once in the background.
-    match s.store.can_build(from.as_ref(), &to, s.source.as_ref()) {
-        Ok(true) => {}
-        Ok(false) => {
+    resp
+}
+
+/// An artifact that is not built: come back later (building it once, if it is worth it), or
+/// 404 if it never will be.
+async fn not_built(
+    s: Arc<Server>,
+    artifact: String,
+    from: Option<Version>,
+    to: Version,
+) -> Response {
+    if let Next::Wait(secs) = s.peek(&artifact) {
+        return come_back_later(&artifact, secs);
+    }
+    let (s2, f2, t2) = (s.clone(), from.clone(), to.clone());
+    let worth = blocking(move || {
+        let window = s2.tuning.diff_window;
+        s2.store
+            .buildable(f2.as_ref(), &t2, window, s2.source.as_ref())
+    });
+    match worth.await {
+        Ok(Buildable::Yes) => {}
+        Ok(Buildable::Unknown) => {
             return error(
                 StatusCode::NOT_FOUND,
                 format!("{artifact}: unknown versions"),
             )
         }
-        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
-    }
-    let previous = {
-        let mut builds = s.builds.lock().expect("builds lock");
-        let previous = builds.get(&artifact).cloned();
-        if !matches!(previous, Some(Build::Running)) {
-            builds.insert(artifact.clone(), Build::Running);
+        Ok(Buildable::OutsideWindow) => {
+            let msg = format!("{artifact}: base too old for a diff; take full-{to}.xz");
+            return error(StatusCode::NOT_FOUND, msg);
         }
-        previous
-    };
-    if !matches!(previous, Some(Build::Running)) {
-        spawn_build(s.clone(), artifact.clone(), from, to);
+        Err(e) => return internal(&format!("checking {artifact}"), e),
     }
-    if let Some(Build::Failed(msg)) = previous {
-        tracing::warn!("{artifact}: previous build failed ({msg}); retrying");
+    match s.claim(&artifact) {
+        Next::Start { backoff } => spawn_build(s.clone(), artifact.clone(), from, to, backoff),
+        Next::Wait(secs) => return come_back_later(&artifact, secs),
     }
-    let mut resp = error(
-        StatusCode::SERVICE_UNAVAILABLE,
-        format!("{artifact} is being built; come back later"),
-    );
-    resp.headers_mut()
-        .insert(header::RETRY_AFTER, HeaderValue::from(s.retry_after));
-    resp
+    come_back_later(&artifact, s.tuning.retry_after)
 }
 
-fn spawn_build(s: Arc<Server>, artifact: String, from: Option<Version>, to: Version) {
-    tokio::task::spawn_blocking(move || {
-        let result = build::build(&s.store, s.source.as_ref(), &s.key, from.as_ref(), &to)
-            .and_then(|_| s.store.evict(s.cache_cap, &artifact));
-        let mut builds = s.builds.lock().expect("builds lock");
-        match result {
-            Ok(()) => {
-                builds.remove(&artifact);
+/// Builds `artifact` in the background once a build slot is free, then evicts to the cap.
+fn spawn_build(
+    s: Arc<Server>,
+    artifact: String,
+    from: Option<Version>,
+    to: Version,
+    backoff: Option<Duration>,
+) {
+    tokio::spawn(async move {
+        let _slot = s.build_slots.clone().acquire_owned().await;
+        let (s2, a2) = (s.clone(), artifact.clone());
+        let result = blocking(move || {
+            build::build(&s2.store, s2.source.as_ref(), &s2.key, from.as_ref(), &to)?;
+            if let Err(e) = s2.store.evict(s2.tuning.cache_cap, &a2) {
+                tracing::error!("evicting after {a2}: {e:#}");
             }
-            Err(e) => {
-                tracing::error!("building {artifact}: {e:#}");
-                builds.insert(artifact, Build::Failed(format!("{e:#}")));
-            }
-        }
+            Ok(())
+        })
+        .await;
+        s.finish(&artifact, result, backoff);
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_build_at_a_time_and_none_while_a_failure_backs_off() {
+        let now = Instant::now();
+        let running = Build::Running { backoff: None };
+        assert_eq!(next(Some(&running), 5, now), Next::Wait(5));
+        assert_eq!(next(None, 5, now), Next::Start { backoff: None });
+        let backoff = Duration::from_secs(60);
+        let failed = Build::Failed {
+            retry_at: now + Duration::from_millis(30_500),
+            backoff,
+        };
+        assert_eq!(next(Some(&failed), 5, now), Next::Wait(31));
+        let later = now + Duration::from_secs(31);
+        let retry = Next::Start {
+            backoff: Some(backoff),
+        };
+        assert_eq!(next(Some(&failed), 5, later), retry);
+    }
+
+    #[test]
+    fn connections_are_capped_below_the_open_files_limit() {
+        assert_eq!(connection_slots(10_000, 1024), 768);
+        assert_eq!(connection_slots(10_000, 1 << 20), 10_000);
+        assert_eq!(connection_slots(10_000, 10), 1);
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        let t = Tuning::default();
+        assert_eq!(next_backoff(None, &t), Duration::from_secs(60));
+        let b = next_backoff(Some(Duration::from_secs(60)), &t);
+        assert_eq!(b, Duration::from_secs(120));
+        let b = next_backoff(Some(Duration::from_secs(2400)), &t);
+        assert_eq!(b, Duration::from_secs(3600));
+    }
 }

@@ -10,5 +10,5 @@ pub mod source;
 pub mod verbs;
 
 pub use artifacts::Store;
-pub use http::{router, run, serve, Server};
+pub use http::{router, run, serve, Server, Tuning};
 pub use source::StreamSource;

@@ -7,7 +7,7 @@ use anyhow::Result;
 
 use crate::cli::{KeygenArgs, PublishArgs, ReleaseArgs, ServeArgs};
 use crate::output::Output;
-use crate::server::{keys, publish, source::ZfsSource, Server, Store};
+use crate::server::{keys, publish, source::ZfsSource, Server, Store, Tuning};
 
 pub fn keygen(a: KeygenArgs, mut out: Output) -> Result<()> {
     let public = keys::keygen(&a.out)?;
@@ -53,11 +53,20 @@ pub fn release(a: ReleaseArgs, mut out: Output) -> Result<()> {
     })
 }
 
+/// The `serve` verb: the image server over the store, signing with the key, streams from ZFS.
 pub fn serve(a: ServeArgs) -> Result<()> {
     let store = Store::open(&a.store.store)?;
     let key = keys::load_secret(&a.key)?;
     let source = Arc::new(ZfsSource {
         zvol: a.store.zvol.clone(),
     });
-    crate::server::run(a.listen, Server::new(store, key, source, a.cache_mib << 20))
+    let tuning = Tuning {
+        cache_cap: a.cache_mib << 20,
+        diff_window: a.diff_window,
+        max_builds: a.max_builds,
+        idle_timeout: std::time::Duration::from_secs(a.idle_timeout),
+        max_connections: a.max_connections,
+        ..Tuning::default()
+    };
+    crate::server::run(a.listen, Server::new(store, key, source, tuning))
 }

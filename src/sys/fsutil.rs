@@ -11,6 +11,28 @@ use anyhow::{Context, Result};
 /// Replaces `path` with `data` so that a crash at any instant leaves either the old or the new
 /// content: temp file in the same directory, explicit mode, write, fsync, rename, fsync dir.
 pub fn atomic_write(path: &Path, data: &[u8], mode: u32) -> Result<()> {
+    let tmp = synced_temp(path, data, mode)?;
+    tmp.persist(path)
+        .with_context(|| format!("renaming into {}", path.display()))?;
+    fsync_dir(parent_dir(path))
+}
+
+/// Creates `path` with `data` like `atomic_write`, but never replaces an existing file: the
+/// rename is `RENAME_NOREPLACE` (or link + unlink), so a second writer fails instead.
+pub fn write_new(path: &Path, data: &[u8], mode: u32) -> Result<()> {
+    let tmp = synced_temp(path, data, mode)?;
+    publish_new(tmp, path)
+}
+
+/// Renames a complete temp file to `path` unless `path` exists (then fails, `path` untouched).
+pub fn publish_new(tmp: tempfile::NamedTempFile, path: &Path) -> Result<()> {
+    tmp.persist_noclobber(path)
+        .with_context(|| format!("publishing {} (never replaced)", path.display()))?;
+    fsync_dir(parent_dir(path))
+}
+
+/// A temp file next to `path` holding `data` with `mode`, fsync'd.
+fn synced_temp(path: &Path, data: &[u8], mode: u32) -> Result<tempfile::NamedTempFile> {
     let dir = parent_dir(path);
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut tmp = tempfile::Builder::new()
@@ -23,9 +45,7 @@ pub fn atomic_write(path: &Path, data: &[u8], mode: u32) -> Result<()> {
     tmp.write_all(data)
         .and_then(|_| tmp.as_file().sync_all())
         .with_context(|| format!("writing {}", path.display()))?;
-    tmp.persist(path)
-        .with_context(|| format!("renaming into {}", path.display()))?;
-    fsync_dir(dir)
+    Ok(tmp)
 }
 
 /// `atomic_write` of a file GRUB reads (grub.cfg, grubenv): durable for Linux *and* at its

@@ -1,5 +1,5 @@
 //! Thin effects on the system, each behind one module: running tools, durable writes, ZFS, loop
-//! mounts, the lock, the clock.
+//! mounts, the lock, the clock, resource limits.
 
 pub mod clock;
 pub mod cmd;
@@ -7,4 +7,5 @@ pub mod faults;
 pub mod fsutil;
 pub mod lock;
 pub mod loopmount;
+pub mod rlimit;
 pub mod zfs;

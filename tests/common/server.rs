@@ -1,0 +1,279 @@
+//! The image server for the host tests of delivery: the real server over 127.0.0.1 with real
+//! HTTP. ZFS cannot run on this host (no module), so send streams come from `FileSource`, a
+//! stand-in that reads stream files from a directory; the real ZFS path runs in the VM tier.
+//!
+//! Used by `tests/delivery.rs` and `tests/server_faults.rs` as `#[path = "common/server.rs"]`.
+
+#![allow(dead_code)] // each test binary uses a different part of this module
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use ed25519_dalek::SigningKey;
+use upgradectl::appliance::prepare::fetch::{self, Limits};
+use upgradectl::core::manifest::{Blob, Descriptor, Release};
+use upgradectl::core::sign;
+use upgradectl::core::version::Version;
+use upgradectl::error::Error;
+use upgradectl::server::artifacts::StoredRelease;
+use upgradectl::server::{Server, Store, StreamSource, Tuning};
+
+/// Stand-in for ZFS (not available on this host): streams are files `full-V` / `A-to-B`.
+pub struct FileSource {
+    pub dir: PathBuf,
+    /// How long each send takes before it writes anything (a slow build).
+    pub delay: Duration,
+    /// How long each `has` takes (a slow `zfs list`).
+    pub has_delay: Duration,
+    /// Sends running now, and the most that ever ran at once.
+    pub running: AtomicUsize,
+    pub max_running: AtomicUsize,
+    /// How many times `has` was asked.
+    pub has_calls: AtomicUsize,
+}
+
+impl StreamSource for FileSource {
+    fn send(&self, from: Option<&Version>, to: &Version, out: &mut dyn Write) -> Result<()> {
+        let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+        self.max_running.fetch_max(now, Ordering::SeqCst);
+        std::thread::sleep(self.delay);
+        let name = match from {
+            Some(f) => format!("{f}-to-{to}"),
+            None => format!("full-{to}"),
+        };
+        let result = std::fs::read(self.dir.join(name))
+            .map_err(anyhow::Error::from)
+            .and_then(|data| Ok(out.write_all(&data)?));
+        self.running.fetch_sub(1, Ordering::SeqCst);
+        result
+    }
+    fn has(&self, v: &Version) -> Result<bool> {
+        self.has_calls.fetch_add(1, Ordering::SeqCst);
+        std::thread::sleep(self.has_delay);
+        Ok(self.dir.join(format!("full-{v}")).exists())
+    }
+}
+
+/// What a test server holds and how it behaves.
+pub struct Setup {
+    /// Published versions, all on `stable`, oldest first. Streams: `full-V` for each
+    /// (`full_size` bytes) and `A-to-B` for each consecutive pair (`diff_size` bytes).
+    pub versions: Vec<&'static str>,
+    pub full_size: usize,
+    pub diff_size: usize,
+    pub delay: Duration,
+    pub has_delay: Duration,
+    pub tuning: Tuning,
+}
+
+impl Default for Setup {
+    fn default() -> Setup {
+        Setup {
+            versions: vec!["1.0", "2.0"],
+            full_size: 3 << 20,
+            diff_size: 9 << 20,
+            delay: Duration::ZERO,
+            has_delay: Duration::ZERO,
+            tuning: Tuning {
+                retry_after: 1,
+                ..Tuning::default()
+            },
+        }
+    }
+}
+
+pub struct Fixture {
+    _dir: tempfile::TempDir,
+    pub root: PathBuf,
+    pub key: SigningKey,
+    pub server: Arc<Server>,
+    pub source: Arc<FileSource>,
+    pub addr: SocketAddr,
+}
+
+pub fn v(s: &str) -> Version {
+    s.parse().unwrap()
+}
+
+/// Pseudo-random, poorly compressible bytes.
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Stream files: `full-V` with seed i+1, `A-to-B` (consecutive) with seed n+i+1.
+fn write_streams(dir: &Path, setup: &Setup) {
+    std::fs::create_dir_all(dir).unwrap();
+    let n = setup.versions.len() as u64;
+    for (i, ver) in setup.versions.iter().enumerate() {
+        let i = i as u64;
+        std::fs::write(
+            dir.join(format!("full-{ver}")),
+            noise(setup.full_size, i + 1),
+        )
+        .unwrap();
+    }
+    for (i, pair) in setup.versions.windows(2).enumerate() {
+        let name = format!("{}-to-{}", pair[0], pair[1]);
+        std::fs::write(dir.join(name), noise(setup.diff_size, n + i as u64 + 1)).unwrap();
+    }
+}
+
+fn stored_release(ver: &str, n: u8) -> StoredRelease {
+    StoredRelease {
+        channel: "stable".into(),
+        release: Release {
+            version: v(ver),
+            rollout: 100,
+            paused: false,
+            image: Blob {
+                size: 1,
+                sha256: format!("{n:02x}"),
+            },
+        },
+    }
+}
+
+/// The server in a thread of its own on a two-worker runtime (so blocking the runtime shows).
+fn spawn_server(server: Arc<Server>) -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            upgradectl::server::serve(listener, server).await.unwrap();
+        });
+    });
+    addr
+}
+
+/// A server with two releases (1.0, 2.0) whose builds take `delay`.
+pub fn start(delay: Duration, cache_cap: u64) -> Fixture {
+    let mut setup = Setup {
+        delay,
+        ..Setup::default()
+    };
+    setup.tuning.cache_cap = cache_cap;
+    start_with(setup)
+}
+
+pub fn start_with(setup: Setup) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_owned();
+    let streams = root.join("streams");
+    write_streams(&streams, &setup);
+    let store = Store::open(&root.join("store")).unwrap();
+    let releases: Vec<_> = (setup.versions.iter().enumerate())
+        .map(|(i, ver)| stored_release(ver, i as u8 + 1))
+        .collect();
+    store.save_releases(&releases).unwrap();
+    let key = SigningKey::from_bytes(&[7u8; 32]);
+    let source = Arc::new(FileSource {
+        dir: streams,
+        delay: setup.delay,
+        has_delay: setup.has_delay,
+        running: AtomicUsize::new(0),
+        max_running: AtomicUsize::new(0),
+        has_calls: AtomicUsize::new(0),
+    });
+    let server = Arc::new(Server::new(
+        store,
+        key.clone(),
+        source.clone(),
+        setup.tuning,
+    ));
+    let addr = spawn_server(server.clone());
+    Fixture {
+        _dir: dir,
+        root,
+        key,
+        server,
+        source,
+        addr,
+    }
+}
+
+pub fn limits() -> Limits {
+    Limits {
+        stall: Duration::from_secs(10),
+        min_speed: 1,
+    }
+}
+
+/// Polls `cond` every 20 ms until it holds; panics with `what` after `deadline`.
+pub fn wait_for(what: &str, deadline: Duration, mut cond: impl FnMut() -> bool) {
+    let end = Instant::now() + deadline;
+    while !cond() {
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+impl Fixture {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// GET `path`: status, Retry-After (if any) and body.
+    pub fn get(&self, path: &str) -> (u16, Option<u64>, String) {
+        let client = fetch::client(&limits()).unwrap();
+        let resp = client.get(self.url(path)).send().unwrap();
+        let status = resp.status().as_u16();
+        let retry = resp
+            .headers()
+            .get("retry-after")
+            .map(|h| h.to_str().unwrap().parse().unwrap());
+        (status, retry, resp.text().unwrap())
+    }
+
+    /// Polls the descriptor until built; returns it verified.
+    pub fn descriptor(&self, name: &str) -> Descriptor {
+        let client = fetch::client(&limits()).unwrap();
+        for _ in 0..1200 {
+            match fetch::get_envelope(
+                &client,
+                &self.url(&format!("/v1/artifacts/{name}.descriptor")),
+                name,
+            ) {
+                Ok(env) => return sign::open(&env, &[self.key.verifying_key()], name).unwrap(),
+                Err(e) => match e.downcast_ref::<Error>() {
+                    Some(Error::ComeBackLater { .. }) => {
+                        std::thread::sleep(Duration::from_millis(50))
+                    }
+                    _ => panic!("{e:#}"),
+                },
+            }
+        }
+        panic!("{name} was never built");
+    }
+
+    pub fn download(&self, name: &str, dest: &Path, d: &Descriptor) -> Result<fetch::Fetched> {
+        let client = fetch::client(&limits()).unwrap();
+        fetch::download(
+            &client,
+            &self.url(&format!("/v1/artifacts/{name}")),
+            dest,
+            d,
+            &limits(),
+            &mut |_, _| {},
+        )
+    }
+}
