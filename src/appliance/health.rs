@@ -16,48 +16,88 @@ pub struct CheckResult {
     pub seconds: f64,
 }
 
-/// Runs one check, killing it at its timeout.
+/// How much of a check's stderr the report keeps (the rest is read and dropped).
+const STDERR_KEEP: usize = 4096;
+
+/// Runs one check in its own process group, killing the group at its timeout. Its stderr is
+/// drained on a thread, so a check that writes more than a pipe holds never blocks.
 pub fn run_check(check: &HealthCheck) -> Result<CheckResult> {
+    use std::os::unix::process::CommandExt;
     let start = Instant::now();
     let cmd = Cmd::new(&check.command[0]).args(&check.command[1..]);
-    let mut child = cmd
+    let spawned = cmd
         .to_command()
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
+        .process_group(0)
         .spawn()
         .with_context(|| format!("starting health check {}: {}", check.name, cmd.display()));
-    let timeout = Duration::from_secs(check.timeout_seconds);
-    let (ok, detail) = match child.as_mut() {
-        Err(e) => (false, format!("{e:#}")),
-        Ok(child) => loop {
-            if let Some(status) = child.try_wait()? {
-                let mut stderr = String::new();
-                if let Some(mut s) = child.stderr.take() {
-                    use std::io::Read;
-                    let _ = s.read_to_string(&mut stderr);
-                }
-                let detail = match status.code() {
-                    Some(0) => "passed".to_owned(),
-                    Some(c) if stderr.trim().is_empty() => format!("exited with {c}"),
-                    Some(c) => format!("exited with {c}: {}", stderr.trim()),
-                    None => "killed by a signal".to_owned(),
-                };
-                break (status.success(), detail);
-            }
-            if start.elapsed() > timeout {
-                let _ = child.kill();
-                let _ = child.wait();
-                break (false, format!("timed out after {}s", check.timeout_seconds));
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        },
+    let mut child = match spawned {
+        Ok(c) => c,
+        Err(e) => return Ok(result(check, start, false, format!("{e:#}"))),
     };
-    Ok(CheckResult {
+    let stderr = drain(child.stderr.take().expect("piped"));
+    let timeout = Duration::from_secs(check.timeout_seconds);
+    let group = nix::unistd::Pid::from_raw(child.id() as i32);
+    let kill_group = || {
+        let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
+    };
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if start.elapsed() > timeout => {
+                kill_group();
+                let _ = child.wait();
+                let detail = format!("timed out after {}s", check.timeout_seconds);
+                return Ok(result(check, start, false, detail));
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+            Err(e) => {
+                kill_group();
+                let _ = child.wait();
+                return Err(e).with_context(|| format!("waiting for health check {}", check.name));
+            }
+        }
+    };
+    // Whatever the check left running must not outlive it either.
+    kill_group();
+    let stderr = stderr
+        .recv_timeout(Duration::from_secs(1))
+        .unwrap_or_default();
+    let detail = match status.code() {
+        Some(0) => "passed".to_owned(),
+        Some(c) if stderr.trim().is_empty() => format!("exited with {c}"),
+        Some(c) => format!("exited with {c}: {}", stderr.trim()),
+        None => "killed by a signal".to_owned(),
+    };
+    Ok(result(check, start, status.success(), detail))
+}
+
+/// Reads a pipe to its end on a thread; sends the first `STDERR_KEEP` bytes as text.
+fn drain(mut pipe: impl std::io::Read + Send + 'static) -> std::sync::mpsc::Receiver<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut kept = Vec::new();
+        let mut buf = [0u8; 8192];
+        while let Ok(n) = pipe.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            let room = STDERR_KEEP.saturating_sub(kept.len());
+            kept.extend_from_slice(&buf[..n.min(room)]);
+        }
+        let _ = tx.send(String::from_utf8_lossy(&kept).into_owned());
+    });
+    rx
+}
+
+fn result(check: &HealthCheck, start: Instant, ok: bool, detail: String) -> CheckResult {
+    CheckResult {
         name: check.name.clone(),
         ok,
         detail,
         seconds: start.elapsed().as_secs_f64(),
-    })
+    }
 }
 
 /// Runs all checks (all of them, so the report is complete).
@@ -85,5 +125,35 @@ mod tests {
         let r = run_check(&check(&["sleep", "5"], 0)).unwrap();
         assert!(!r.ok && r.detail.contains("timed out"), "{r:?}");
         assert!(!run_check(&check(&["/no/such/check"], 5)).unwrap().ok);
+    }
+
+    /// A check that writes more than a pipe holds must not block and "time out".
+    #[test]
+    fn a_chatty_check_passes() {
+        let r = run_check(&check(
+            &[
+                "sh",
+                "-c",
+                "head -c 300000 /dev/zero | tr '\\0' x >&2; exit 0",
+            ],
+            10,
+        ))
+        .unwrap();
+        assert!(r.ok, "{r:?}");
+    }
+
+    /// At its timeout the check's whole process group goes, grandchildren included.
+    #[test]
+    fn a_timeout_kills_the_checks_children() {
+        let dir = tempfile::tempdir().unwrap();
+        let marker = dir.path().join("alive");
+        let script = format!("(sleep 2; touch {}) & sleep 30", marker.display());
+        let r = run_check(&check(&["sh", "-c", &script], 1)).unwrap();
+        assert!(!r.ok && r.detail.contains("timed out"), "{r:?}");
+        std::thread::sleep(Duration::from_secs(3));
+        assert!(
+            !marker.exists(),
+            "a child of the check outlived its timeout"
+        );
     }
 }
