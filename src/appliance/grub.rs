@@ -154,7 +154,7 @@ pub fn parse_env(data: &[u8]) -> Result<Env> {
         bail!("not a GRUB environment block (bad header)");
     };
     let mut env = Env::new();
-    for line in body.lines() {
+    for line in logical_lines(body) {
         if line.starts_with('#') || line.is_empty() {
             continue;
         }
@@ -162,6 +162,26 @@ pub fn parse_env(data: &[u8]) -> Result<Env> {
         env.insert(k.to_owned(), unescape(v));
     }
     Ok(env)
+}
+
+/// Splits at newlines that are not escaped: a backslash-newline belongs to the value, as
+/// grub-editenv writes a value holding a newline. Escapes are kept for `unescape`.
+fn logical_lines(body: &str) -> Vec<&str> {
+    let mut lines = Vec::new();
+    let (mut start, mut escaped) = (0, false);
+    for (i, c) in body.char_indices() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' => escaped = true,
+            '\n' => {
+                lines.push(&body[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    lines.push(&body[start..]);
+    lines
 }
 
 /// Renders an environment block, padded with `#` to 1024 bytes as GRUB requires.
@@ -181,8 +201,9 @@ pub fn render_env(env: &Env) -> Result<Vec<u8>> {
     Ok(out)
 }
 
+/// Escapes as grub-editenv does: a backslash before a backslash or a newline.
 fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('\n', "\\n")
+    v.replace('\\', "\\\\").replace('\n', "\\\n")
 }
 
 fn unescape(v: &str) -> String {
@@ -190,11 +211,11 @@ fn unescape(v: &str) -> String {
     let mut chars = v.chars();
     while let Some(c) = chars.next() {
         match (c, c == '\\') {
-            (_, true) => match chars.next() {
-                Some('n') => out.push('\n'),
-                Some(o) => out.push(o),
-                None => {}
-            },
+            (_, true) => {
+                if let Some(o) = chars.next() {
+                    out.push(o);
+                }
+            }
             (c, false) => out.push(c),
         }
     }
@@ -304,5 +325,30 @@ mod tests {
         assert_eq!(data.len(), 1024);
         assert_eq!(parse_env(&data).unwrap(), env);
         assert!(parse_env(b"garbage").is_err());
+    }
+
+    /// Values with a newline or a backslash are escaped as grub-editenv (and GRUB's
+    /// `save_env`) escape them: a backslash before the character itself.
+    #[test]
+    fn escapes_like_grub_editenv() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("grubenv");
+        let status = std::process::Command::new("grub-editenv")
+            .arg(&file)
+            .args(["set", "odd=a\nb\\c", "next_entry=upgradectl-2.0"])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let theirs = std::fs::read(&file).unwrap();
+        let env = parse_env(&theirs).unwrap();
+        assert_eq!(env["odd"], "a\nb\\c");
+        assert_eq!(env["next_entry"], "upgradectl-2.0");
+        let ours = render_env(&env).unwrap();
+        let line = |d: &[u8]| {
+            let t = String::from_utf8_lossy(d).into_owned();
+            let i = t.find("odd=").unwrap();
+            t[i..i + 9].to_owned()
+        };
+        assert_eq!(line(&ours), line(&theirs));
     }
 }
