@@ -73,7 +73,7 @@ pub enum Command {
     Upgrade(UpgradeArgs),
     /// After a boot: run the health checks; a healthy trial image becomes the default, an
     /// unhealthy one is marked bad and the box goes back.
-    Confirm(RebootArgs),
+    Confirm(ConfirmArgs),
     /// Make the previous image the default again and reboot into it.
     Revert(RebootArgs),
     /// Provision a host partition: make images/VERSION.img the default and write GRUB's files.
@@ -206,6 +206,17 @@ pub struct RebootArgs {
     /// Do not reboot (the change takes effect at the next boot).
     #[arg(long)]
     pub no_reboot: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ConfirmArgs {
+    /// Do not reboot (the change takes effect at the next boot).
+    #[arg(long)]
+    pub no_reboot: bool,
+    /// Run by the trial deadline timer: a trial still unconfirmed now failed (it hung before
+    /// its health checks could run); it is marked bad and the box goes back.
+    #[arg(long)]
+    pub deadline: bool,
 }
 
 #[derive(Debug, Args)]

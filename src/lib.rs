@@ -44,7 +44,7 @@ pub fn run(cli: Cli, out: Output) -> Result<()> {
         Command::Upgrade(a) => {
             verbs::upgrade::upgrade(&mut box_ctx(out)?, a.version, a.dry_run, a.no_reboot)
         }
-        Command::Confirm(a) => verbs::confirm::confirm(&mut box_ctx(out)?, a.no_reboot),
+        Command::Confirm(a) => verbs::confirm::confirm(&mut box_ctx(out)?, a.no_reboot, a.deadline),
         Command::Revert(a) => verbs::revert::revert(&mut box_ctx(out)?, a.no_reboot),
         Command::Init(a) => verbs::init::init(&mut box_ctx(out)?, &a.version, a.host_uuid),
         Command::GrubEntries => verbs::grub_entries::grub_entries(&mut box_ctx(out)?),

@@ -584,3 +584,26 @@ fn upgrade_reports_paths_changed_on_the_box_and_in_the_image() {
         "box-17\n"
     );
 }
+
+/// A trial that never reaches its health checks (userspace hung before confirm) is settled by
+/// the deadline timer: marked bad, the default stays, and the box reboots back.
+#[test]
+fn a_trial_past_its_deadline_is_bad_and_the_box_goes_back() {
+    let h = HostRoot::with_prepared("2.0");
+    h.run(&["upgrade", "--no-reboot"]).expect(0);
+    h.grub_reboot();
+    let r = h.run(&["confirm", "--deadline"]).expect(1);
+    assert!(
+        r.lines.iter().any(|l| l["event"] == "reboot-skipped"),
+        "{}",
+        r.stdout
+    );
+    let s = h.state();
+    assert_eq!(s["images"]["2.0"]["state"], "bad");
+    assert_eq!(s["default"], "1.0");
+    assert_eq!(h.grub_default().as_deref(), Some("1.0"));
+    h.assert_menu(&["1.0"]);
+    // Once settled, the deadline finds nothing to do.
+    h.grub_reboot();
+    h.run(&["confirm", "--deadline"]).expect(3);
+}

@@ -8,7 +8,7 @@ variant=$2
 
 dpkg -i /tmp/upgradectl.deb
 rm -f /tmp/upgradectl.deb
-systemctl enable upgradectl-confirm.service
+systemctl enable upgradectl-confirm.service upgradectl-trial-deadline.timer
 
 mkdir -p /etc/upgradectl
 echo "$version" > /etc/upgradectl/image-version

@@ -24,7 +24,8 @@ struct ConfirmReport {
 }
 
 /// After a boot: settle a trial. Healthy → default; unhealthy → bad, back to the default.
-pub fn confirm(ctx: &mut Ctx, no_reboot: bool) -> Result<()> {
+/// `deadline`: the trial's time is up (the deadline timer); still on trial means it failed.
+pub fn confirm(ctx: &mut Ctx, no_reboot: bool, deadline: bool) -> Result<()> {
     let (_lock, mut state, _) = intent::lock(ctx)?;
     let booted = ctx.booted_version()?;
     let env = grub::read_env(&ctx.layout.grubenv())?;
@@ -43,7 +44,16 @@ pub fn confirm(ctx: &mut Ctx, no_reboot: bool) -> Result<()> {
         Option<Version>,
     ) = match settle {
         Settle::Trial(v) => {
-            let checks = health::run_all(&ctx.config.health)?;
+            let checks = if deadline {
+                vec![CheckResult {
+                    name: "deadline".into(),
+                    ok: false,
+                    detail: "the trial was not confirmed before its deadline".into(),
+                    seconds: 0.0,
+                }]
+            } else {
+                health::run_all(&ctx.config.health)?
+            };
             let failed: Vec<String> = checks
                 .iter()
                 .filter(|c| !c.ok)
