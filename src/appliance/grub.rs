@@ -140,7 +140,8 @@ pub fn parse_env(data: &[u8]) -> Result<Env> {
         bail!("not a GRUB environment block (bad header)");
     };
     let mut env = Env::new();
-    for line in body.lines() {
+    // GRUB splits on '\n' only: a '\r' is part of the value.
+    for line in body.split('\n') {
         if line.starts_with('#') || line.is_empty() {
             continue;
         }
@@ -154,7 +155,7 @@ pub fn parse_env(data: &[u8]) -> Result<Env> {
 pub fn render_env(env: &Env) -> Result<Vec<u8>> {
     let mut s = String::from(ENV_HEADER);
     for (k, v) in env {
-        if k.is_empty() || k.contains(['=', '\n']) {
+        if k.is_empty() || k.contains(['=', '\n']) || k.starts_with('#') {
             bail!("invalid grubenv key {k:?}");
         }
         let _ = writeln!(s, "{k}={}", escape(v));
