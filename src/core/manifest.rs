@@ -240,14 +240,22 @@ pub fn open_manifest(
     Ok(m)
 }
 
-/// Verifies a descriptor envelope with the trusted keys, parses it and validates it.
+/// Verifies the envelope of artifact `name`'s descriptor with the trusted keys, parses it,
+/// validates it, and refuses a descriptor of another artifact (its name also fixes `from`
+/// and `to`).
 pub fn open_descriptor(
     envelope: &Envelope,
     trusted: &[ed25519_dalek::VerifyingKey],
-    what: &str,
+    name: &str,
 ) -> Result<Descriptor> {
-    let d: Descriptor = sign::open(envelope, trusted, what)?;
+    let d: Descriptor = sign::open(envelope, trusted, name)?;
     d.validate()?;
+    if d.name != name {
+        return Err(refused(format!(
+            "the descriptor of {name} describes {:?}",
+            d.name
+        )));
+    }
     Ok(d)
 }
 

@@ -146,13 +146,6 @@ fn prepare_once(ctx: &mut Ctx, pinned: Option<&Version>) -> Result<PrepareReport
         &trusted,
         &name,
     )?;
-    if descriptor.name != name || descriptor.to != target || descriptor.from != plan.base {
-        return Err(Error::SignatureInvalid(format!(
-            "the descriptor at {durl} describes {}, not {name}",
-            descriptor.name
-        ))
-        .into());
-    }
     let dir = ctx.layout.downloads_dir();
     std::fs::create_dir_all(&dir)?;
     let file = dir.join(&name);
