@@ -261,8 +261,12 @@ impl Config {
         )?;
         within("space_margin_mib", self.space_margin_mib, 0..=1 << 20)?;
         within("keep_extra_images", self.keep_extra_images as u64, 0..=64)?;
-        for h in &self.health {
-            within("health.timeout_seconds", h.timeout_seconds, 1..=3600)?;
+        for (i, h) in self.health.iter().enumerate() {
+            within(
+                &format!("health[{i}].timeout_seconds"),
+                h.timeout_seconds,
+                1..=3600,
+            )?;
         }
         Ok(())
     }
@@ -402,7 +406,7 @@ mod tests {
             ("keep_extra_images = 100000", "keep_extra_images"),
             (
                 "[[health]]\nname = \"x\"\ncommand = [\"true\"]\ntimeout_seconds = 0",
-                "health.timeout_seconds",
+                "health[0].timeout_seconds",
             ),
         ] {
             let err = Config::parse(text, Path::new("/etc/u.toml")).unwrap_err();
