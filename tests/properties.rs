@@ -8,6 +8,7 @@ use proptest::prelude::*;
 use upgradectl::appliance::bootinfo::BootReport;
 use upgradectl::appliance::config::{Config, ConfigError};
 use upgradectl::appliance::grub::{parse_env, render_env, Env};
+use upgradectl::appliance::prepare::fetch;
 use upgradectl::core::manifest::{self, Descriptor, Encoding, Manifest};
 use upgradectl::core::sign::{self, Envelope};
 use upgradectl::core::version::Version;
@@ -160,6 +161,12 @@ proptest! {
             let back: Manifest = sign::open(&env, &[key().verifying_key()], "m").unwrap();
             prop_assert_eq!(back, m);
         }
+    }
+
+    #[test]
+    fn retry_after_is_always_within_bounds(header in proptest::option::of(prop_oneof![".{0,24}", any::<u64>().prop_map(|n| n.to_string())])) {
+        let secs = fetch::retry_after_secs(header.as_deref());
+        prop_assert!((1..=fetch::MAX_RETRY_AFTER).contains(&secs));
     }
 
     #[test]
