@@ -1,14 +1,12 @@
-//! Host tests of delivery: the real server and the real client over 127.0.0.1 with real HTTP.
-//! ZFS cannot run on this host (no module), so send streams come from `FileSource`, a stand-in
-//! that reads stream files from a directory; the real ZFS path runs in the VM tier.
+//! Host tests of delivery: the real server and the real client over 127.0.0.1 with real HTTP
+//! (see `server_fixture` for the stand-in for ZFS).
 
-#[path = "common/server.rs"]
-mod server;
+mod server_fixture;
 
 use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
-use server::{limits, noise, start, v};
+use server_fixture::{limits, noise, start, v};
 use upgradectl::appliance::prepare::fetch;
 use upgradectl::core::manifest::Manifest;
 use upgradectl::core::sign;
@@ -17,9 +15,7 @@ use upgradectl::error::Error;
 #[test]
 fn manifest_is_signed_fresh_and_per_channel() {
     let f = start(Duration::ZERO, u64::MAX);
-    let client = fetch::client(&limits()).unwrap();
-    let env =
-        fetch::get_envelope(&client, &f.url("/v1/channels/stable/manifest"), "manifest").unwrap();
+    let env = f.manifest_envelope("stable").unwrap();
     let m: Manifest = sign::open(&env, &[f.key.verifying_key()], "manifest").unwrap();
     assert_eq!(m.channel, "stable");
     assert_eq!(m.releases.len(), 2);
@@ -30,11 +26,10 @@ fn manifest_is_signed_fresh_and_per_channel() {
         err.downcast_ref::<Error>(),
         Some(Error::SignatureInvalid(_))
     ));
-    let edge =
-        fetch::get_envelope(&client, &f.url("/v1/channels/edge/manifest"), "manifest").unwrap();
+    let edge = f.manifest_envelope("edge").unwrap();
     let m: Manifest = sign::open(&edge, &[f.key.verifying_key()], "manifest").unwrap();
     assert!(m.releases.is_empty());
-    assert!(fetch::get_envelope(&client, &f.url("/v1/channels/nightly/manifest"), "m").is_err());
+    assert!(f.manifest_envelope("nightly").is_err());
 }
 
 #[test]
@@ -168,4 +163,37 @@ fn cache_cap_evicts_least_recently_used() {
         "the older artifact was evicted"
     );
     assert!(artifacts.join("full-2.0.xz").exists());
+}
+
+#[test]
+fn complete_but_corrupt_download_is_verified_and_fetched_again() {
+    let f = start(Duration::ZERO, u64::MAX);
+    let d = f.descriptor("full-2.0.xz");
+    let good = std::fs::read(f.root.join("store/artifacts/full-2.0.xz")).unwrap();
+    let dest = f.root.join("full-2.0.xz");
+    f.download("full-2.0.xz", &dest, &d).unwrap();
+    // The finished file rots on disk: right size, wrong bytes.
+    let mut rotten = good.clone();
+    rotten[good.len() / 2] ^= 0x01;
+    std::fs::write(&dest, &rotten).unwrap();
+    let got = f.download("full-2.0.xz", &dest, &d).unwrap();
+    assert_eq!(got.downloaded, d.size, "the bad file was fetched again");
+    assert_eq!(std::fs::read(&dest).unwrap(), good);
+}
+
+#[test]
+fn descriptor_with_absurd_chunk_sizes_fails_without_panicking() {
+    let f = start(Duration::ZERO, u64::MAX);
+    let good = f.descriptor("full-2.0.xz");
+    let dest = f.root.join("full-2.0.xz");
+    for chunk_size in [0, 1 << 62, u64::MAX] {
+        let mut d = good.clone();
+        d.chunk_size = chunk_size;
+        let err = f.download("full-2.0.xz", &dest, &d).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("chunk_size"),
+            "chunk_size {chunk_size}: {err:#}"
+        );
+        assert!(!dest.exists());
+    }
 }

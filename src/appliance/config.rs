@@ -227,8 +227,58 @@ impl Config {
                 return Err(bad(format!("health: check {:?} has an empty command", h.name)).into());
             }
         }
+        config.check_numbers().map_err(bad)?;
         Ok(config)
     }
+
+    /// Refuses numbers that make no sense (a zero timeout, a wait of years); the message names
+    /// the key and the accepted range.
+    fn check_numbers(&self) -> std::result::Result<(), String> {
+        let d = &self.download;
+        within("download.stall_seconds", d.stall_seconds, 1..=3600)?;
+        within("download.min_speed_bytes", d.min_speed_bytes, 1..=1 << 30)?;
+        within(
+            "download.max_wait_seconds",
+            d.max_wait_seconds,
+            0..=7 * 86400,
+        )?;
+        within(
+            "grub.panic_seconds",
+            self.grub.panic_seconds.into(),
+            1..=3600,
+        )?;
+        within(
+            "grub.timeout_seconds",
+            self.grub.timeout_seconds.into(),
+            0..=600,
+        )?;
+        within("space_margin_mib", self.space_margin_mib, 0..=1 << 20)?;
+        within("keep_extra_images", self.keep_extra_images as u64, 0..=64)?;
+        for (i, h) in self.health.iter().enumerate() {
+            within(
+                &format!("health[{i}].timeout_seconds"),
+                h.timeout_seconds,
+                1..=3600,
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// `Err` naming `key` when `value` is outside `range`.
+fn within(
+    key: &str,
+    value: u64,
+    range: std::ops::RangeInclusive<u64>,
+) -> std::result::Result<(), String> {
+    if range.contains(&value) {
+        return Ok(());
+    }
+    Err(format!(
+        "{key}: {value} is not within {}..={}",
+        range.start(),
+        range.end()
+    ))
 }
 
 fn read_table(file: &Path) -> Result<Option<toml::Table>> {
@@ -325,5 +375,40 @@ mod tests {
         assert_eq!(c.channel, "beta");
         assert_eq!(c.grub.kernel_args, "console=ttyS0");
         assert_eq!(c.grub.panic_seconds, 5);
+    }
+
+    #[test]
+    fn nonsensical_numbers_are_refused_naming_key_and_file() {
+        for (text, key) in [
+            ("[download]\nstall_seconds = 0", "download.stall_seconds"),
+            (
+                "[download]\nstall_seconds = 99999999",
+                "download.stall_seconds",
+            ),
+            (
+                "[download]\nmin_speed_bytes = 0",
+                "download.min_speed_bytes",
+            ),
+            (
+                "[download]\nmax_wait_seconds = 99999999",
+                "download.max_wait_seconds",
+            ),
+            ("[grub]\npanic_seconds = 0", "grub.panic_seconds"),
+            ("[grub]\ntimeout_seconds = 100000", "grub.timeout_seconds"),
+            ("space_margin_mib = 99999999999", "space_margin_mib"),
+            ("keep_extra_images = 100000", "keep_extra_images"),
+            (
+                "[[health]]\nname = \"x\"\ncommand = [\"true\"]\ntimeout_seconds = 0",
+                "health[0].timeout_seconds",
+            ),
+        ] {
+            let err = Config::parse(text, Path::new("/etc/u.toml")).unwrap_err();
+            let msg = format!("{err:#}");
+            assert!(
+                msg.contains(key) && msg.contains("/etc/u.toml"),
+                "{text}: {msg}"
+            );
+            assert!(err.downcast_ref::<ConfigError>().is_some(), "{msg}");
+        }
     }
 }

@@ -154,6 +154,7 @@ pub fn parse_env(data: &[u8]) -> Result<Env> {
         bail!("not a GRUB environment block (bad header)");
     };
     let mut env = Env::new();
+    // Lines end at an unescaped \'\n\' only (GRUB keeps a \'\r\' in the value).
     for line in logical_lines(body) {
         if line.starts_with('#') || line.is_empty() {
             continue;
@@ -188,7 +189,7 @@ fn logical_lines(body: &str) -> Vec<&str> {
 pub fn render_env(env: &Env) -> Result<Vec<u8>> {
     let mut s = String::from(ENV_HEADER);
     for (k, v) in env {
-        if k.is_empty() || k.contains(['=', '\n']) {
+        if k.is_empty() || k.contains(['=', '\n']) || k.starts_with('#') {
             bail!("invalid grubenv key {k:?}");
         }
         let _ = writeln!(s, "{k}={}", escape(v));

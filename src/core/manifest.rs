@@ -5,10 +5,44 @@ use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::core::sign::{self, Envelope};
 use crate::core::version::Version;
 use crate::error::{refused, Error};
 
+/// The release channels a box can follow.
 pub const CHANNELS: [&str; 4] = ["stable", "candidate", "beta", "edge"];
+
+/// Smallest chunk a descriptor may verify in.
+pub const MIN_CHUNK_SIZE: u64 = 64 << 10;
+/// Largest chunk a descriptor may verify in (the box holds one chunk in memory).
+pub const MAX_CHUNK_SIZE: u64 = 64 << 20;
+/// Most chunks a descriptor may list: 256 GiB in the server's 4 MiB chunks.
+pub const MAX_CHUNKS: u64 = 1 << 16;
+/// Largest artifact or image accepted: 1 TiB.
+pub const MAX_BLOB_SIZE: u64 = 1 << 40;
+/// Most releases a manifest may list.
+pub const MAX_RELEASES: usize = 1024;
+/// How far in the future a document's `issued` may be (clock skew between server and box).
+pub const MAX_CLOCK_SKEW: u64 = 300;
+/// Longest artifact name in a descriptor.
+const MAX_NAME_LEN: usize = 160;
+
+/// Bytes of a signed envelope beyond its payload: the base64 growth of the payload is counted
+/// separately; this covers the JSON around it and a few signatures.
+const ENVELOPE_SLACK: u64 = 16 << 10;
+
+/// Largest envelope holding `payload` bytes of JSON (base64 grows it by 4/3).
+const fn envelope_bytes(payload: u64) -> u64 {
+    payload.div_ceil(3) * 4 + ENVELOPE_SLACK
+}
+
+/// Largest manifest response accepted: `MAX_RELEASES` releases of at most 512 bytes of JSON
+/// each (a 64-byte version, a 64-hex digest and the field names), in an envelope.
+pub const MAX_MANIFEST_BYTES: u64 = envelope_bytes(MAX_RELEASES as u64 * 512);
+
+/// Largest descriptor response accepted: `MAX_CHUNKS` digests of 67 bytes of JSON each (64 hex,
+/// quotes and a comma) plus 1 KiB of other fields, in an envelope (about 5.6 MiB).
+pub const MAX_DESCRIPTOR_BYTES: u64 = envelope_bytes(MAX_CHUNKS * 67 + 1024);
 
 /// Size and sha256 of a blob.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -60,6 +94,169 @@ pub struct Descriptor {
     /// sha256 of each `chunk_size` piece, so every piece is verified before it is used.
     pub chunk_size: u64,
     pub chunks: Vec<String>,
+}
+
+/// Whether `s` is a sha256 digest as documents carry it: 64 lowercase hex digits.
+pub fn is_sha256_hex(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+impl Blob {
+    /// Refuses a size of 0 or above `MAX_BLOB_SIZE`, or a digest that is not 64 lowercase hex.
+    pub fn validate(&self, what: &str) -> Result<()> {
+        if !(1..=MAX_BLOB_SIZE).contains(&self.size) {
+            return Err(refused(format!(
+                "{what}: size {} is not within 1..={MAX_BLOB_SIZE}",
+                self.size
+            )));
+        }
+        check_digest(&self.sha256, what)
+    }
+}
+
+fn check_digest(digest: &str, what: &str) -> Result<()> {
+    if !is_sha256_hex(digest) {
+        return Err(refused(format!(
+            "{what}: sha256 {:?} is not 64 lowercase hex digits",
+            digest.chars().take(80).collect::<String>()
+        )));
+    }
+    Ok(())
+}
+
+impl Release {
+    /// Refuses a rollout above 100 or an invalid image blob.
+    pub fn validate(&self) -> Result<()> {
+        let what = format!("release {}", self.version);
+        if self.rollout > 100 {
+            return Err(refused(format!(
+                "{what}: rollout {} is above 100",
+                self.rollout
+            )));
+        }
+        self.image.validate(&format!("{what} image"))
+    }
+}
+
+impl Manifest {
+    /// Refuses a manifest that cannot be true: unknown channel, issued in the future (beyond
+    /// `MAX_CLOCK_SKEW` of `now`), expiring before it was issued, too many releases, the same
+    /// version twice, or an invalid release. Called right after the signature is verified.
+    pub fn validate(&self, now: u64) -> Result<()> {
+        if !CHANNELS.contains(&self.channel.as_str()) {
+            return Err(refused(format!(
+                "manifest: unknown channel {:?}",
+                self.channel.chars().take(64).collect::<String>()
+            )));
+        }
+        check_times(self.issued, self.expires, now)?;
+        if self.releases.len() > MAX_RELEASES {
+            return Err(refused(format!(
+                "manifest: {} releases, at most {MAX_RELEASES} accepted",
+                self.releases.len()
+            )));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for r in &self.releases {
+            if !seen.insert(&r.version) {
+                return Err(refused(format!(
+                    "manifest: version {} listed twice",
+                    r.version
+                )));
+            }
+            r.validate()?;
+        }
+        Ok(())
+    }
+}
+
+fn check_times(issued: u64, expires: u64, now: u64) -> Result<()> {
+    if issued > now.saturating_add(MAX_CLOCK_SKEW) {
+        return Err(refused(format!(
+            "manifest: issued {}s in the future (clock skew above {MAX_CLOCK_SKEW}s)",
+            issued - now
+        )));
+    }
+    if expires <= issued {
+        return Err(refused(format!(
+            "manifest: expires ({expires}) is not after issued ({issued})"
+        )));
+    }
+    Ok(())
+}
+
+impl Descriptor {
+    /// Refuses a descriptor that cannot be true: a name that is not the artifact name of
+    /// `from`/`to`, a size outside 1..=`MAX_BLOB_SIZE`, a chunk size outside
+    /// `MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE`, a chunk count other than ceil(size/chunk_size), or a
+    /// digest that is not 64 lowercase hex. Called right after the signature is verified.
+    pub fn validate(&self) -> Result<()> {
+        let shown: String = self.name.chars().take(MAX_NAME_LEN).collect();
+        let what = format!("descriptor {shown:?}");
+        if self.name.len() > MAX_NAME_LEN
+            || parse_artifact_name(&self.name) != Some((self.from.clone(), self.to.clone()))
+        {
+            return Err(refused(format!(
+                "{what}: the name does not match from {:?} to {}",
+                self.from, self.to
+            )));
+        }
+        Blob {
+            size: self.size,
+            sha256: self.sha256.clone(),
+        }
+        .validate(&what)?;
+        if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&self.chunk_size) {
+            return Err(refused(format!(
+                "{what}: chunk_size {} is not within {MIN_CHUNK_SIZE}..={MAX_CHUNK_SIZE}",
+                self.chunk_size
+            )));
+        }
+        let expected = self.size.div_ceil(self.chunk_size);
+        if self.chunks.len() as u64 != expected || expected > MAX_CHUNKS {
+            return Err(refused(format!(
+                "{what}: {} chunk digests for {} bytes in chunks of {} (expected {expected}, \
+                 at most {MAX_CHUNKS})",
+                self.chunks.len(),
+                self.size,
+                self.chunk_size
+            )));
+        }
+        for (i, c) in self.chunks.iter().enumerate() {
+            check_digest(c, &format!("{what} chunk {i}"))?;
+        }
+        Ok(())
+    }
+}
+
+/// Verifies a manifest envelope with the trusted keys, parses it and validates it at `now`.
+pub fn open_manifest(
+    envelope: &Envelope,
+    trusted: &[ed25519_dalek::VerifyingKey],
+    now: u64,
+) -> Result<Manifest> {
+    let m: Manifest = sign::open(envelope, trusted, "manifest")?;
+    m.validate(now)?;
+    Ok(m)
+}
+
+/// Verifies the envelope of artifact `name`'s descriptor with the trusted keys, parses it,
+/// validates it, and refuses a descriptor of another artifact (its name also fixes `from`
+/// and `to`).
+pub fn open_descriptor(
+    envelope: &Envelope,
+    trusted: &[ed25519_dalek::VerifyingKey],
+    name: &str,
+) -> Result<Descriptor> {
+    let d: Descriptor = sign::open(envelope, trusted, name)?;
+    d.validate()?;
+    if d.name != name {
+        return Err(refused(format!(
+            "the descriptor of {name} describes {:?}",
+            d.name
+        )));
+    }
+    Ok(d)
 }
 
 /// Artifact file name: `full-2.0.xz` or `1.0-to-2.0.xz`.
@@ -317,5 +514,108 @@ mod tests {
         let distinct: std::collections::HashSet<u8> =
             (0..200).map(|i| bucket(&format!("box-{i}"))).collect();
         assert!(distinct.len() > 50);
+    }
+
+    fn descriptor() -> Descriptor {
+        let size = 9 << 20;
+        Descriptor {
+            name: "1.0-to-2.0.xz".into(),
+            from: Some(v("1.0")),
+            to: v("2.0"),
+            encoding: Encoding::Xz,
+            size,
+            sha256: "a".repeat(64),
+            chunk_size: 4 << 20,
+            chunks: vec!["b".repeat(64); 3],
+        }
+    }
+
+    /// A word the refusal must contain, and the edit that makes a document invalid.
+    type Edit<T> = (&'static str, fn(&mut T));
+
+    fn refusal(r: Result<()>) -> String {
+        let err = r.expect_err("accepted");
+        assert!(
+            matches!(err.downcast_ref::<Error>(), Some(Error::Refused(_))),
+            "{err:#}"
+        );
+        format!("{err:#}")
+    }
+
+    #[test]
+    fn descriptor_validation_refuses_every_impossible_field() {
+        descriptor().validate().unwrap();
+        let cases: [Edit<Descriptor>; 12] = [
+            ("chunk_size", |d| d.chunk_size = 0),
+            ("chunk_size", |d| d.chunk_size = 1 << 62),
+            ("chunk_size", |d| d.chunk_size = MIN_CHUNK_SIZE - 1),
+            ("chunk digests", |d| d.chunks.pop().map(drop).unwrap_or(())),
+            ("chunk digests", |d| d.chunks.push("c".repeat(64))),
+            ("size", |d| d.size = 0),
+            ("size", |d| d.size = MAX_BLOB_SIZE + 1),
+            ("sha256", |d| d.sha256 = "A".repeat(64)),
+            ("sha256", |d| d.sha256 = "a".repeat(63)),
+            ("chunk 1", |d| d.chunks[1] = "xyz".into()),
+            ("name", |d| d.name = "full-2.0.xz".into()),
+            ("name", |d| d.to = v("0.5")),
+        ];
+        for (word, edit) in cases {
+            let mut d = descriptor();
+            edit(&mut d);
+            let msg = refusal(d.validate());
+            assert!(msg.contains(word), "{word}: {msg}");
+        }
+    }
+
+    #[test]
+    fn manifest_validation_refuses_every_impossible_field() {
+        let mut m = manifest();
+        for r in &mut m.releases {
+            r.image.sha256 = "0".repeat(64);
+        }
+        m.validate(500).unwrap();
+        let cases: [Edit<Manifest>; 7] = [
+            ("future", |m| m.issued = 500 + MAX_CLOCK_SKEW + 1),
+            ("not after issued", |m| m.expires = m.issued),
+            ("channel", |m| m.channel = "nightly".into()),
+            ("rollout", |m| m.releases[0].rollout = 101),
+            ("size", |m| m.releases[0].image.size = 0),
+            ("sha256", |m| m.releases[0].image.sha256 = "00".into()),
+            ("twice", |m| m.releases[1].version = v("1.0")),
+        ];
+        for (word, edit) in cases {
+            let mut bad = m.clone();
+            edit(&mut bad);
+            let msg = refusal(bad.validate(500));
+            assert!(msg.contains(word), "{word}: {msg}");
+        }
+    }
+
+    #[test]
+    fn body_caps_hold_the_largest_valid_documents() {
+        let key = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
+        let mut d = descriptor();
+        d.chunk_size = MIN_CHUNK_SIZE;
+        d.size = MAX_CHUNKS * MIN_CHUNK_SIZE;
+        d.chunks = vec!["f".repeat(64); MAX_CHUNKS as usize];
+        d.validate().unwrap();
+        let env = serde_json::to_vec(&sign::seal(&d, &key).unwrap()).unwrap();
+        assert!(env.len() as u64 <= MAX_DESCRIPTOR_BYTES, "{}", env.len());
+        let long = v(&["9999999999"; 5].join("."));
+        let mut m = manifest();
+        m.releases = (0..MAX_RELEASES)
+            .map(|i| Release {
+                version: format!("{long}.{i}").parse().unwrap(),
+                rollout: 100,
+                paused: false,
+                image: Blob {
+                    size: MAX_BLOB_SIZE,
+                    sha256: "f".repeat(64),
+                },
+            })
+            .collect();
+        m.validate(500).unwrap();
+        let env = serde_json::to_vec(&sign::seal(&m, &key).unwrap()).unwrap();
+        assert!(env.len() as u64 <= MAX_MANIFEST_BYTES, "{}", env.len());
     }
 }

@@ -86,7 +86,9 @@ pub fn open<T: DeserializeOwned>(
     if !ok {
         return Err(invalid("not signed by a trusted key".into()));
     }
-    serde_json::from_slice(&payload).with_context(|| format!("{what}: malformed payload"))
+    // Signed but unusable (a bad version, a missing field): refused input, like any bad input.
+    serde_json::from_slice(&payload)
+        .map_err(|e| Error::Refused(format!("{what}: malformed payload: {e}")).into())
 }
 
 #[cfg(test)]
@@ -109,5 +111,23 @@ mod tests {
             Some(Error::SignatureInvalid(_))
         ));
         assert!(open::<Vec<i32>>(&env, &[], "t").is_err());
+    }
+
+    #[test]
+    fn a_signed_payload_that_does_not_parse_is_refused_input() {
+        let key = SigningKey::generate(&mut rand::rngs::OsRng);
+        let env = seal(&serde_json::json!({"v": "1.0-rc1"}), &key).unwrap();
+        #[derive(Debug, Deserialize)]
+        struct Doc {
+            #[allow(dead_code)]
+            v: crate::core::version::Version,
+        }
+        let err = open::<Doc>(&env, &[key.verifying_key()], "doc").unwrap_err();
+        assert_eq!(
+            crate::error::classify(&err).0,
+            crate::error::Exit::Refused,
+            "{err:#}"
+        );
+        assert!(format!("{err:#}").contains("1.0-rc1"), "{err:#}");
     }
 }

@@ -252,6 +252,7 @@ impl Fixture {
                 &client,
                 &self.url(&format!("/v1/artifacts/{name}.descriptor")),
                 name,
+                upgradectl::core::manifest::MAX_DESCRIPTOR_BYTES,
             ) {
                 Ok(env) => return sign::open(&env, &[self.key.verifying_key()], name).unwrap(),
                 Err(e) => match e.downcast_ref::<Error>() {

@@ -44,32 +44,89 @@ fn get(client: &Client, url: &str, what: &str) -> Result<Response> {
     check(resp, url, what)
 }
 
+/// Longest "come back later" a server can ask for, in seconds; longer values are cut to it.
+pub const MAX_RETRY_AFTER: u64 = 3600;
+/// Retry-After when the server gives none or an unreadable one.
+const DEFAULT_RETRY_AFTER: u64 = 30;
+/// Most bytes of an error response read.
+pub const MAX_ERROR_BODY: u64 = 4 << 10;
+/// Most bytes of an error response shown in a message.
+const SHOWN_ERROR_BODY: usize = 300;
+
+/// Seconds to come back after, from a Retry-After header, within 1..=`MAX_RETRY_AFTER`.
+pub fn retry_after_secs(header: Option<&str>) -> u64 {
+    header
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(DEFAULT_RETRY_AFTER)
+        .clamp(1, MAX_RETRY_AFTER)
+}
+
 fn check(resp: Response, url: &str, what: &str) -> Result<Response> {
     let status = resp.status();
     if status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::ACCEPTED {
-        let secs = resp
+        let header = resp
             .headers()
             .get(RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(30);
+            .and_then(|v| v.to_str().ok());
         return Err(Error::ComeBackLater {
             what: what.to_owned(),
-            retry_after: Duration::from_secs(secs),
+            retry_after: Duration::from_secs(retry_after_secs(header)),
         }
         .into());
     }
     if !status.is_success() {
-        let body = resp.text().unwrap_or_default();
-        anyhow::bail!("GET {url}: {status}: {}", body.trim());
+        let body = read_capped(resp, MAX_ERROR_BODY).unwrap_or_else(|e| match e {
+            Capped::TooLarge(prefix) => prefix,
+            Capped::Io(_) => Vec::new(),
+        });
+        anyhow::bail!("GET {url}: {status}: {}", shown(&body));
     }
     Ok(resp)
 }
 
-/// A signed JSON envelope (manifest or descriptor).
-pub fn get_envelope(client: &Client, url: &str, what: &str) -> Result<Envelope> {
+/// At most `SHOWN_ERROR_BODY` bytes of `body` as one trimmed line, cut on a UTF-8 boundary.
+fn shown(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let text = text.trim();
+    if text.len() <= SHOWN_ERROR_BODY {
+        return text.replace(['\n', '\r'], " ");
+    }
+    let mut end = SHOWN_ERROR_BODY;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", text[..end].replace(['\n', '\r'], " "))
+}
+
+/// Why a capped read stopped.
+enum Capped {
+    /// The body is longer than the cap; here are its first `cap` bytes.
+    TooLarge(Vec<u8>),
+    Io(std::io::Error),
+}
+
+/// Reads a whole body of at most `cap` bytes, never more into memory.
+fn read_capped(resp: Response, cap: u64) -> std::result::Result<Vec<u8>, Capped> {
+    let mut body = Vec::new();
+    resp.take(cap + 1)
+        .read_to_end(&mut body)
+        .map_err(Capped::Io)?;
+    if body.len() as u64 > cap {
+        body.truncate(cap as usize);
+        return Err(Capped::TooLarge(body));
+    }
+    Ok(body)
+}
+
+/// A signed JSON envelope (manifest or descriptor) of at most `max_bytes`.
+pub fn get_envelope(client: &Client, url: &str, what: &str, max_bytes: u64) -> Result<Envelope> {
     let resp = get(client, url, what)?;
-    let bytes = resp.bytes().with_context(|| format!("reading {url}"))?;
+    let bytes = read_capped(resp, max_bytes).map_err(|e| match e {
+        Capped::TooLarge(_) => anyhow::Error::from(Error::SignatureInvalid(format!(
+            "{what} from {url} is larger than {max_bytes} bytes; refusing it"
+        ))),
+        Capped::Io(e) => anyhow::Error::from(e).context(format!("reading {url}")),
+    })?;
     serde_json::from_slice(&bytes).map_err(|e| {
         Error::SignatureInvalid(format!("{what} from {url} is not a signed envelope: {e}")).into()
     })
@@ -98,7 +155,8 @@ pub fn download(
     limits: &Limits,
     progress: Progress,
 ) -> Result<Fetched> {
-    if dest.is_file() && std::fs::metadata(dest)?.len() == d.size {
+    d.validate()?;
+    if complete_and_verified(dest, d)? {
         return Ok(Fetched {
             downloaded: 0,
             resumed: d.size,
@@ -157,6 +215,23 @@ pub fn download(
 /// Where the download of `dest` grows until it is complete and verified.
 pub fn partial_path(dest: &Path) -> PathBuf {
     PathBuf::from(format!("{}.partial", dest.display()))
+}
+
+/// Whether `dest` holds the whole artifact with the signed sha256. A file of the right size with
+/// the wrong digest (rot, a bad disk, an edit) is deleted so that it is fetched again.
+fn complete_and_verified(dest: &Path, d: &Descriptor) -> Result<bool> {
+    if !dest.is_file() || std::fs::metadata(dest)?.len() != d.size {
+        return Ok(false);
+    }
+    if sha256_file(dest)? == d.sha256 {
+        return Ok(true);
+    }
+    tracing::warn!(
+        "{} does not match its signed sha256; fetching it again",
+        dest.display()
+    );
+    std::fs::remove_file(dest).with_context(|| format!("removing {}", dest.display()))?;
+    Ok(false)
 }
 
 /// Length of the prefix of `file` made of whole chunks that match the descriptor.

@@ -14,7 +14,9 @@ pub mod receive;
 use crate::appliance::ctx::Ctx;
 use crate::appliance::state::State;
 use crate::appliance::{images, pool};
-use crate::core::manifest::{self, artifact_name, Descriptor, Manifest, PlanInput};
+use crate::core::manifest::{
+    self, artifact_name, Descriptor, PlanInput, MAX_DESCRIPTOR_BYTES, MAX_MANIFEST_BYTES,
+};
 use crate::core::sign;
 use crate::core::version::Version;
 use crate::error::{refused, Error};
@@ -56,12 +58,14 @@ pub fn prepare_locked(
     pinned: Option<&Version>,
     wait: bool,
 ) -> Result<PrepareReport> {
-    let deadline = Instant::now() + Duration::from_secs(ctx.config.download.max_wait_seconds);
+    let start = Instant::now();
+    let max_wait = Duration::from_secs(ctx.config.download.max_wait_seconds);
     loop {
         match prepare_once(ctx, pinned) {
             Err(e) if wait => match e.downcast_ref::<Error>() {
+                // Durations, not instants: no overflow whatever the server said.
                 Some(Error::ComeBackLater { what, retry_after })
-                    if Instant::now() + *retry_after < deadline =>
+                    if start.elapsed().saturating_add(*retry_after) < max_wait =>
                 {
                     let secs = retry_after.as_secs().clamp(1, 300);
                     ctx.out.event(
@@ -106,10 +110,10 @@ fn prepare_once(ctx: &mut Ctx, pinned: Option<&Version>) -> Result<PrepareReport
     let channel = ctx.config.channel.clone();
 
     let url = format!("{server}/v1/channels/{channel}/manifest");
-    let manifest: Manifest = sign::open(
-        &fetch::get_envelope(&client, &url, "the manifest")?,
+    let manifest = manifest::open_manifest(
+        &fetch::get_envelope(&client, &url, "the manifest", MAX_MANIFEST_BYTES)?,
         &trusted,
-        "manifest",
+        now(),
     )?;
     let zvol = pool::zvol(ctx);
     let local = zfs::snapshots(&zvol)?;
@@ -156,18 +160,11 @@ fn prepare_once(ctx: &mut Ctx, pinned: Option<&Version>) -> Result<PrepareReport
     } else {
         let name = artifact_name(plan.base.as_ref(), &target);
         let durl = format!("{server}/v1/artifacts/{name}.descriptor");
-        let descriptor: Descriptor = sign::open(
-            &fetch::get_envelope(&client, &durl, &name)?,
+        let descriptor = manifest::open_descriptor(
+            &fetch::get_envelope(&client, &durl, &name, MAX_DESCRIPTOR_BYTES)?,
             &trusted,
             &name,
         )?;
-        if descriptor.name != name || descriptor.to != target || descriptor.from != plan.base {
-            return Err(Error::SignatureInvalid(format!(
-                "the descriptor at {durl} describes {}, not {name}",
-                descriptor.name
-            ))
-            .into());
-        }
         let dir = ctx.layout.downloads_dir();
         std::fs::create_dir_all(&dir)?;
         let file = dir.join(&name);
