@@ -96,6 +96,19 @@ fn diffs_from_outside_the_window_are_refused_naming_the_full_stream() {
     let (status, _, body) = f.get("/v1/artifacts/1.0-to-3.0.xz.descriptor");
     assert_eq!(status, 404, "{body}");
     assert!(body.contains("full-3.0.xz"), "{body}");
+    // The box's client sees that 404 as "no such artifact", which sends it to the full stream.
+    let client = upgradectl::appliance::prepare::fetch::client(&server::limits()).unwrap();
+    let err = upgradectl::appliance::prepare::fetch::get_envelope(
+        &client,
+        &f.url("/v1/artifacts/1.0-to-3.0.xz.descriptor"),
+        "1.0-to-3.0.xz",
+        upgradectl::core::manifest::MAX_DESCRIPTOR_BYTES,
+    )
+    .unwrap_err();
+    assert!(
+        upgradectl::appliance::prepare::fetch::is_not_found(&err),
+        "{err:#}"
+    );
     let (status, _, body) = f.get("/v1/artifacts/2.0-to-3.0.xz.descriptor");
     assert_eq!(status, 503, "{body}");
     f.descriptor("2.0-to-3.0.xz");

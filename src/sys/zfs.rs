@@ -54,6 +54,11 @@ fn absent_or_error(dataset: &str, stderr: &str, pool_imported: bool) -> Result<b
     anyhow::bail!("zfs list {dataset} failed: {}", stderr.trim())
 }
 
+/// `zfs destroy -r dataset`: the dataset and its snapshots.
+pub fn destroy_recursive(dataset: &str) -> Result<()> {
+    Cmd::new("zfs").args(["destroy", "-r", dataset]).run()
+}
+
 /// `zfs destroy zvol@v`.
 pub fn destroy_snapshot(zvol: &str, v: &Version) -> Result<()> {
     Cmd::new("zfs")

@@ -79,9 +79,32 @@ fn check(resp: Response, url: &str, what: &str) -> Result<Response> {
             Capped::TooLarge(prefix) => prefix,
             Capped::Io(_) => Vec::new(),
         });
-        anyhow::bail!("GET {url}: {status}: {}", shown(&body));
+        return Err(HttpError {
+            url: url.to_owned(),
+            status: status.as_u16(),
+            body: shown(&body),
+        }
+        .into());
     }
     Ok(resp)
+}
+
+/// An answer that is neither a success nor "come back later".
+#[derive(Debug, thiserror::Error)]
+#[error("GET {url}: {status}: {body}")]
+pub struct HttpError {
+    pub url: String,
+    pub status: u16,
+    /// The start of the body, one line.
+    pub body: String,
+}
+
+/// Whether the server said it has no such thing (404) anywhere in `err`'s chain.
+pub fn is_not_found(err: &anyhow::Error) -> bool {
+    err.chain().any(|c| {
+        c.downcast_ref::<HttpError>()
+            .is_some_and(|h| h.status == 404)
+    })
 }
 
 /// At most `SHOWN_ERROR_BODY` bytes of `body` as one trimmed line, cut on a UTF-8 boundary.

@@ -158,13 +158,29 @@ fn prepare_once(ctx: &mut Ctx, pinned: Option<&Version>) -> Result<PrepareReport
         report.base = None;
         report.artifact = "local-snapshot".into();
     } else {
-        let name = artifact_name(plan.base.as_ref(), &target);
-        let durl = format!("{server}/v1/artifacts/{name}.descriptor");
-        let descriptor = manifest::open_descriptor(
-            &fetch::get_envelope(&client, &durl, &name, MAX_DESCRIPTOR_BYTES)?,
-            &trusted,
-            &name,
-        )?;
+        let descriptor_of = |base: Option<&Version>| -> Result<Descriptor> {
+            let name = artifact_name(base, &target);
+            let durl = format!("{server}/v1/artifacts/{name}.descriptor");
+            manifest::open_descriptor(
+                &fetch::get_envelope(&client, &durl, &name, MAX_DESCRIPTOR_BYTES)?,
+                &trusted,
+                &name,
+            )
+        };
+        // A server that builds no diff from this base (outside its window) says 404: take the
+        // full stream.
+        let (base, descriptor) = match descriptor_of(plan.base.as_ref()) {
+            Err(e) if plan.base.is_some() && fetch::is_not_found(&e) => {
+                tracing::warn!(
+                    "no diff to {target} from {:?}: {e:#}; taking the full stream",
+                    plan.base
+                );
+                (None, descriptor_of(None)?)
+            }
+            other => (plan.base.clone(), other?),
+        };
+        let name = descriptor.name.clone();
+        report.base = base.clone();
         let dir = ctx.layout.downloads_dir();
         std::fs::create_dir_all(&dir)?;
         let file = dir.join(&name);
@@ -190,7 +206,7 @@ fn prepare_once(ctx: &mut Ctx, pinned: Option<&Version>) -> Result<PrepareReport
             &serde_json::json!({"artifact": name}),
             &format!("receiving {name} into {zvol}"),
         )?;
-        receive(&file, &zvol, plan.base.as_ref(), &target)
+        receive(&file, &zvol, base.as_ref(), &target)
             .with_context(|| format!("receiving {name} into {zvol}"))?;
         crate::fail_point!("prepare::received");
         report.artifact = name;

@@ -21,6 +21,12 @@ pub fn receive(file: &Path, zvol: &str, base: Option<&Version>, to: &Version) ->
     }
     if zfs::exists(zvol)? {
         zfs::abort_receive(zvol)?;
+        if base.is_none() {
+            // A full stream replaces the zvol: its old snapshots (diff bases) go with it. The
+            // image files on the host partition do not depend on them.
+            tracing::warn!("replacing {zvol} with a full stream of {to}");
+            zfs::destroy_recursive(zvol)?;
+        }
     } else if base.is_some() {
         anyhow::bail!("{zvol} does not exist; an incremental stream needs its base");
     }
