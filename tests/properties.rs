@@ -5,6 +5,14 @@ use std::path::Path;
 
 use ed25519_dalek::SigningKey;
 use proptest::prelude::*;
+
+/// Cases per property: 512 in CI, `PROPTEST_CASES` for a long run.
+fn cases() -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(512)
+}
 use upgradectl::appliance::bootinfo::BootReport;
 use upgradectl::appliance::config::{Config, ConfigError};
 use upgradectl::appliance::grub::{parse_env, render_env, Env};
@@ -109,7 +117,7 @@ fn assert_refused(err: &anyhow::Error) {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(512))]
+    #![proptest_config(ProptestConfig::with_cases(cases()))]
 
     #[test]
     fn envelope_from_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
