@@ -607,3 +607,47 @@ fn a_trial_past_its_deadline_is_bad_and_the_box_goes_back() {
     h.grub_reboot();
     h.run(&["confirm", "--deadline"]).expect(3);
 }
+
+/// Hosts that run grub-mkconfig: the real 00_header (which consumes next_entry) followed by
+/// grub.d/09_upgradectl's fragment is valid GRUB script that records the trial's attempt,
+/// keeps its fallback chain and sets upgradectl's default; a failing `upgradectl` fails the
+/// hook instead of producing a menu without images.
+#[test]
+fn grub_mkconfig_mode_keeps_the_trial_and_fails_loudly() {
+    let h = HostRoot::with_prepared("2.0");
+    h.run(&["upgrade", "--no-reboot"]).expect(0);
+    let header = std::process::Command::new("/etc/grub.d/00_header")
+        .env("pkgdatadir", "/usr/share/grub")
+        .env("GRUB_DEFAULT", "0")
+        .env("GRUB_TIMEOUT", "1")
+        .output()
+        .unwrap();
+    assert!(header.status.success());
+    let out = h.command(&["grub-entries"]).output().unwrap();
+    assert!(out.status.success());
+    let entries: String = serde_json::from_slice(&out.stdout).unwrap();
+    let cfg = format!("{}{entries}", String::from_utf8_lossy(&header.stdout));
+    let file = h.path("mkconfig.cfg");
+    fs::write(&file, &cfg).unwrap();
+    common::tool(&["grub-script-check", file.to_str().unwrap()]);
+    let consumed = cfg.find("set boot_once=true").unwrap();
+    let recorded = cfg.find("set upgradectl_attempted=\"${default}\"").unwrap();
+    assert!(consumed < recorded, "{cfg}");
+    assert!(cfg.contains("set fallback=\"upgradectl-1.0\""), "{cfg}");
+    assert!(cfg.contains("  set default=\"upgradectl-1.0\""), "{cfg}");
+    assert!(cfg.contains("--id upgradectl-2.0"), "{cfg}");
+
+    let bin = tempfile::tempdir().unwrap();
+    let stub = bin.path().join("upgradectl");
+    fs::write(&stub, "#!/bin/sh\nexit 1\n").unwrap();
+    common::tool(&["chmod", "755", stub.to_str().unwrap()]);
+    let hook =
+        std::process::Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/grub.d/09_upgradectl"))
+            .env("PATH", format!("{}:/usr/bin:/bin", bin.path().display()))
+            .output()
+            .unwrap();
+    assert!(
+        !hook.status.success(),
+        "a failing upgradectl must fail grub-mkconfig"
+    );
+}

@@ -61,15 +61,9 @@ pub fn render_config(menu: &Menu) -> String {
         s.push_str("serial --unit=0 --speed=115200\nterminal_input serial console\nterminal_output serial console\n");
     }
     s.push_str("if [ -s \"${prefix}/grubenv\" ]; then\n  load_env\nfi\n");
-    let default = menu.default.as_ref().filter(|d| menu.images.contains(d));
-    let previous = menu.previous.as_ref().filter(|p| menu.images.contains(p));
-    if let Some(d) = default {
-        let _ = writeln!(s, "set default=\"{}\"", d.grub_id());
-    }
-    // Booting the default: when it fails inside GRUB, the previous image.
-    if let Some(p) = previous {
-        let _ = writeln!(s, "set fallback=\"{}\"", p.grub_id());
-    }
+    let (default, fallback, trial_fallback) = defaults(menu);
+    s += &default;
+    s += &fallback;
     // One-shot try, as grub-reboot does: boot next_entry once, then forget it, and record
     // that the attempt happened (so `confirm` can tell a failed try from a try never made).
     // A trial that fails inside GRUB lands on the default, then on the previous image.
@@ -77,14 +71,7 @@ pub fn render_config(menu: &Menu) -> String {
         "if [ -n \"${next_entry}\" ]; then\n",
         "  set default=\"${next_entry}\"\n",
     ));
-    let chain: Vec<String> = default
-        .iter()
-        .chain(previous.iter())
-        .map(|v| v.grub_id())
-        .collect();
-    if !chain.is_empty() {
-        let _ = writeln!(s, "  set fallback=\"{}\"", chain.join(" "));
-    }
+    s += &trial_fallback;
     s.push_str(concat!(
         "  set upgradectl_attempted=\"${next_entry}\"\n",
         "  set next_entry=\n",
@@ -97,7 +84,55 @@ pub fn render_config(menu: &Menu) -> String {
     s
 }
 
-/// Only the menu entries: what `grub.d/09_upgradectl` prints for `grub-mkconfig`.
+/// `set default=`, `set fallback=` (booting the default: the previous image) and the fallback
+/// chain of a trial (`  set fallback=` default, previous), each a line or empty.
+fn defaults(menu: &Menu) -> (String, String, String) {
+    let default = menu.default.as_ref().filter(|d| menu.images.contains(d));
+    let previous = menu.previous.as_ref().filter(|p| menu.images.contains(p));
+    let line = |indent: &str, var: &str, ids: &[&Version]| {
+        if ids.is_empty() {
+            return String::new();
+        }
+        let ids: Vec<String> = ids.iter().map(|v| v.grub_id()).collect();
+        format!("{indent}set {var}=\"{}\"\n", ids.join(" "))
+    };
+    let chain: Vec<&Version> = default.iter().chain(previous.iter()).copied().collect();
+    (
+        line("", "default", &default.into_iter().collect::<Vec<_>>()),
+        line("", "fallback", &previous.into_iter().collect::<Vec<_>>()),
+        line("  ", "fallback", &chain),
+    )
+}
+
+/// What `grub.d/09_upgradectl` prints for `grub-mkconfig`: the same guarantees as upgradectl's
+/// own grub.cfg. grub-mkconfig's 00_header ran before it: it loaded grubenv and, for a set
+/// `next_entry`, already made it the default, cleared it and set `boot_once`. This fragment
+/// records that attempt (`upgradectl_attempted`) and the trial's fallback chain, or else sets
+/// upgradectl's default (GRUB_DEFAULT does not choose among images: upgradectl does), then
+/// the entries.
+pub fn render_mkconfig_fragment(menu: &Menu) -> String {
+    let (default, fallback, trial_fallback) = defaults(menu);
+    let mut s = String::from("# upgradectl: images, the default and the one-shot trial\n");
+    s.push_str("if [ \"${boot_once}\" = true ]; then\n");
+    s += &trial_fallback;
+    s.push_str(concat!(
+        "  set upgradectl_attempted=\"${default}\"\n",
+        "  save_env upgradectl_attempted\n",
+        "else\n",
+    ));
+    let body = format!("{default}{fallback}");
+    if body.is_empty() {
+        s.push_str("  true\n");
+    }
+    for l in body.lines() {
+        let _ = writeln!(s, "  {l}");
+    }
+    s.push_str("fi\n");
+    s.push_str(&render_entries(menu));
+    s
+}
+
+/// Only the menu entries.
 pub fn render_entries(menu: &Menu) -> String {
     let mut s = String::new();
     for v in menu.newest_first() {
@@ -305,6 +340,28 @@ mod tests {
         m.previous = None;
         let cfg = render_config(&m);
         assert!(cfg.contains("  set fallback=\"upgradectl-9.0\"\n"), "{cfg}");
+    }
+
+    /// In grub-mkconfig mode (after 00_header consumed next_entry) the fragment records the
+    /// attempt and keeps the trial's fallback chain, or sets upgradectl's own default.
+    #[test]
+    fn the_mkconfig_fragment_keeps_the_trial_and_the_default() {
+        let frag = render_mkconfig_fragment(&menu());
+        let trial = &frag
+            [frag.find("if [ \"${boot_once}\" = true ]").unwrap()..frag.find("else\n").unwrap()];
+        assert!(
+            trial.contains("set upgradectl_attempted=\"${default}\""),
+            "{frag}"
+        );
+        assert!(trial.contains("save_env upgradectl_attempted"), "{frag}");
+        assert!(
+            trial.contains("set fallback=\"upgradectl-9.0 upgradectl-2.0\""),
+            "{frag}"
+        );
+        let plain = &frag[frag.find("else\n").unwrap()..frag.find("fi\n").unwrap()];
+        assert!(plain.contains("set default=\"upgradectl-9.0\""), "{frag}");
+        assert!(plain.contains("set fallback=\"upgradectl-2.0\""), "{frag}");
+        assert!(frag.contains("menuentry 'Image 10.0'"), "{frag}");
     }
 
     #[test]
