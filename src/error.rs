@@ -108,9 +108,7 @@ pub fn classify(err: &anyhow::Error) -> (Exit, &'static str) {
         if cause
             .downcast_ref::<crate::core::version::VersionError>()
             .is_some()
-            || cause
-                .downcast_ref::<ConfigError>()
-                .is_some()
+            || cause.downcast_ref::<ConfigError>().is_some()
         {
             return (Exit::Refused, "refused");
         }

@@ -171,7 +171,10 @@ pub fn merge(db: Db, base: Option<&str>, ours: &str, theirs: &str) -> Merged {
     }
     Merged {
         text: render(&out),
-        conflicts,
+        conflicts: conflicts
+            .into_iter()
+            .map(|c| format!("{}: {c}", db.path()))
+            .collect(),
     }
 }
 
@@ -198,8 +201,7 @@ fn merge_entry(
     if let Some(i) = db.id_field() {
         if ours.get(i) != theirs.get(i) {
             conflicts.push(format!(
-                "{}: {} has id {} on this box and {} in the new image; the box's entry wins",
-                db.path(),
+                "{} has id {} on this box and {} in the new image; the box's entry wins",
                 ours[0],
                 ours.get(i).map_or("", String::as_str),
                 theirs.get(i).map_or("", String::as_str),
@@ -242,8 +244,7 @@ fn added_by_image(
         let id = theirs.get(i);
         if let Some(holder) = ours.values().find(|o| o.get(i) == id) {
             return Err(format!(
-                "{}: the new image's {name} has id {} that this box's {} already uses; not added",
-                db.path(),
+                "the new image's {name} has id {} that this box's {} already uses; not added",
                 id.map_or("", String::as_str),
                 holder[0],
             ));
@@ -328,7 +329,11 @@ mod tests {
         assert!(!m.text.contains("_chrony"), "{}", m.text);
         assert!(m.text.contains("ntp:x:120:120"), "{}", m.text);
         assert_eq!(m.conflicts.len(), 2, "{:?}", m.conflicts);
-        assert!(m.conflicts[0].contains("_chrony"), "{:?}", m.conflicts);
+        assert!(
+            m.conflicts[0].starts_with("/etc/passwd: the new image's _chrony has id 110"),
+            "{:?}",
+            m.conflicts
+        );
     }
 
     #[test]
