@@ -599,15 +599,26 @@ fn replace_in(path: &std::path::Path, from: &str, to: &str) {
     fs::write(path, text.replace(from, to)).unwrap();
 }
 
+/// The test configuration with `extra` migration paths.
+fn config_with(extra: &[&str]) -> String {
+    let extra: String = extra.iter().map(|p| format!(", \"{p}\"")).collect();
+    common::CONFIG.replace(
+        "\"/etc/not-there\"]",
+        &format!("\"/etc/not-there\"{extra}]"),
+    )
+}
+
 /// Issue "Failure paths", item 4: a new image that adds a system user keeps it, and the box
 /// keeps its password and its local user: the account databases are merged per entry.
 #[test]
 fn upgrade_merges_the_images_new_system_user_with_the_boxs_accounts() {
     let h = HostRoot::with_prepared("2.0");
-    h.set_config(&common::CONFIG.replace(
-        "\"/etc/not-there\"]",
-        "\"/etc/not-there\", \"/etc/passwd\", \"/etc/group\", \"/etc/shadow\", \"/etc/gshadow\"]",
-    ));
+    h.set_config(&config_with(&[
+        "/etc/passwd",
+        "/etc/group",
+        "/etc/shadow",
+        "/etc/gshadow",
+    ]));
     h.add_image_with("2.0", |root| {
         let chrony = "_chrony:x:110:110:Chrony daemon:/var/lib/chrony:/usr/sbin/nologin\n";
         append(&root.join("etc/passwd"), chrony);
@@ -673,4 +684,60 @@ fn upgrade_merges_the_images_new_system_user_with_the_boxs_accounts() {
             "{rel}"
         );
     }
+}
+
+/// The second upgrade merges against what the running image shipped: a file the box never
+/// changed takes the new image's copy, an account the new image removed or changed and the box
+/// never touched follows the new image, the box's own changes stay.
+#[test]
+fn upgrade_merges_three_way_against_what_the_running_image_shipped() {
+    let h = HostRoot::with_prepared("2.0");
+    let accounts = ["/etc/passwd", "/etc/group", "/etc/shadow", "/etc/gshadow"];
+    h.set_config(&config_with(&[&accounts[..], &["/etc/issue"]].concat()));
+    h.add_image_with("2.0", |root| {
+        fs::write(root.join("etc/issue"), "Debian 12\n").unwrap()
+    });
+    fs::write(h.path("etc/issue"), "Debian 12\n").unwrap();
+    h.run(&["upgrade", "--no-reboot"]).expect(0);
+    h.grub_reboot();
+    h.run(&["confirm", "--no-reboot"]).expect(0);
+    let shipped = h.host("var/lib/upgradectl/baseline/2.0.accounts.json");
+    assert_eq!(fs::metadata(&shipped).unwrap().mode() & 0o777, 0o600);
+
+    h.add_image_with("3.0", |root| {
+        fs::write(root.join("etc/issue"), "Debian 13\n").unwrap();
+        replace_in(
+            &root.join("etc/passwd"),
+            "/root:/bin/bash",
+            "/root:/bin/zsh",
+        );
+        replace_in(
+            &root.join("etc/passwd"),
+            "daemon:x:1:1:daemon:/usr/sbin:/usr/sbin/nologin\n",
+            "",
+        );
+    });
+    h.register_prepared("3.0");
+    append(
+        &h.path("etc/passwd"),
+        "alice:x:1000:1000:Alice:/home/alice:/bin/bash\n",
+    );
+    let r = h.run(&["upgrade", "--no-reboot"]).expect(0);
+    let actions = &r.last()["migration"]["actions"];
+    assert!(
+        actions
+            .as_array()
+            .unwrap()
+            .contains(&json!({"action": "keep", "path": "/etc/issue"})),
+        "{actions}"
+    );
+    let m = h.mount_ro("3.0");
+    assert_eq!(
+        fs::read_to_string(m.path("etc/issue")).unwrap(),
+        "Debian 13\n"
+    );
+    assert_eq!(
+        fs::read_to_string(m.path("etc/passwd")).unwrap(),
+        "root:x:0:0:root:/root:/bin/zsh\nalice:x:1000:1000:Alice:/home/alice:/bin/bash\n"
+    );
 }
