@@ -7,7 +7,8 @@
 //! - an account the new image adds is added, one it removed is removed when the box never
 //!   changed it; an account the box removed stays removed;
 //! - the same name with another UID (GID) on each side keeps the box's entry, and a new image
-//!   account whose UID (GID) a box account already uses is not added: both are reported.
+//!   account whose UID (GID) a box account already uses is not added: both are reported (its
+//!   shadow or gshadow entry is dropped as well: `Merged::refused`, `drop_names`).
 //!
 //! Without a base (first upgrade from a factory image) nothing is removed. Pure: no files.
 
@@ -36,7 +37,17 @@ impl Db {
         PATHS.iter().find(|(p, _)| *p == path).map(|(_, db)| *db)
     }
 
-    fn path(self) -> &'static str {
+    /// The database whose accounts this one holds the secrets of (passwd for shadow).
+    pub fn owner(self) -> Option<Db> {
+        match self {
+            Db::Shadow => Some(Db::Passwd),
+            Db::Gshadow => Some(Db::Group),
+            Db::Passwd | Db::Group => None,
+        }
+    }
+
+    /// Where the database lives.
+    pub fn path(self) -> &'static str {
         PATHS
             .iter()
             .find(|(_, db)| *db == self)
@@ -111,6 +122,9 @@ pub struct Merged {
     pub text: String,
     /// Real conflicts, each with the rule that resolved it.
     pub conflicts: Vec<String>,
+    /// The new image's accounts that were not added (their id clashed): their shadow and
+    /// gshadow entries must go too (`drop_names`).
+    pub refused: Vec<String>,
 }
 
 /// Merges the box's database (`ours`) into the new image's (`theirs`) against what the running
@@ -124,6 +138,7 @@ pub fn merge(db: Db, base: Option<&str>, ours: &str, theirs: &str) -> Merged {
     let ours = by_name(&ours_lines);
     let theirs_map = by_name(&theirs_lines);
     let mut conflicts = Vec::new();
+    let mut refused = Vec::new();
     let mut out = Vec::new();
     let mut seen = BTreeSet::new();
     for line in &theirs_lines {
@@ -151,7 +166,10 @@ pub fn merge(db: Db, base: Option<&str>, ours: &str, theirs: &str) -> Merged {
                 &ours,
                 theirs_map[name],
             )
-            .map_err(|c| conflicts.push(c))
+            .map_err(|c| {
+                conflicts.push(c);
+                refused.push(name.to_owned());
+            })
             .ok()
             .flatten(),
         };
@@ -175,7 +193,15 @@ pub fn merge(db: Db, base: Option<&str>, ours: &str, theirs: &str) -> Merged {
             .into_iter()
             .map(|c| format!("{}: {c}", db.path()))
             .collect(),
+        refused,
     }
+}
+
+/// `text` without the entries named in `names`.
+pub fn drop_names(text: &str, names: &[String]) -> String {
+    let mut lines = parse(text);
+    lines.retain(|l| l.name().is_none_or(|n| !names.iter().any(|x| x == n)));
+    render(&lines)
 }
 
 /// First entry of each name.
@@ -329,6 +355,9 @@ mod tests {
         assert!(!m.text.contains("_chrony"), "{}", m.text);
         assert!(m.text.contains("ntp:x:120:120"), "{}", m.text);
         assert_eq!(m.conflicts.len(), 2, "{:?}", m.conflicts);
+        assert_eq!(m.refused, vec!["_chrony".to_string()]);
+        let shadow = "root:*:1::::::\n_chrony:!:2::::::\n";
+        assert_eq!(drop_names(shadow, &m.refused), "root:*:1::::::\n");
         assert!(
             m.conflicts[0].starts_with("/etc/passwd: the new image's _chrony has id 110"),
             "{:?}",

@@ -60,6 +60,9 @@ pub struct Plan {
     pub conflicts: Vec<String>,
     /// Declared paths that the running image does not have.
     pub absent: Vec<String>,
+    /// The new image's accounts a merge did not add, by database path.
+    #[serde(skip)]
+    refused: BTreeMap<String, Vec<String>>,
 }
 
 /// Hashes of the declared files as an image shipped them, to tell later who changed what.
@@ -91,7 +94,33 @@ pub fn plan(src: &Path, dst: &Path, patterns: &[String], shipped: Shipped) -> Re
             plan_entry(src, dst, &rel, shipped, &mut plan)?;
         }
     }
+    drop_refused_secrets(dst, &mut plan)?;
     Ok(plan)
+}
+
+/// The shadow (gshadow) entries of the new image's accounts that the passwd (group) merge did
+/// not add are dropped from the merged shadow (gshadow) too.
+fn drop_refused_secrets(dst: &Path, plan: &mut Plan) -> Result<()> {
+    for action in &mut plan.actions {
+        let (Action::Merge { path, .. } | Action::Same { path }) = action else {
+            continue;
+        };
+        let path = path.clone();
+        let owner = accounts::Db::for_path(&path).and_then(accounts::Db::owner);
+        let Some(names) = owner.and_then(|o| plan.refused.get(o.path())) else {
+            continue;
+        };
+        let text = match action {
+            Action::Merge { text, .. } => text.clone(),
+            _ => fs::read_to_string(dst.join(relative(&path)?))
+                .with_context(|| format!("reading {path} in the new image"))?,
+        };
+        let kept = accounts::drop_names(&text, names);
+        if kept != text {
+            *action = Action::Merge { path, text: kept };
+        }
+    }
+    Ok(())
 }
 
 fn plan_entry(src: &Path, dst: &Path, rel: &Path, shipped: Shipped, plan: &mut Plan) -> Result<()> {
@@ -211,6 +240,9 @@ fn plan_merge(
     };
     let merged = accounts::merge(db, base, &ours, &theirs);
     plan.conflicts.extend(merged.conflicts);
+    if !merged.refused.is_empty() {
+        plan.refused.insert(name.into(), merged.refused);
+    }
     plan.actions.push(if merged.text == theirs {
         Action::Same { path: name.into() }
     } else {
@@ -710,5 +742,43 @@ mod tests {
         // The merged text never reaches the report.
         let json = serde_json::to_string(&plan).unwrap();
         assert!(!json.contains("alice"), "{json}");
+    }
+
+    #[test]
+    fn an_image_account_refused_for_its_uid_loses_its_shadow_entry_too() {
+        let (_t, src, dst) = setup();
+        fs::write(
+            src.join("etc/passwd"),
+            "root:x:0:0::/:/bin/sh\nalice:x:110:110::/:/bin/sh\n",
+        )
+        .unwrap();
+        fs::write(
+            src.join("etc/shadow"),
+            "root:*:1::::::\nalice:$y$a:1::::::\n",
+        )
+        .unwrap();
+        fs::write(
+            dst.join("etc/passwd"),
+            "root:x:0:0::/:/bin/sh\n_chrony:x:110:110::/:/bin/false\n",
+        )
+        .unwrap();
+        fs::write(
+            dst.join("etc/shadow"),
+            "root:*:1::::::\n_chrony:!:1::::::\n",
+        )
+        .unwrap();
+        let plan = plan(
+            &src,
+            &dst,
+            &pats(&["/etc/passwd", "/etc/shadow"]),
+            Shipped::default(),
+        )
+        .unwrap();
+        assert_eq!(plan.conflicts.len(), 1, "{:?}", plan.conflicts);
+        apply(&src, &dst, &plan).unwrap();
+        assert_eq!(
+            fs::read_to_string(dst.join("etc/shadow")).unwrap(),
+            "root:*:1::::::\nalice:$y$a:1::::::\n"
+        );
     }
 }
