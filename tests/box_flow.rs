@@ -651,3 +651,160 @@ fn grub_mkconfig_mode_keeps_the_trial_and_fails_loudly() {
         "a failing upgradectl must fail grub-mkconfig"
     );
 }
+
+/// Appends `text` to the file at `path`, keeping its mode and owner.
+fn append(path: &std::path::Path, text: &str) {
+    use std::io::Write;
+    let mut f = fs::OpenOptions::new().append(true).open(path).unwrap();
+    f.write_all(text.as_bytes()).unwrap();
+}
+
+/// Replaces `from` by `to` in the file at `path`, keeping its mode and owner.
+fn replace_in(path: &std::path::Path, from: &str, to: &str) {
+    let text = fs::read_to_string(path).unwrap();
+    assert!(text.contains(from), "{from:?} not in {}", path.display());
+    fs::write(path, text.replace(from, to)).unwrap();
+}
+
+/// The test configuration with `extra` migration paths.
+fn config_with(extra: &[&str]) -> String {
+    let extra: String = extra.iter().map(|p| format!(", \"{p}\"")).collect();
+    common::CONFIG.replace(
+        "\"/etc/not-there\"]",
+        &format!("\"/etc/not-there\"{extra}]"),
+    )
+}
+
+/// Issue "Failure paths", item 4: a new image that adds a system user keeps it, and the box
+/// keeps its password and its local user: the account databases are merged per entry.
+#[test]
+fn upgrade_merges_the_images_new_system_user_with_the_boxs_accounts() {
+    let h = HostRoot::with_prepared("2.0");
+    h.set_config(&config_with(&[
+        "/etc/passwd",
+        "/etc/group",
+        "/etc/shadow",
+        "/etc/gshadow",
+    ]));
+    h.add_image_with("2.0", |root| {
+        let chrony = "_chrony:x:110:110:Chrony daemon:/var/lib/chrony:/usr/sbin/nologin\n";
+        append(&root.join("etc/passwd"), chrony);
+        append(&root.join("etc/group"), "_chrony:x:110:\n");
+        append(&root.join("etc/shadow"), "_chrony:!:19500::::::\n");
+        append(&root.join("etc/gshadow"), "_chrony:!::\n");
+    });
+    let hash = "$y$j9T$boxsalt$boxhash";
+    replace_in(&h.path("etc/shadow"), "root:*:", &format!("root:{hash}:"));
+    append(
+        &h.path("etc/passwd"),
+        "alice:x:1000:1000:Alice:/home/alice:/bin/bash\n",
+    );
+    append(&h.path("etc/group"), "alice:x:1000:\n");
+    replace_in(&h.path("etc/group"), "sudo:x:27:", "sudo:x:27:alice");
+    append(&h.path("etc/shadow"), "alice:$y$alice:19600:0:99999:7:::\n");
+    append(&h.path("etc/gshadow"), "alice:!::\n");
+
+    let r = h.run(&["upgrade", "--no-reboot"]).expect(0);
+    assert_eq!(
+        r.last()["migration"]["conflicts"],
+        json!([]),
+        "{}",
+        r.stdout
+    );
+    h.assert_image_released("2.0");
+    let m = h.mount_ro("2.0");
+    let read = |rel: &str| fs::read_to_string(m.path(rel)).unwrap();
+    assert_eq!(
+        read("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/bash\n\
+         daemon:x:1:1:daemon:/usr/sbin:/usr/sbin/nologin\n\
+         _chrony:x:110:110:Chrony daemon:/var/lib/chrony:/usr/sbin/nologin\n\
+         alice:x:1000:1000:Alice:/home/alice:/bin/bash\n"
+    );
+    assert_eq!(
+        read("etc/group"),
+        "root:x:0:\nshadow:x:42:\nsudo:x:27:alice\n_chrony:x:110:\nalice:x:1000:\n"
+    );
+    let shadow = read("etc/shadow");
+    assert!(
+        shadow.starts_with(&format!("root:{hash}:19000:")),
+        "{shadow}"
+    );
+    assert!(shadow.contains("\n_chrony:!:19500::::::\n"), "{shadow}");
+    assert!(
+        shadow.ends_with("\nalice:$y$alice:19600:0:99999:7:::\n"),
+        "{shadow}"
+    );
+    assert_eq!(
+        read("etc/gshadow"),
+        "root:*::\nshadow:*::\nsudo:*::\n_chrony:!::\nalice:!::\n"
+    );
+    for (rel, mode, gid) in [
+        ("etc/shadow", 0o640, common::SHADOW_GID),
+        ("etc/gshadow", 0o640, common::SHADOW_GID),
+        ("etc/passwd", 0o644, 0),
+    ] {
+        let md = fs::metadata(m.path(rel)).unwrap();
+        assert_eq!(
+            (md.mode() & 0o7777, md.uid(), md.gid()),
+            (mode, 0, gid),
+            "{rel}"
+        );
+    }
+}
+
+/// The second upgrade merges against what the running image shipped: a file the box never
+/// changed takes the new image's copy, an account the new image removed or changed and the box
+/// never touched follows the new image, the box's own changes stay.
+#[test]
+fn upgrade_merges_three_way_against_what_the_running_image_shipped() {
+    let h = HostRoot::with_prepared("2.0");
+    let accounts = ["/etc/passwd", "/etc/group", "/etc/shadow", "/etc/gshadow"];
+    h.set_config(&config_with(&[&accounts[..], &["/etc/issue"]].concat()));
+    h.add_image_with("2.0", |root| {
+        fs::write(root.join("etc/issue"), "Debian 12\n").unwrap()
+    });
+    fs::write(h.path("etc/issue"), "Debian 12\n").unwrap();
+    h.run(&["upgrade", "--no-reboot"]).expect(0);
+    h.grub_reboot();
+    h.run(&["confirm", "--no-reboot"]).expect(0);
+    let shipped = h.host("var/lib/upgradectl/baseline/2.0.accounts.json");
+    assert_eq!(fs::metadata(&shipped).unwrap().mode() & 0o777, 0o600);
+
+    h.add_image_with("3.0", |root| {
+        fs::write(root.join("etc/issue"), "Debian 13\n").unwrap();
+        replace_in(
+            &root.join("etc/passwd"),
+            "/root:/bin/bash",
+            "/root:/bin/zsh",
+        );
+        replace_in(
+            &root.join("etc/passwd"),
+            "daemon:x:1:1:daemon:/usr/sbin:/usr/sbin/nologin\n",
+            "",
+        );
+    });
+    h.register_prepared("3.0");
+    append(
+        &h.path("etc/passwd"),
+        "alice:x:1000:1000:Alice:/home/alice:/bin/bash\n",
+    );
+    let r = h.run(&["upgrade", "--no-reboot"]).expect(0);
+    let actions = &r.last()["migration"]["actions"];
+    assert!(
+        actions
+            .as_array()
+            .unwrap()
+            .contains(&json!({"action": "keep", "path": "/etc/issue"})),
+        "{actions}"
+    );
+    let m = h.mount_ro("3.0");
+    assert_eq!(
+        fs::read_to_string(m.path("etc/issue")).unwrap(),
+        "Debian 13\n"
+    );
+    assert_eq!(
+        fs::read_to_string(m.path("etc/passwd")).unwrap(),
+        "root:x:0:0:root:/root:/bin/zsh\nalice:x:1000:1000:Alice:/home/alice:/bin/bash\n"
+    );
+}

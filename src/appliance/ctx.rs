@@ -53,6 +53,12 @@ impl Ctx {
             .join(format!("{v}.json"))
     }
 
+    /// Where the account databases image `v` shipped with are kept (their merge's base; 0600:
+    /// they may hold password hashes).
+    pub fn shipped_accounts_path(&self, v: &Version) -> PathBuf {
+        self.baseline_path(v).with_extension("accounts.json")
+    }
+
     /// Saves the state with the outcome of `verb` recorded.
     pub fn finish<T>(&self, state: &mut State, verb: &str, result: Result<T>) -> Result<T> {
         let summary = result

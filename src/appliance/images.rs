@@ -215,6 +215,7 @@ pub fn remove(ctx: &Ctx, state: &mut State, remove: &[Version]) -> Result<()> {
         fsutil::remove_durably(&image_path(&ctx.layout, v))?;
         crate::fail_point!("images::removed");
         let _ = std::fs::remove_file(ctx.baseline_path(v));
+        let _ = std::fs::remove_file(ctx.shipped_accounts_path(v));
     }
     *state = next;
     Ok(())

@@ -1,6 +1,12 @@
 //! Configuration migration: a declared set of paths copied from the running image into the new
 //! one before the switch, with owner, mode, symlinks, extended attributes and times kept.
 //! Nothing outside the new image's root is ever written.
+//!
+//! Three-way against what the running image shipped (its baseline): a file the box never
+//! changed keeps the new image's copy; the account databases are merged per entry
+//! (`appliance::accounts`); a file changed on both sides is a conflict, the box's copy wins.
+//! Without a baseline (first upgrade from a factory image) the box's copy wins, and the account
+//! databases are still merged per entry.
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -9,8 +15,10 @@ use std::os::unix::fs::{lchown, MetadataExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::appliance::accounts;
 use crate::error::refused;
 
 /// What happens to one path.
@@ -21,6 +29,15 @@ pub enum Action {
     Copy { path: String, kind: Kind },
     /// Identical already.
     Same { path: String },
+    /// Unchanged on this box since its image shipped it: the new image's copy stays.
+    Keep { path: String },
+    /// An account database merged per entry with the new image's (`appliance::accounts`).
+    Merge {
+        path: String,
+        /// The merged text, written by `apply` (never reported: it holds password hashes).
+        #[serde(skip)]
+        text: String,
+    },
     /// A directory's entry that the new image has and the running one does not: removed so the
     /// directory mirrors the box's.
     Remove { path: String },
@@ -38,23 +55,33 @@ pub enum Kind {
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Plan {
     pub actions: Vec<Action>,
-    /// Paths changed on this box and also changed by the new image: the box's copy wins.
+    /// Paths changed on this box and also changed by the new image: the box's copy wins. For
+    /// the account databases, `PATH: what clashed and how it was resolved`.
     pub conflicts: Vec<String>,
     /// Declared paths that the running image does not have.
     pub absent: Vec<String>,
+    /// The new image's accounts a merge did not add, by database path.
+    #[serde(skip)]
+    refused: BTreeMap<String, Vec<String>>,
 }
 
 /// Hashes of the declared files as an image shipped them, to tell later who changed what.
 pub type Baseline = BTreeMap<String, String>;
 
+/// The text of the declared account databases as an image shipped them, by path: the base of
+/// their per-entry merge.
+pub type ShippedAccounts = BTreeMap<String, String>;
+
+/// What the running image shipped, when known.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Shipped<'a> {
+    pub hashes: Option<&'a Baseline>,
+    pub accounts: Option<&'a ShippedAccounts>,
+}
+
 /// Plans the migration of `patterns` from `src` (running root) into `dst` (new image root).
-/// `baseline` holds the hashes of the running image's files as shipped, when known.
-pub fn plan(
-    src: &Path,
-    dst: &Path,
-    patterns: &[String],
-    baseline: Option<&Baseline>,
-) -> Result<Plan> {
+/// `shipped` is what the running image shipped, when known.
+pub fn plan(src: &Path, dst: &Path, patterns: &[String], shipped: Shipped) -> Result<Plan> {
     let mut plan = Plan::default();
     for pattern in patterns {
         let rel_pattern = relative(pattern)?;
@@ -64,19 +91,39 @@ pub fn plan(
         }
         for rel in matches {
             check_inside(src, &rel)?;
-            plan_entry(src, dst, &rel, baseline, &mut plan)?;
+            plan_entry(src, dst, &rel, shipped, &mut plan)?;
         }
     }
+    drop_refused_secrets(dst, &mut plan)?;
     Ok(plan)
 }
 
-fn plan_entry(
-    src: &Path,
-    dst: &Path,
-    rel: &Path,
-    baseline: Option<&Baseline>,
-    plan: &mut Plan,
-) -> Result<()> {
+/// The shadow (gshadow) entries of the new image's accounts that the passwd (group) merge did
+/// not add are dropped from the merged shadow (gshadow) too.
+fn drop_refused_secrets(dst: &Path, plan: &mut Plan) -> Result<()> {
+    for action in &mut plan.actions {
+        let (Action::Merge { path, .. } | Action::Same { path }) = action else {
+            continue;
+        };
+        let path = path.clone();
+        let owner = accounts::Db::for_path(&path).and_then(accounts::Db::owner);
+        let Some(names) = owner.and_then(|o| plan.refused.get(o.path())) else {
+            continue;
+        };
+        let text = match action {
+            Action::Merge { text, .. } => text.clone(),
+            _ => fs::read_to_string(dst.join(relative(&path)?))
+                .with_context(|| format!("reading {path} in the new image"))?,
+        };
+        let kept = accounts::drop_names(&text, names);
+        if kept != text {
+            *action = Action::Merge { path, text: kept };
+        }
+    }
+    Ok(())
+}
+
+fn plan_entry(src: &Path, dst: &Path, rel: &Path, shipped: Shipped, plan: &mut Plan) -> Result<()> {
     // Nothing is read or written through a symlink of the new image either.
     check_inside(dst, rel)?;
     let s = src.join(rel);
@@ -97,7 +144,7 @@ fn plan_entry(
         }
         names.sort();
         for n in &names {
-            plan_entry(src, dst, &rel.join(n), baseline, plan)?;
+            plan_entry(src, dst, &rel.join(n), shipped, plan)?;
         }
         if dst_is_dir {
             let mut extra: Vec<OsString> = Vec::new();
@@ -136,21 +183,84 @@ fn plan_entry(
         plan.actions.push(Action::Same { path: name });
         return Ok(());
     }
-    if kind == Kind::File {
-        if let Some(base) = baseline.and_then(|b| b.get(&name)) {
-            let ours = crate::core::hashing::sha256_file(&s)?;
-            let theirs = fs::symlink_metadata(&d)
-                .ok()
-                .filter(|m| m.is_file())
-                .map(|_| crate::core::hashing::sha256_file(&d))
-                .transpose()?;
-            if &ours != base && theirs.as_ref().is_some_and(|t| t != base) {
-                plan.conflicts.push(name.clone());
-            }
-        }
+    if kind == Kind::File && plan_three_way(&s, &d, &name, shipped, plan)? {
+        return Ok(());
     }
     plan.actions.push(Action::Copy { path: name, kind });
     Ok(())
+}
+
+/// A file that is not identical on both sides: kept when the box never changed it, merged when
+/// it is an account database, else a conflict when the new image changed it too. True when
+/// an action was planned (no copy).
+fn plan_three_way(
+    s: &Path,
+    d: &Path,
+    name: &str,
+    shipped: Shipped,
+    plan: &mut Plan,
+) -> Result<bool> {
+    let base = shipped.hashes.and_then(|b| b.get(name));
+    let ours = crate::core::hashing::sha256_file(s)?;
+    if base == Some(&ours) {
+        plan.actions.push(Action::Keep { path: name.into() });
+        return Ok(true);
+    }
+    if let Some(db) = accounts::Db::for_path(name) {
+        let base_text = shipped.accounts.and_then(|a| a.get(name));
+        if plan_merge(db, s, d, name, base_text.map(String::as_str), plan)? {
+            return Ok(true);
+        }
+    }
+    let theirs = fs::symlink_metadata(d)
+        .ok()
+        .filter(|m| m.is_file())
+        .map(|_| crate::core::hashing::sha256_file(d))
+        .transpose()?;
+    if base.is_some_and(|b| theirs.as_ref().is_some_and(|t| t != b)) {
+        plan.conflicts.push(name.into());
+    }
+    Ok(false)
+}
+
+/// Merges an account database when both sides hold one as UTF-8 text. True when planned.
+fn plan_merge(
+    db: accounts::Db,
+    s: &Path,
+    d: &Path,
+    name: &str,
+    base: Option<&str>,
+    plan: &mut Plan,
+) -> Result<bool> {
+    if !fs::symlink_metadata(d).is_ok_and(|m| m.is_file()) {
+        return Ok(false);
+    }
+    let (Some(ours), Some(theirs)) = (read_text(s)?, read_text(d)?) else {
+        return Ok(false);
+    };
+    let merged = accounts::merge(db, base, &ours, &theirs);
+    plan.conflicts.extend(merged.conflicts);
+    if !merged.refused.is_empty() {
+        plan.refused.insert(name.into(), merged.refused);
+    }
+    plan.actions.push(if merged.text == theirs {
+        Action::Same { path: name.into() }
+    } else {
+        Action::Merge {
+            path: name.into(),
+            text: merged.text,
+        }
+    });
+    Ok(true)
+}
+
+/// A file's text; `None` when it is not UTF-8.
+fn read_text(path: &Path) -> Result<Option<String>> {
+    match fs::read_to_string(path) {
+        Ok(text) => Ok(Some(text)),
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidData => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
 }
 
 /// Carries out a plan. Every destination's parents are checked for symlinks first, so a write
@@ -160,7 +270,13 @@ pub fn apply(src: &Path, dst: &Path, plan: &Plan) -> Result<()> {
     check_room(src, dst, plan)?;
     for action in &plan.actions {
         match action {
-            Action::Same { .. } => {}
+            Action::Same { .. } | Action::Keep { .. } => {}
+            Action::Merge { path, text } => {
+                let rel = relative(path)?;
+                check_inside(dst, &rel)?;
+                write_merged(&dst.join(&rel), text).with_context(|| format!("merging {path}"))?;
+                crate::fail_point!("migrate::copied");
+            }
             Action::Remove { path } => {
                 let rel = relative(path)?;
                 check_inside(dst, &rel)?;
@@ -192,10 +308,14 @@ fn check_room(src: &Path, dst: &Path, plan: &Plan) -> Result<()> {
     const BLOCK: u64 = 4096;
     let mut need = 0;
     for action in &plan.actions {
-        if let Action::Copy { path, .. } = action {
-            let len = fs::symlink_metadata(src.join(relative(path)?)).map_or(0, |m| m.len());
-            need += len.div_ceil(BLOCK) * BLOCK + BLOCK;
-        }
+        let len = match action {
+            Action::Copy { path, .. } => {
+                fs::symlink_metadata(src.join(relative(path)?)).map_or(0, |m| m.len())
+            }
+            Action::Merge { text, .. } => text.len() as u64,
+            _ => continue,
+        };
+        need += len.div_ceil(BLOCK) * BLOCK + BLOCK;
     }
     let free = crate::sys::fsutil::free_bytes(dst)?;
     if need > free {
@@ -229,11 +349,7 @@ fn copy_one(s: &Path, d: &Path, kind: Kind) -> Result<()> {
             // No fsync per file: each one would flush the loop device, i.e. fsync the whole
             // image file on the host; `ImageMount::close` makes everything durable at once,
             // before GRUB may boot the image.
-            let tmp = d.with_file_name(format!(
-                ".upgradectl-{}",
-                d.file_name().context("no file name")?.to_string_lossy()
-            ));
-            let _ = fs::remove_file(&tmp);
+            let tmp = beside(d)?;
             if kind == Kind::Symlink {
                 std::os::unix::fs::symlink(fs::read_link(s)?, &tmp)?;
             } else {
@@ -249,7 +365,45 @@ fn copy_one(s: &Path, d: &Path, kind: Kind) -> Result<()> {
     }
 }
 
+/// Writes a merged account database over the new image's copy, keeping that copy's owner, mode
+/// and extended attributes (shadow stays 0640 root:shadow): built beside it, then renamed.
+fn write_merged(d: &Path, text: &str) -> Result<()> {
+    let md = fs::symlink_metadata(d).with_context(|| format!("reading {}", d.display()))?;
+    let tmp = beside(d)?;
+    fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+    copy_attrs(d, &tmp, &md)?;
+    fs::rename(&tmp, d).with_context(|| format!("renaming into {}", d.display()))
+}
+
+/// The temp path a file of the new image is built at before it is renamed over `d` (none left
+/// there).
+fn beside(d: &Path) -> Result<PathBuf> {
+    let tmp = d.with_file_name(format!(
+        ".upgradectl-{}",
+        d.file_name().context("no file name")?.to_string_lossy()
+    ));
+    let _ = fs::remove_file(&tmp);
+    Ok(tmp)
+}
+
 fn copy_meta(s: &Path, d: &Path, md: &fs::Metadata) -> Result<()> {
+    copy_attrs(s, d, md)?;
+    let atime = nix::sys::time::TimeSpec::new(md.atime(), md.atime_nsec());
+    let mtime = nix::sys::time::TimeSpec::new(md.mtime(), md.mtime_nsec());
+    nix::sys::stat::utimensat(
+        None,
+        d,
+        &atime,
+        &mtime,
+        nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+    )
+    .with_context(|| format!("setting times of {}", d.display()))?;
+    Ok(())
+}
+
+/// Owner, mode (not a symlink's) and extended attributes of `s` (whose metadata is `md`) onto
+/// `d`.
+fn copy_attrs(s: &Path, d: &Path, md: &fs::Metadata) -> Result<()> {
     lchown(d, Some(md.uid()), Some(md.gid())).with_context(|| format!("chown {}", d.display()))?;
     let is_link = md.file_type().is_symlink();
     if !is_link {
@@ -266,16 +420,6 @@ fn copy_meta(s: &Path, d: &Path, md: &fs::Metadata) -> Result<()> {
             })?;
         }
     }
-    let atime = nix::sys::time::TimeSpec::new(md.atime(), md.atime_nsec());
-    let mtime = nix::sys::time::TimeSpec::new(md.mtime(), md.mtime_nsec());
-    nix::sys::stat::utimensat(
-        None,
-        d,
-        &atime,
-        &mtime,
-        nix::sys::stat::UtimensatFlags::NoFollowSymlink,
-    )
-    .with_context(|| format!("setting times of {}", d.display()))?;
     Ok(())
 }
 
@@ -385,8 +529,23 @@ pub fn baseline(root: &Path, patterns: &[String]) -> Result<Baseline> {
     Ok(out)
 }
 
-/// Loads a stored baseline (missing = unknown).
-pub fn load_baseline(path: &Path) -> Result<Option<Baseline>> {
+/// The text of the declared account databases of an image as shipped (before migration writes
+/// into it); those that are not UTF-8 are left out.
+/// `baseline` is the image's, from `baseline`.
+pub fn shipped_accounts(root: &Path, baseline: &Baseline) -> Result<ShippedAccounts> {
+    let mut out = ShippedAccounts::new();
+    for path in baseline.keys() {
+        if accounts::Db::for_path(path).is_some() {
+            if let Some(text) = read_text(&root.join(relative(path)?))? {
+                out.insert(path.clone(), text);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Loads a stored baseline or shipped accounts (missing = unknown).
+pub fn load_baseline<T: DeserializeOwned>(path: &Path) -> Result<Option<T>> {
     match fs::read(path) {
         Ok(data) => Ok(Some(
             serde_json::from_slice(&data).with_context(|| format!("parsing {}", path.display()))?,
@@ -438,7 +597,7 @@ mod tests {
             "/etc/netplan",
             "/etc/missing",
         ]);
-        let plan = plan(&src, &dst, &patterns, None).unwrap();
+        let plan = plan(&src, &dst, &patterns, Shipped::default()).unwrap();
         assert_eq!(plan.absent, vec!["/etc/missing".to_string()]);
         assert!(plan.actions.contains(&Action::Remove {
             path: "/etc/netplan/01-default.yaml".into()
@@ -470,7 +629,7 @@ mod tests {
             fs::metadata(src.join("etc/hostname")).unwrap().mtime()
         );
         // A second plan finds nothing left to do.
-        let again = super::plan(&src, &dst, &patterns, None).unwrap();
+        let again = super::plan(&src, &dst, &patterns, Shipped::default()).unwrap();
         assert!(
             again
                 .actions
@@ -502,7 +661,7 @@ mod tests {
         fs::write(src.join("etc/evil/x"), "x").unwrap();
         symlink(&outside, dst.join("etc/evil")).unwrap();
         // Refused at planning, before anything is read through the link...
-        let err = plan(&src, &dst, &pats(&["/etc/evil/x"]), None).unwrap_err();
+        let err = plan(&src, &dst, &pats(&["/etc/evil/x"]), Shipped::default()).unwrap_err();
         assert!(format!("{err:#}").contains("symlink"), "{err:#}");
         // ...and by apply, whatever plan it is given.
         let plan = Plan {
@@ -515,7 +674,14 @@ mod tests {
         let err = apply(&src, &dst, &plan).unwrap_err();
         assert!(format!("{err:#}").contains("symlink"), "{err:#}");
         assert!(!outside.join("x").exists());
-        assert!(super::plan(&src, &dst, &pats(&["/etc/../x"]), None).is_err());
+        assert!(super::plan(&src, &dst, &pats(&["/etc/../x"]), Shipped::default()).is_err());
+    }
+
+    fn hashes(base: &Baseline) -> Shipped<'_> {
+        Shipped {
+            hashes: Some(base),
+            accounts: None,
+        }
     }
 
     #[test]
@@ -528,14 +694,91 @@ mod tests {
             "/etc/hosts".into(),
             crate::core::hashing::sha256_hex(b"shipped"),
         );
-        let plan = plan(&src, &dst, &pats(&["/etc/hosts"]), Some(&base)).unwrap();
+        let plan = plan(&src, &dst, &pats(&["/etc/hosts"]), hashes(&base)).unwrap();
         assert_eq!(plan.conflicts, vec!["/etc/hosts".to_string()]);
         // Unchanged on the box: no conflict.
         base.insert(
             "/etc/hosts".into(),
             crate::core::hashing::sha256_hex(b"box edit"),
         );
-        let plan = super::plan(&src, &dst, &pats(&["/etc/hosts"]), Some(&base)).unwrap();
+        let plan = super::plan(&src, &dst, &pats(&["/etc/hosts"]), hashes(&base)).unwrap();
         assert!(plan.conflicts.is_empty());
+    }
+
+    #[test]
+    fn unchanged_files_keep_the_new_images_copy_and_accounts_merge() {
+        let (_t, src, dst) = setup();
+        fs::write(src.join("etc/hosts"), "shipped").unwrap();
+        fs::write(dst.join("etc/hosts"), "new image").unwrap();
+        fs::write(src.join("etc/group"), "root:x:0:\nalice:x:1000:\n").unwrap();
+        fs::write(dst.join("etc/group"), "root:x:0:\n_chrony:x:110:\n").unwrap();
+        fs::set_permissions(dst.join("etc/group"), fs::Permissions::from_mode(0o640)).unwrap();
+        let mut base = Baseline::new();
+        base.insert(
+            "/etc/hosts".into(),
+            crate::core::hashing::sha256_hex(b"shipped"),
+        );
+        let patterns = pats(&["/etc/hosts", "/etc/group"]);
+        let plan = plan(&src, &dst, &patterns, hashes(&base)).unwrap();
+        assert_eq!(
+            plan.actions[0],
+            Action::Keep {
+                path: "/etc/hosts".into()
+            }
+        );
+        assert!(matches!(&plan.actions[1], Action::Merge { path, .. } if path == "/etc/group"));
+        apply(&src, &dst, &plan).unwrap();
+        assert_eq!(
+            fs::read_to_string(dst.join("etc/hosts")).unwrap(),
+            "new image"
+        );
+        assert_eq!(
+            fs::read_to_string(dst.join("etc/group")).unwrap(),
+            "root:x:0:\n_chrony:x:110:\nalice:x:1000:\n"
+        );
+        let md = fs::metadata(dst.join("etc/group")).unwrap();
+        assert_eq!(md.permissions().mode() & 0o777, 0o640);
+        assert!(!dst.join("etc/.upgradectl-group").exists());
+        // The merged text never reaches the report.
+        let json = serde_json::to_string(&plan).unwrap();
+        assert!(!json.contains("alice"), "{json}");
+    }
+
+    #[test]
+    fn an_image_account_refused_for_its_uid_loses_its_shadow_entry_too() {
+        let (_t, src, dst) = setup();
+        fs::write(
+            src.join("etc/passwd"),
+            "root:x:0:0::/:/bin/sh\nalice:x:110:110::/:/bin/sh\n",
+        )
+        .unwrap();
+        fs::write(
+            src.join("etc/shadow"),
+            "root:*:1::::::\nalice:$y$a:1::::::\n",
+        )
+        .unwrap();
+        fs::write(
+            dst.join("etc/passwd"),
+            "root:x:0:0::/:/bin/sh\n_chrony:x:110:110::/:/bin/false\n",
+        )
+        .unwrap();
+        fs::write(
+            dst.join("etc/shadow"),
+            "root:*:1::::::\n_chrony:!:1::::::\n",
+        )
+        .unwrap();
+        let plan = plan(
+            &src,
+            &dst,
+            &pats(&["/etc/passwd", "/etc/shadow"]),
+            Shipped::default(),
+        )
+        .unwrap();
+        assert_eq!(plan.conflicts.len(), 1, "{:?}", plan.conflicts);
+        apply(&src, &dst, &plan).unwrap();
+        assert_eq!(
+            fs::read_to_string(dst.join("etc/shadow")).unwrap(),
+            "root:*:1::::::\nalice:$y$a:1::::::\n"
+        );
     }
 }

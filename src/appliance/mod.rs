@@ -3,6 +3,7 @@
 //! image store with its space planner, the prepare pipeline (fetch → receive → export) and one
 //! file per verb.
 
+pub mod accounts;
 pub mod bootinfo;
 pub mod config;
 pub mod ctx;

@@ -38,6 +38,36 @@ command = ["true"]
 timeout_seconds = 5
 "#;
 
+/// The account databases every image ships and the running tree starts with.
+pub const ACCOUNTS: [(&str, &str); 4] = [
+    (
+        "etc/passwd",
+        "root:x:0:0:root:/root:/bin/bash\ndaemon:x:1:1:daemon:/usr/sbin:/usr/sbin/nologin\n",
+    ),
+    ("etc/group", "root:x:0:\nshadow:x:42:\nsudo:x:27:\n"),
+    (
+        "etc/shadow",
+        "root:*:19000:0:99999:7:::\ndaemon:*:19000:0:99999:7:::\n",
+    ),
+    ("etc/gshadow", "root:*::\nshadow:*::\nsudo:*::\n"),
+];
+
+/// The group that owns /etc/shadow and /etc/gshadow (Debian's `shadow`).
+pub const SHADOW_GID: u32 = 42;
+
+/// Writes `ACCOUNTS` under `root` as Debian has them: passwd and group 0644 root:root, shadow and
+/// gshadow 0640 root:shadow.
+pub fn write_accounts(root: &Path) {
+    for (rel, text) in ACCOUNTS {
+        let p = root.join(rel);
+        fs::write(&p, text).unwrap();
+        let secret = rel.contains("shadow");
+        let mode = if secret { 0o640 } else { 0o644 };
+        fs::set_permissions(&p, fs::Permissions::from_mode(mode)).unwrap();
+        lchown(&p, Some(0), Some(if secret { SHADOW_GID } else { 0 })).unwrap();
+    }
+}
+
 pub struct HostRoot {
     dir: tempfile::TempDir,
     /// The ext4 filesystem file mounted at ROOT/host, when the host partition is a real one.
@@ -302,10 +332,16 @@ impl HostRoot {
         .unwrap();
         symlink("10-box.yaml", p("etc/netplan/current.yaml")).unwrap();
         fs::write(p("etc/upgradectl/box.toml"), "serial = \"B17\"\n").unwrap();
+        write_accounts(self.root());
     }
 
     /// Builds `images/<v>.img` as the image build would: a fresh /etc, an empty /host.
     pub fn add_image(&self, v: &str) -> PathBuf {
+        self.add_image_with(v, |_| {})
+    }
+
+    /// Like `add_image`, with `edit` changing the image's tree (given its root) before mkfs.
+    pub fn add_image_with(&self, v: &str, edit: impl FnOnce(&Path)) -> PathBuf {
         let src = tempfile::tempdir().unwrap();
         let s = |r: &str| src.path().join(r);
         for d in ["etc/ssh", "etc/netplan", "host", "boot"] {
@@ -315,6 +351,8 @@ impl HostRoot {
         fs::write(s("etc/os-release"), format!("VERSION_ID={v}\n")).unwrap();
         fs::write(s("etc/netplan/01-default.yaml"), "dhcp: true\n").unwrap();
         fs::write(s("etc/ssh/sshd_config"), format!("# image {v}\n")).unwrap();
+        write_accounts(src.path());
+        edit(src.path());
         // mkfs.ext4 zeroes its journal with FALLOC_FL_ZERO_RANGE: unwritten extents, which
         // GRUB's ext4 driver reads as whatever the disk holds there (Linux reads zeros). The
         // box's images come from a sparse export (holes, never unwritten extents): copy the

@@ -102,10 +102,16 @@ fn render_upgrade(r: &UpgradeReport) -> String {
         match a {
             migrate::Action::Copy { path, .. } => s += &format!("  migrate {path}\n"),
             migrate::Action::Remove { path } => s += &format!("  remove  {path}\n"),
-            migrate::Action::Same { .. } => {}
+            migrate::Action::Merge { path, .. } => s += &format!("  merge   {path}\n"),
+            migrate::Action::Same { .. } | migrate::Action::Keep { .. } => {}
         }
     }
     for c in &r.migration.conflicts {
+        if c.contains(": ") {
+            // An account database's conflict, with its resolution.
+            s += &format!("  warning: {c}\n");
+            continue;
+        }
         s += &format!(
             "  warning: {c} changed on this box and in image {}; the box's copy wins\n",
             r.version
@@ -164,14 +170,14 @@ fn switch(
 
     let mount = ImageMount::open(&image, dry_run)?;
     let patterns = &ctx.config.migrate.paths;
-    let running_baseline = migrate::load_baseline(&ctx.baseline_path(booted))?;
-    let plan = migrate::plan(
-        ctx.layout.root(),
-        mount.path(),
-        patterns,
-        running_baseline.as_ref(),
-    )
-    .context("planning the configuration migration")?;
+    let hashes = migrate::load_baseline(&ctx.baseline_path(booted))?;
+    let accounts = migrate::load_baseline(&ctx.shipped_accounts_path(booted))?;
+    let shipped = migrate::Shipped {
+        hashes: hashes.as_ref(),
+        accounts: accounts.as_ref(),
+    };
+    let plan = migrate::plan(ctx.layout.root(), mount.path(), patterns, shipped)
+        .context("planning the configuration migration")?;
     if dry_run {
         mount.close()?;
         return Ok(plan);
@@ -182,6 +188,11 @@ fn switch(
         &ctx.baseline_path(target),
         &serde_json::to_vec(&shipped)?,
         0o644,
+    )?;
+    crate::sys::fsutil::atomic_write(
+        &ctx.shipped_accounts_path(target),
+        &serde_json::to_vec(&migrate::shipped_accounts(mount.path(), &shipped)?)?,
+        0o600,
     )?;
     migrate::apply(ctx.layout.root(), mount.path(), &plan).context("migrating configuration")?;
     crate::fail_point!("switch::migrated");
