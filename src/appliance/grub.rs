@@ -179,6 +179,37 @@ pub fn write_config(path: &Path, menu: &Menu) -> Result<()> {
     atomic_write_for_boot(path, render_config(menu).as_bytes(), 0o644).context("writing grub.cfg")
 }
 
+/// Refuses a host partition on which GRUB cannot write its environment block: there `save_env`
+/// fails, `next_entry` is never cleared and a trial would boot on every boot, and the attempt
+/// is never recorded. Supported: ext2/3/4 on a disk, partition or loop device. Refused: md
+/// RAID, device-mapper (LVM, LUKS), btrfs, ZFS. Other filesystems are not a boot disk GRUB
+/// reads here (a test root): allowed with a warning.
+pub fn check_env_writable(host: &Path) -> Result<()> {
+    use crate::sys::fsutil::{backing, Backing};
+    const BTRFS: i64 = 0x9123_683E;
+    const ZFS: i64 = 0x2FC1_2FC1;
+    let why = match backing(host)? {
+        Backing::Plain => return Ok(()),
+        Backing::Md(name) => format!("it is on md RAID ({name})"),
+        Backing::DeviceMapper(name) => format!("it is on device-mapper ({name}: LVM or LUKS)"),
+        Backing::OtherFilesystem(BTRFS) => "it is btrfs".to_owned(),
+        Backing::OtherFilesystem(ZFS) => "it is ZFS".to_owned(),
+        Backing::OtherFilesystem(magic) => {
+            tracing::warn!(
+                "{} is not ext4 (statfs magic {magic:#x}); GRUB's environment block is not checked",
+                host.display()
+            );
+            return Ok(());
+        }
+    };
+    Err(crate::error::refused(format!(
+        "GRUB cannot write its environment block on the host partition {}: {why}. A one-shot \
+         trial would boot forever. Put the host partition (ext4) directly on a disk or a \
+         partition (see docs/boot-chain.md, supported layouts)",
+        host.display()
+    )))
+}
+
 /// A GRUB environment block: ordered `key=value` pairs.
 pub type Env = BTreeMap<String, String>;
 

@@ -107,6 +107,55 @@ pub fn checkpoint(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// What the filesystem holding a path is and sits on, as far as GRUB writing its environment
+/// block (`save_env`) cares: GRUB writes only to a plain device, through a filesystem whose
+/// blocks it can map (ext2/3/4 here), never through md RAID, device-mapper (LVM, LUKS),
+/// btrfs or ZFS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backing {
+    /// ext2/3/4 on a disk, a partition or a loop device.
+    Plain,
+    /// ext4 on an md RAID device (`md0`).
+    Md(String),
+    /// ext4 on a device-mapper device (LVM, LUKS...), by its dm name.
+    DeviceMapper(String),
+    /// Another filesystem (tmpfs, btrfs, zfs...), by its statfs magic.
+    OtherFilesystem(i64),
+}
+
+/// The backing of the filesystem holding `path` (statfs, then the device in sysfs).
+pub fn backing(path: &Path) -> Result<Backing> {
+    const EXT4_MAGIC: i64 = 0xEF53;
+    let fs =
+        nix::sys::statfs::statfs(path).with_context(|| format!("statfs {}", path.display()))?;
+    let magic = fs.filesystem_type().0 as i64;
+    if magic != EXT4_MAGIC {
+        return Ok(Backing::OtherFilesystem(magic));
+    }
+    let dev = fs::metadata(path)
+        .with_context(|| format!("stat {}", path.display()))?
+        .dev();
+    let (major, minor) = (nix::sys::stat::major(dev), nix::sys::stat::minor(dev));
+    Ok(backing_in_sysfs(Path::new(&format!(
+        "/sys/dev/block/{major}:{minor}"
+    ))))
+}
+
+/// A block device's kind from its sysfs directory (`/sys/dev/block/M:m`). Pure but for reads.
+pub fn backing_in_sysfs(dir: &Path) -> Backing {
+    if let Ok(name) = fs::read_to_string(dir.join("dm/name")) {
+        return Backing::DeviceMapper(name.trim().to_owned());
+    }
+    if dir.join("md").is_dir() {
+        let name = fs::canonicalize(dir)
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| "md".into());
+        return Backing::Md(name);
+    }
+    Backing::Plain
+}
+
 /// Makes a rename or unlink in `dir` durable.
 pub fn fsync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
@@ -147,6 +196,24 @@ fn parent_dir(path: &Path) -> &Path {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn md_and_device_mapper_are_told_from_plain_devices() {
+        let dir = tempfile::tempdir().unwrap();
+        let dev = dir.path().join("9:0");
+        fs::create_dir_all(dev.join("md")).unwrap();
+        assert!(matches!(backing_in_sysfs(&dev), Backing::Md(_)));
+        let dm = dir.path().join("254:0");
+        fs::create_dir_all(dm.join("dm")).unwrap();
+        fs::write(dm.join("dm/name"), "vg-host\n").unwrap();
+        assert_eq!(
+            backing_in_sysfs(&dm),
+            Backing::DeviceMapper("vg-host".into())
+        );
+        let plain = dir.path().join("8:1");
+        fs::create_dir_all(&plain).unwrap();
+        assert_eq!(backing_in_sysfs(&plain), Backing::Plain);
+    }
 
     #[test]
     fn atomic_write_replaces_content_and_sets_mode() {

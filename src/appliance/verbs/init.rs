@@ -25,6 +25,7 @@ pub fn init(ctx: &mut Ctx, version: &Version, host_uuid: Option<String>) -> Resu
         return Err(refused(format!("image {} does not exist", path.display())));
     }
     state.install(version);
+    grub::check_env_writable(ctx.layout.host())?;
     if host_uuid.is_some() {
         state.host_uuid = host_uuid;
     }

@@ -159,8 +159,10 @@ fn switch(
              `upgradectl prepare --version {target}` to export it again"
         )));
     }
-    // Check the transition before touching the image.
+    // Check the transition and that GRUB can consume a one-shot entry, before touching the
+    // image.
     state.clone().arm(target, booted)?;
+    grub::check_env_writable(ctx.layout.host())?;
     if !dry_run {
         state.begin_migration(target, booted)?;
         state.save(&ctx.layout.state_file())?;
