@@ -55,22 +55,10 @@ pub struct Fixture {
     pub addr: SocketAddr,
 }
 
-pub fn v(s: &str) -> Version {
-    s.parse().unwrap()
-}
-
-/// Pseudo-random, poorly compressible bytes.
-pub fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
+// Versions and test data as the server fault tests make them.
+#[path = "../common/server.rs"]
+mod shared;
+pub use shared::{noise, v};
 
 /// Starts the server on a free port; builds wait `delay`, the cache holds `cache_cap` bytes.
 pub fn start(delay: Duration, cache_cap: u64) -> Fixture {
