@@ -540,7 +540,7 @@ mod tests {
     fn replays_and_downgrades_are_refused() {
         let mut s = installed();
         assert!(s.accept(&v("0.9")).is_err());
-        // The same version again is a refetch (`manifest::plan` decides when that is allowed).
+        // The same version again is a refetch (`core::plan` decides when that is allowed).
         s.accept(&v("1.0")).unwrap();
         s.accept(&v("2.0")).unwrap();
         assert!(s.accept(&v("1.5")).is_err());

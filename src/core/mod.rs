@@ -3,5 +3,6 @@
 
 pub mod hashing;
 pub mod manifest;
+pub mod plan;
 pub mod sign;
 pub mod version;

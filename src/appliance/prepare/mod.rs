@@ -15,8 +15,9 @@ use crate::appliance::ctx::Ctx;
 use crate::appliance::state::State;
 use crate::appliance::{images, pool};
 use crate::core::manifest::{
-    self, artifact_name, Descriptor, PlanInput, MAX_DESCRIPTOR_BYTES, MAX_MANIFEST_BYTES,
+    self, artifact_name, Descriptor, MAX_DESCRIPTOR_BYTES, MAX_MANIFEST_BYTES,
 };
+use crate::core::plan::{self, PlanInput};
 use crate::core::sign;
 use crate::core::version::Version;
 use crate::error::{refused, Error};
@@ -122,11 +123,11 @@ fn prepare_once(ctx: &mut Ctx, pinned: Option<&Version>) -> Result<PrepareReport
         .newest_accepted
         .clone()
         .filter(|v| !usable_image(ctx, &state, v));
-    let plan = manifest::plan(&PlanInput {
+    let plan = plan::plan(&PlanInput {
         manifest: &manifest,
         channel: &channel,
         now: now(),
-        bucket: manifest::bucket(&box_id(ctx)?),
+        bucket: plan::bucket(&box_id(ctx)?),
         newest_accepted: state.newest_accepted.as_ref(),
         refetch: refetch.as_ref(),
         pinned,

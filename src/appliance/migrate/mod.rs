@@ -11,15 +11,20 @@
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fs;
-use std::os::unix::fs::{lchown, MetadataExt, PermissionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::appliance::accounts;
+
+mod apply;
+mod baseline;
+
 use crate::error::refused;
+pub use apply::apply;
+pub use baseline::{baseline, load_baseline, shipped_accounts};
 
 /// What happens to one path.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -263,167 +268,7 @@ fn read_text(path: &Path) -> Result<Option<String>> {
     }
 }
 
-/// Carries out a plan. Every destination's parents are checked for symlinks first, so a write
-/// can never leave the new image's root. Refuses with `NoSpace` before copying anything when
-/// the new image has not room enough for what the plan copies.
-pub fn apply(src: &Path, dst: &Path, plan: &Plan) -> Result<()> {
-    check_room(src, dst, plan)?;
-    for action in &plan.actions {
-        match action {
-            Action::Same { .. } | Action::Keep { .. } => {}
-            Action::Merge { path, text } => {
-                let rel = relative(path)?;
-                check_inside(dst, &rel)?;
-                write_merged(&dst.join(&rel), text).with_context(|| format!("merging {path}"))?;
-                crate::fail_point!("migrate::copied");
-            }
-            Action::Remove { path } => {
-                let rel = relative(path)?;
-                check_inside(dst, &rel)?;
-                let d = dst.join(&rel);
-                let md = fs::symlink_metadata(&d)?;
-                if md.is_dir() {
-                    fs::remove_dir_all(&d)
-                } else {
-                    fs::remove_file(&d)
-                }
-                .with_context(|| format!("removing {path} from the new image"))?;
-            }
-            Action::Copy { path, kind } => {
-                let rel = relative(path)?;
-                check_inside(dst, &rel)?;
-                copy_one(&src.join(&rel), &dst.join(&rel), *kind)
-                    .with_context(|| format!("migrating {path}"))?;
-                crate::fail_point!("migrate::copied");
-            }
-        }
-    }
-    // Durable once the image is unmounted and fsynced (`ImageMount::close`).
-    Ok(())
-}
-
-/// Space the plan's copies need in the new image (file sizes rounded up to 4 KiB blocks, plus
-/// a block per entry for its inode's metadata), against what the image has free.
-fn check_room(src: &Path, dst: &Path, plan: &Plan) -> Result<()> {
-    const BLOCK: u64 = 4096;
-    let mut need = 0;
-    for action in &plan.actions {
-        let len = match action {
-            Action::Copy { path, .. } => {
-                fs::symlink_metadata(src.join(relative(path)?)).map_or(0, |m| m.len())
-            }
-            Action::Merge { text, .. } => text.len() as u64,
-            _ => continue,
-        };
-        need += len.div_ceil(BLOCK) * BLOCK + BLOCK;
-    }
-    let free = crate::sys::fsutil::free_bytes(dst)?;
-    if need > free {
-        return Err(crate::error::Error::NoSpace {
-            path: "the new image".into(),
-            need,
-            free,
-        }
-        .into());
-    }
-    Ok(())
-}
-
-fn copy_one(s: &Path, d: &Path, kind: Kind) -> Result<()> {
-    let md = fs::symlink_metadata(s)?;
-    if let Some(parent) = d.parent() {
-        fs::create_dir_all(parent)?;
-    }
-    match kind {
-        Kind::Dir => {
-            if fs::symlink_metadata(d).is_ok_and(|m| !m.is_dir()) {
-                fs::remove_file(d)?;
-            }
-            if !d.exists() {
-                fs::create_dir(d)?;
-            }
-            copy_meta(s, d, &md)
-        }
-        Kind::Symlink | Kind::File => {
-            // Build beside the target and rename over it: the new image never holds half a file.
-            // No fsync per file: each one would flush the loop device, i.e. fsync the whole
-            // image file on the host; `ImageMount::close` makes everything durable at once,
-            // before GRUB may boot the image.
-            let tmp = beside(d)?;
-            if kind == Kind::Symlink {
-                std::os::unix::fs::symlink(fs::read_link(s)?, &tmp)?;
-            } else {
-                fs::copy(s, &tmp)?;
-            }
-            copy_meta(s, &tmp, &md)?;
-            if fs::symlink_metadata(d).is_ok_and(|m| m.is_dir()) {
-                fs::remove_dir_all(d)?;
-            }
-            fs::rename(&tmp, d)?;
-            Ok(())
-        }
-    }
-}
-
-/// Writes a merged account database over the new image's copy, keeping that copy's owner, mode
-/// and extended attributes (shadow stays 0640 root:shadow): built beside it, then renamed.
-fn write_merged(d: &Path, text: &str) -> Result<()> {
-    let md = fs::symlink_metadata(d).with_context(|| format!("reading {}", d.display()))?;
-    let tmp = beside(d)?;
-    fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
-    copy_attrs(d, &tmp, &md)?;
-    fs::rename(&tmp, d).with_context(|| format!("renaming into {}", d.display()))
-}
-
-/// The temp path a file of the new image is built at before it is renamed over `d` (none left
-/// there).
-fn beside(d: &Path) -> Result<PathBuf> {
-    let tmp = d.with_file_name(format!(
-        ".upgradectl-{}",
-        d.file_name().context("no file name")?.to_string_lossy()
-    ));
-    let _ = fs::remove_file(&tmp);
-    Ok(tmp)
-}
-
-fn copy_meta(s: &Path, d: &Path, md: &fs::Metadata) -> Result<()> {
-    copy_attrs(s, d, md)?;
-    let atime = nix::sys::time::TimeSpec::new(md.atime(), md.atime_nsec());
-    let mtime = nix::sys::time::TimeSpec::new(md.mtime(), md.mtime_nsec());
-    nix::sys::stat::utimensat(
-        None,
-        d,
-        &atime,
-        &mtime,
-        nix::sys::stat::UtimensatFlags::NoFollowSymlink,
-    )
-    .with_context(|| format!("setting times of {}", d.display()))?;
-    Ok(())
-}
-
-/// Owner, mode (not a symlink's) and extended attributes of `s` (whose metadata is `md`) onto
-/// `d`.
-fn copy_attrs(s: &Path, d: &Path, md: &fs::Metadata) -> Result<()> {
-    lchown(d, Some(md.uid()), Some(md.gid())).with_context(|| format!("chown {}", d.display()))?;
-    let is_link = md.file_type().is_symlink();
-    if !is_link {
-        fs::set_permissions(d, fs::Permissions::from_mode(md.mode() & 0o7777))?;
-    }
-    for name in xattr::list(s).with_context(|| format!("listing xattrs of {}", s.display()))? {
-        if let Some(value) = xattr::get(s, &name)? {
-            xattr::set(d, &name, &value).with_context(|| {
-                format!(
-                    "setting xattr {} on {}",
-                    name.to_string_lossy(),
-                    d.display()
-                )
-            })?;
-        }
-    }
-    Ok(())
-}
-
-fn same_meta(md: &fs::Metadata, other: &Path) -> bool {
+pub(super) fn same_meta(md: &fs::Metadata, other: &Path) -> bool {
     fs::symlink_metadata(other)
         .is_ok_and(|o| o.uid() == md.uid() && o.gid() == md.gid() && o.mode() == md.mode())
 }
@@ -503,62 +348,11 @@ fn expand(root: &Path, rel_pattern: &Path) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-/// Hashes the declared files of an image as shipped (before migration writes into it).
-pub fn baseline(root: &Path, patterns: &[String]) -> Result<Baseline> {
-    let mut out = Baseline::new();
-    for pattern in patterns {
-        for rel in expand(root, &relative(pattern)?)? {
-            if check_inside(root, &rel).is_err() {
-                continue; // behind a symlink: not part of the image
-            }
-            let walk = walkdir::WalkDir::new(root.join(&rel))
-                .follow_links(false)
-                .follow_root_links(false);
-            for entry in walk {
-                let entry = entry?;
-                if entry.file_type().is_file() {
-                    let rel = entry.path().strip_prefix(root).expect("under root");
-                    out.insert(
-                        display(rel),
-                        crate::core::hashing::sha256_file(entry.path())?,
-                    );
-                }
-            }
-        }
-    }
-    Ok(out)
-}
-
-/// The text of the declared account databases of an image as shipped (before migration writes
-/// into it); those that are not UTF-8 are left out.
-/// `baseline` is the image's, from `baseline`.
-pub fn shipped_accounts(root: &Path, baseline: &Baseline) -> Result<ShippedAccounts> {
-    let mut out = ShippedAccounts::new();
-    for path in baseline.keys() {
-        if accounts::Db::for_path(path).is_some() {
-            if let Some(text) = read_text(&root.join(relative(path)?))? {
-                out.insert(path.clone(), text);
-            }
-        }
-    }
-    Ok(out)
-}
-
-/// Loads a stored baseline or shipped accounts (missing = unknown).
-pub fn load_baseline<T: DeserializeOwned>(path: &Path) -> Result<Option<T>> {
-    match fs::read(path) {
-        Ok(data) => Ok(Some(
-            serde_json::from_slice(&data).with_context(|| format!("parsing {}", path.display()))?,
-        )),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::os::unix::fs::symlink;
+    use std::os::unix::fs::PermissionsExt;
 
     fn setup() -> (tempfile::TempDir, PathBuf, PathBuf) {
         let t = tempfile::tempdir().unwrap();
