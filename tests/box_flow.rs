@@ -808,3 +808,28 @@ fn upgrade_merges_three_way_against_what_the_running_image_shipped() {
         "root:x:0:0:root:/root:/bin/zsh\nalice:x:1000:1000:Alice:/home/alice:/bin/bash\n"
     );
 }
+
+/// The default image fails its fsck at boot: the initramfs falls back to the previous image.
+/// Nothing demoted the default before, so every boot fell back forever (confirm said "nothing
+/// to do"). Now the first confirm after such a boot marks it bad and makes the image that
+/// booted the default: the box converges on a good image by itself.
+#[test]
+fn a_default_the_initramfs_falls_back_from_is_demoted() {
+    let h = HostRoot::with_prepared("2.0");
+    h.run(&["upgrade", "--no-reboot"]).expect(0);
+    h.grub_reboot();
+    h.run(&["confirm", "--no-reboot"]).expect(0);
+    assert_eq!(h.state()["default"], "2.0");
+    // GRUB boots the default, 2.0; its image fails fsck; the initramfs mounts 1.0.
+    h.grub_reboot();
+    h.boot_report("2.0", "1.0", "fsck");
+    let r = h.run(&["confirm", "--no-reboot"]).expect(1);
+    // The report, then the error line (as for a failed trial).
+    assert_eq!(r.lines[0]["outcome"], "default-demoted", "{}", r.stdout);
+    let s = h.state();
+    assert_eq!(s["images"]["2.0"]["state"], "bad");
+    assert_eq!(s["default"], "1.0");
+    assert_eq!(h.grub_default().as_deref(), Some("1.0"));
+    h.assert_menu(&["1.0"]);
+    h.assert_consistent("demoting a default");
+}

@@ -309,6 +309,25 @@ impl State {
         Ok(())
     }
 
+    /// The default image could not be booted (the initramfs fell back to `booted`): it is bad,
+    /// and the image that booted becomes the default.
+    pub fn demote_default(&mut self, booted: &Version, reason: String) -> Result<()> {
+        let Some(default) = self.default.clone() else {
+            return Err(refused("there is no default image to demote"));
+        };
+        if &default == booted || !self.bootable(booted) {
+            return Err(refused(format!(
+                "cannot make {booted} the default in place of {default}"
+            )));
+        }
+        self.mark_bad(&default, reason);
+        if self.previous.as_ref() == Some(booted) {
+            self.previous = None;
+        }
+        self.default = Some(booted.clone());
+        Ok(())
+    }
+
     /// The trial image failed its health checks.
     pub fn fail_trial(&mut self, booted: &Version, reason: String) -> Result<()> {
         match &self.trying {

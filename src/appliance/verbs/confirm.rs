@@ -4,15 +4,26 @@
 use anyhow::Result;
 use serde::Serialize;
 
+use crate::appliance::bootinfo::{version_of_image_path, BootReport};
 use crate::appliance::ctx::Ctx;
 use crate::appliance::grub;
 use crate::appliance::health::{self, CheckResult};
 use crate::appliance::images;
 use crate::appliance::intent;
-use crate::appliance::state::Settle;
+use crate::appliance::state::{Settle, State};
 use crate::core::version::Version;
 use crate::error::Error;
 use crate::sys::clock::now;
+
+/// This boot's initramfs fell back from the default image to `booted`: the default is broken
+/// (missing, fails fsck, does not mount) and every boot would fall back the same way.
+fn fell_back_from_default(report: &Option<BootReport>, state: &State, booted: &Version) -> bool {
+    let Some(r) = report.as_ref().filter(|r| r.fallback) else {
+        return false;
+    };
+    let requested = r.requested.as_deref().and_then(version_of_image_path);
+    state.default.is_some() && requested == state.default && state.default.as_ref() != Some(booted)
+}
 
 #[derive(Serialize)]
 struct ConfirmReport {
@@ -36,6 +47,7 @@ pub fn confirm(ctx: &mut Ctx, no_reboot: bool, deadline: bool) -> Result<()> {
         .as_ref()
         .is_some_and(|t| env.get(grub::ATTEMPTED) == Some(&t.version.grub_id()));
     let settle = state.settle(&booted, attempted);
+    let report = ctx.booted()?.report;
     let (outcome, message, checks, result, reboot_to): (
         &str,
         String,
@@ -102,6 +114,25 @@ pub fn confirm(ctx: &mut Ctx, no_reboot: bool, deadline: bool) -> Result<()> {
             Ok(()),
             None,
         ),
+        Settle::AlreadyDefault if fell_back_from_default(&report, &state, &booted) => {
+            let default = state.default.clone().expect("checked");
+            let why = report.as_ref().and_then(|r| r.reason.clone());
+            let reason = format!(
+                "the initramfs could not boot it ({}); the box fell back to {booted}",
+                why.as_deref().unwrap_or("unknown reason")
+            );
+            state.demote_default(&booted, reason.clone())?;
+            let msg = format!(
+                "default image {default} marked bad ({reason}); {booted} is the default now"
+            );
+            (
+                "default-demoted",
+                msg.clone(),
+                vec![],
+                Err(anyhow::anyhow!(msg)),
+                None,
+            )
+        }
         Settle::AlreadyDefault => {
             let msg = if state.default.as_ref() == Some(&booted) {
                 format!("image {booted} is the default; nothing to confirm")
