@@ -13,7 +13,6 @@
 //! the async runtime. Connections are capped and closed when idle (`serve`).
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -26,7 +25,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use ed25519_dalek::SigningKey;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
 use tower::ServiceExt;
 
 use super::artifacts::{Buildable, Store};
@@ -36,7 +35,6 @@ use crate::core::manifest::{self, Manifest};
 use crate::core::sign;
 use crate::core::version::Version;
 use crate::sys::clock::now;
-use crate::sys::rlimit;
 
 /// How long a signed manifest stays valid.
 const MANIFEST_LIFETIME: u64 = 24 * 3600;
@@ -220,76 +218,6 @@ pub fn router(server: Arc<Server>) -> Router {
         .with_state(server)
 }
 
-/// Descriptors kept free for files other than connections (store, builds, logs).
-const RESERVED_FILES: u64 = 256;
-
-/// Serves until the process ends: at most `max_connections` connections at once (fewer if
-/// the open-files limit, raised to its hard limit first, is lower); a connection that sends no
-/// complete request head within `idle_timeout` (also between keep-alive requests) is closed.
-pub async fn serve(listener: tokio::net::TcpListener, server: Arc<Server>) -> Result<()> {
-    let files = rlimit::raise_nofile().unwrap_or_else(|e| {
-        tracing::warn!("{e:#}");
-        1024
-    });
-    let slots = connection_slots(server.tuning.max_connections, files);
-    let slots = Arc::new(Semaphore::new(slots));
-    let idle = server.tuning.idle_timeout;
-    let app = router(server);
-    loop {
-        let permit = slots
-            .clone()
-            .acquire_owned()
-            .await
-            .context("connection slots")?;
-        match listener.accept().await {
-            Ok((stream, _)) => {
-                tokio::spawn(serve_connection(stream, app.clone(), idle, permit));
-            }
-            Err(e) => {
-                // Out of files or similar: let connections finish instead of spinning.
-                tracing::warn!("accepting a connection: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
-}
-
-/// How many connections may be open at once: `max`, fewer if the open-files limit is lower.
-fn connection_slots(max: usize, files: u64) -> usize {
-    let by_files = files.saturating_sub(RESERVED_FILES) as usize;
-    max.min(by_files).max(1)
-}
-
-/// One HTTP/1.1 connection, holding its connection slot until it ends.
-async fn serve_connection(
-    stream: tokio::net::TcpStream,
-    app: Router,
-    idle: Duration,
-    _slot: OwnedSemaphorePermit,
-) {
-    let service = hyper_util::service::TowerToHyperService::new(app);
-    let conn = hyper::server::conn::http1::Builder::new()
-        .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(idle)
-        .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-    if let Err(e) = conn.await {
-        tracing::debug!("connection ended: {e}");
-    }
-}
-
-/// Binds and serves (the `serve` verb).
-pub fn run(addr: SocketAddr, server: Server) -> Result<()> {
-    let rt = tokio::runtime::Runtime::new()?;
-    rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("binding {addr}"))?;
-        tracing::info!("serving on {addr}");
-        eprintln!("upgradectl serve: listening on http://{addr}");
-        serve(listener, Arc::new(server)).await
-    })
-}
-
 fn error(status: StatusCode, msg: String) -> Response {
     (status, [(header::CACHE_CONTROL, "no-store")], msg + "\n").into_response()
 }
@@ -468,13 +396,6 @@ mod tests {
             backoff: Some(backoff),
         };
         assert_eq!(next(Some(&failed), 5, later), retry);
-    }
-
-    #[test]
-    fn connections_are_capped_below_the_open_files_limit() {
-        assert_eq!(connection_slots(10_000, 1024), 768);
-        assert_eq!(connection_slots(10_000, 1 << 20), 10_000);
-        assert_eq!(connection_slots(10_000, 10), 1);
     }
 
     #[test]

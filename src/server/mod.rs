@@ -5,10 +5,12 @@ pub mod artifacts;
 pub mod build;
 pub mod http;
 pub mod keys;
+pub mod listen;
 pub mod publish;
 pub mod source;
 pub mod verbs;
 
 pub use artifacts::Store;
-pub use http::{router, run, serve, Server, Tuning};
+pub use http::{router, Server, Tuning};
+pub use listen::{run, serve};
 pub use source::StreamSource;
