@@ -105,7 +105,7 @@ impl Filesystem for RecordingFs {
         if parent == ROOT_INO && name == "disk" {
             reply.entry(&TTL, &attr(DISK_INO), 0);
         } else {
-            reply.error(libc_enoent());
+            reply.error(nix::libc::ENOENT);
         }
     }
 
@@ -149,7 +149,7 @@ impl Filesystem for RecordingFs {
         let mut disk = self.disk();
         let start = offset as usize;
         if start + data.len() > disk.data.len() {
-            return reply.error(libc_enospc());
+            return reply.error(nix::libc::ENOSPC);
         }
         disk.data[start..start + data.len()].copy_from_slice(data);
         disk.log.push(Event::Write {
@@ -168,14 +168,6 @@ impl Filesystem for RecordingFs {
     fn flush(&mut self, _req: &Request<'_>, _ino: u64, _fh: u64, _owner: u64, reply: ReplyEmpty) {
         reply.ok();
     }
-}
-
-fn libc_enoent() -> i32 {
-    nix::errno::Errno::ENOENT as i32
-}
-
-fn libc_enospc() -> i32 {
-    nix::errno::Errno::ENOSPC as i32
 }
 
 /// The FUSE mount serving `disk`; unmounted on drop.
@@ -563,7 +555,9 @@ fn replay_and_fsck(disk: &Path) -> Result<(), String> {
 /// 3, nothing to do; or `confirm`'s documented rollback, exit 1 with outcome
 /// `trial-did-not-boot`): `init` again during provisioning, else the reboot GRUB does
 /// (`grub_reboot`: a set `next_entry` is booted once) and `confirm`, as the box's
-/// `upgradectl-confirm.service` runs it at every boot. Then the box is settled: `confirm` once
+/// `upgradectl-confirm.service` runs it at every boot. (The reboot is simulated on the
+/// replayed disk: GRUB's in-place `save_env` before the replay is not modelled.) Then the box
+/// is settled: `confirm` once
 /// more exits 3 (nothing to do), `init` once more exits 0 again.
 fn check_linux_view(disk: &Path, op: &Op) -> Result<(), String> {
     replay_and_fsck(disk)?;
