@@ -49,10 +49,42 @@ fn synced_temp(path: &Path, data: &[u8], mode: u32) -> Result<tempfile::NamedTem
 }
 
 /// `atomic_write` of a file GRUB reads (grub.cfg, grubenv): durable for Linux *and* at its
-/// home location for GRUB before this returns (see `checkpoint`).
+/// home location for GRUB before this returns (see `checkpoint`), and whole, old or new, for
+/// GRUB after a power cut at any point.
+///
+/// A checkpoint writes the journal's blocks home in no particular order: a power cut in the
+/// middle may leave the new directory block (name -> new inode) without the new inode, or the
+/// old inode freed (size 0) while the old directory block still names it; GRUB then reads an
+/// empty or garbled file (`tests/crash_states.rs` found both). So each checkpoint moves one
+/// step whose every partial outcome GRUB reads whole: (1) the new file's inode and data go home
+/// under its temp name; (2) the rename, while a second name (`.<name>.prev`) keeps the old
+/// inode and its blocks alive; (3) only then the old inode is freed.
 pub fn atomic_write_for_boot(path: &Path, data: &[u8], mode: u32) -> Result<()> {
-    atomic_write(path, data, mode)?;
-    checkpoint(path)
+    let tmp = synced_temp(path, data, mode)?;
+    checkpoint(path)?;
+    let prev = prev_name(path);
+    let _ = fs::remove_file(&prev);
+    let kept = match fs::hard_link(path, &prev) {
+        Ok(()) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Err(e) => return Err(e).with_context(|| format!("linking {}", prev.display())),
+    };
+    tmp.persist(path)
+        .with_context(|| format!("renaming into {}", path.display()))?;
+    fsync_dir(parent_dir(path))?;
+    checkpoint(path)?;
+    if kept {
+        fs::remove_file(&prev).with_context(|| format!("removing {}", prev.display()))?;
+        fsync_dir(parent_dir(path))?;
+        checkpoint(path)?;
+    }
+    Ok(())
+}
+
+/// `.<name>.prev` next to `path`: the old version's second name while `path` is replaced.
+fn prev_name(path: &Path) -> std::path::PathBuf {
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    parent_dir(path).join(format!(".{name}.prev"))
 }
 
 nix::ioctl_write_ptr!(ext4_ioc_checkpoint, b'f', 43, u32);

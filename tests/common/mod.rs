@@ -142,6 +142,28 @@ pub fn tool(argv: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// A fresh temp directory for a box.
+fn tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("upgradectl-host-")
+        .tempdir()
+        .unwrap()
+}
+
+/// Formats the file `disk` as a host partition: ext4 with 4 KiB blocks as on a real host
+/// partition (GRUB 2.06 cannot read a file that starts with a hole, which a 1 KiB-block
+/// filesystem gives any ext4 image).
+pub fn mkfs_host(disk: &Path) {
+    tool(&[
+        "mkfs.ext4",
+        "-q",
+        "-F",
+        "-b",
+        "4096",
+        disk.to_str().unwrap(),
+    ]);
+}
+
 /// Builds an ext4 image file of `mib` MiB from the directory `src`.
 pub fn mkfs(src: &Path, image: &Path, mib: u32) {
     tool(&[
@@ -159,41 +181,47 @@ impl HostRoot {
     /// A box provisioned with image 1.0 (booted) and image 2.0 on disk but not registered.
     /// `init` has not run yet.
     pub fn new() -> HostRoot {
-        HostRoot::build(false)
+        HostRoot::build(tempdir(), None)
     }
 
     /// Like `new`, with the host partition a real ext4 filesystem (a file on a loop device,
     /// mounted at ROOT/host), so that what GRUB would read can be compared with what Linux
     /// reads: see `grub_reads`. The setup itself is checkpointed (unmount and mount again).
     pub fn on_ext4() -> HostRoot {
-        HostRoot::build(true)
+        let dir = tempdir();
+        let disk = dir.path().join("host.disk");
+        fs::write(&disk, b"").unwrap();
+        tool(&["truncate", "-s", "256M", disk.to_str().unwrap()]);
+        mkfs_host(&disk);
+        HostRoot::build(dir, Some(disk))
     }
 
-    fn build(on_ext4: bool) -> HostRoot {
-        let dir = tempfile::Builder::new()
-            .prefix("upgradectl-host-")
-            .tempdir()
-            .unwrap();
-        let mut h = HostRoot {
-            dir,
-            host_disk: None,
+    /// Like `on_ext4`, on a host partition file the caller provides, already formatted as
+    /// ext4 (`mkfs_host`): for instance a file served by a FUSE filesystem that logs writes.
+    pub fn on_host_disk(disk: &Path) -> HostRoot {
+        HostRoot::build(tempdir(), Some(disk.to_owned()))
+    }
+
+    /// A box around an existing, provisioned host partition file: the running tree and the
+    /// configuration at ROOT, `disk` mounted at ROOT/host (`mount -o loop`). Nothing is
+    /// written to the host partition; it is unmounted on drop.
+    pub fn attach(disk: &Path) -> HostRoot {
+        let h = HostRoot {
+            dir: tempdir(),
+            host_disk: Some(disk.to_owned()),
         };
+        fs::create_dir_all(h.host("")).unwrap();
+        h.mount_host();
+        h.write_running_tree();
+        h.set_config(CONFIG);
+        h
+    }
+
+    fn build(dir: tempfile::TempDir, host_disk: Option<PathBuf>) -> HostRoot {
+        let on_ext4 = host_disk.is_some();
+        let h = HostRoot { dir, host_disk };
         if on_ext4 {
-            let disk = h.path("host.disk");
-            fs::write(&disk, b"").unwrap();
-            tool(&["truncate", "-s", "256M", disk.to_str().unwrap()]);
-            // 4 KiB blocks as on a real host partition (GRUB 2.06 cannot read a file that
-            // starts with a hole, which a 1 KiB-block filesystem gives any ext4 image).
-            tool(&[
-                "mkfs.ext4",
-                "-q",
-                "-F",
-                "-b",
-                "4096",
-                disk.to_str().unwrap(),
-            ]);
             fs::create_dir_all(h.host("")).unwrap();
-            h.host_disk = Some(disk);
             h.mount_host();
         }
         h.write_running_tree();
@@ -203,10 +231,16 @@ impl HostRoot {
         h.boot("1.0");
         h.set_config(CONFIG);
         if on_ext4 {
-            umount_retrying(&h.host(""));
-            h.mount_host();
+            h.remount_host();
         }
         h
+    }
+
+    /// Unmounts the host partition and mounts it again: everything written so far is at its
+    /// home location (the unmount checkpoints the journal), as GRUB would read it.
+    pub fn remount_host(&self) {
+        umount_retrying(&self.host(""));
+        self.mount_host();
     }
 
     fn mount_host(&self) {
