@@ -67,6 +67,7 @@ fn leftovers_of_interrupted_runs_are_shown_and_cleaned_up() {
     std::fs::create_dir_all(&downloads).unwrap();
     std::fs::write(downloads.join("2.0-to-3.0.xz.partial"), vec![1u8; 1 << 20]).unwrap();
     std::fs::write(h.host("boot/grub/.tmp-abc123"), b"half a grub.cfg").unwrap();
+    std::fs::write(h.host("boot/grub/.grub.cfg.prev"), b"an old grub.cfg").unwrap();
 
     let s = h.status();
     let listed: Vec<&str> = s["leftovers"]
@@ -75,13 +76,13 @@ fn leftovers_of_interrupted_runs_are_shown_and_cleaned_up() {
         .iter()
         .map(|l| l["path"].as_str().unwrap())
         .collect();
-    assert_eq!(listed.len(), 3, "{listed:?}");
+    assert_eq!(listed.len(), 4, "{listed:?}");
     assert!(listed
         .iter()
         .any(|p| p.ends_with("images/.3.0.img.partial")));
 
     let r = h.run(&["cleanup"]).expect(0);
-    assert_eq!(r.last()["leftovers"].as_array().unwrap().len(), 3);
+    assert_eq!(r.last()["leftovers"].as_array().unwrap().len(), 4);
     assert!(r.last()["freed_bytes"].as_u64().unwrap() >= 2 << 20);
     assert!(!partial.exists());
     assert!(h.status()["leftovers"].as_array().unwrap().is_empty());

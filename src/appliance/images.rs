@@ -70,7 +70,10 @@ pub fn leftovers(layout: &Layout) -> Result<Vec<Leftover>> {
     let dirs: [(PathBuf, IsLeftover); 5] = [
         (layout.images_dir(), |n| n.starts_with('.')),
         (layout.downloads_dir(), |_| true),
-        (layout.grub_dir(), |n| n.starts_with(".tmp-")),
+        // `.grub.cfg.prev`: the old file's second name while it is replaced.
+        (layout.grub_dir(), |n| {
+            n.starts_with(".tmp-") || (n.starts_with('.') && n.ends_with(".prev"))
+        }),
         (layout.state_dir(), |n| n.starts_with(".tmp-")),
         (layout.state_dir().join("baseline"), |n| {
             n.starts_with(".tmp-")
