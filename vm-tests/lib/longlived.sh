@@ -56,7 +56,7 @@ scenario_longlived() {
       local out
       vm_run "rm /host/images/$v.img"
       out=$(vm_ssh "upgradectl --wait prepare --version $v --json" | tail -n1) || return 1
-      assert_eq "$(json_field "$out" "d['artifact'], d['downloaded_bytes']")" "('local-snapshot', 0)" "export again from the pool" || return 1
+      assert_eq "$(json_field "$out" "d['artifact'] + ' ' + str(d['downloaded_bytes'])")" "local-snapshot 0" "export again from the pool" || return 1
     fi
     upgrade_and_reboot --version "$v"
     if [ "$variant" = broken ]; then
