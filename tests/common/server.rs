@@ -218,6 +218,24 @@ pub fn limits() -> Limits {
     }
 }
 
+/// Downloads artifact `name` from the server at `addr` to `dest`, as the box does.
+pub fn download_from(
+    addr: SocketAddr,
+    name: &str,
+    dest: &Path,
+    d: &Descriptor,
+) -> Result<fetch::Fetched> {
+    let client = fetch::client(&limits()).unwrap();
+    fetch::download(
+        &client,
+        &format!("http://{addr}/v1/artifacts/{name}"),
+        dest,
+        d,
+        &limits(),
+        &mut |_, _| {},
+    )
+}
+
 /// Polls `cond` every 20 ms until it holds; panics with `what` after `deadline`.
 pub fn wait_for(what: &str, deadline: Duration, mut cond: impl FnMut() -> bool) {
     let end = Instant::now() + deadline;
@@ -267,14 +285,6 @@ impl Fixture {
     }
 
     pub fn download(&self, name: &str, dest: &Path, d: &Descriptor) -> Result<fetch::Fetched> {
-        let client = fetch::client(&limits()).unwrap();
-        fetch::download(
-            &client,
-            &self.url(&format!("/v1/artifacts/{name}")),
-            dest,
-            d,
-            &limits(),
-            &mut |_, _| {},
-        )
+        download_from(self.addr, name, dest, d)
     }
 }

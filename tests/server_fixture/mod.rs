@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use ed25519_dalek::SigningKey;
-use upgradectl::appliance::prepare::fetch::{self, Limits};
+use upgradectl::appliance::prepare::fetch;
 use upgradectl::core::manifest::{
     self, Blob, Descriptor, Release, MAX_DESCRIPTOR_BYTES, MAX_MANIFEST_BYTES,
 };
@@ -58,7 +58,7 @@ pub struct Fixture {
 // Versions and test data as the server fault tests make them.
 #[path = "../common/server.rs"]
 mod shared;
-pub use shared::{noise, v};
+pub use shared::{limits, noise, v};
 
 /// Starts the server on a free port; builds wait `delay`, the cache holds `cache_cap` bytes.
 pub fn start(delay: Duration, cache_cap: u64) -> Fixture {
@@ -144,14 +144,6 @@ pub fn start(delay: Duration, cache_cap: u64) -> Fixture {
     }
 }
 
-/// Generous limits: tests are not about speed.
-pub fn limits() -> Limits {
-    Limits {
-        stall: Duration::from_secs(10),
-        min_speed: 1,
-    }
-}
-
 impl Fixture {
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
@@ -191,14 +183,6 @@ impl Fixture {
 
     /// Downloads artifact `name` to `dest` as the box does.
     pub fn download(&self, name: &str, dest: &Path, d: &Descriptor) -> Result<fetch::Fetched> {
-        let client = fetch::client(&limits()).unwrap();
-        fetch::download(
-            &client,
-            &self.url(&format!("/v1/artifacts/{name}")),
-            dest,
-            d,
-            &limits(),
-            &mut |_, _| {},
-        )
+        shared::download_from(self.addr, name, dest, d)
     }
 }
