@@ -40,7 +40,12 @@ impl Ctx {
 
     /// The running image; refused when the box did not boot one.
     pub fn booted_version(&self) -> Result<Version> {
-        self.booted()?.version.ok_or_else(|| {
+        Ctx::image_of(&self.booted()?)
+    }
+
+    /// The image `boot` runs; refused when it runs none.
+    pub fn image_of(boot: &Booted) -> Result<Version> {
+        boot.version.clone().ok_or_else(|| {
             refused("this system was not booted from an upgradectl image (no upgradectl.image= on the kernel command line)")
         })
     }

@@ -38,7 +38,9 @@ struct ConfirmReport {
 /// `deadline`: the trial's time is up (the deadline timer); still on trial means it failed.
 pub fn confirm(ctx: &mut Ctx, no_reboot: bool, deadline: bool) -> Result<()> {
     let (_lock, mut state, _) = intent::lock(ctx)?;
-    let booted = ctx.booted_version()?;
+    // One look at this boot (kernel command line, the initramfs's report) serves throughout.
+    let this_boot = ctx.booted()?;
+    let booted = Ctx::image_of(&this_boot)?;
     let env = grub::read_env(&ctx.layout.grubenv())?;
     // Our grub.cfg records each one-shot boot it makes; a trial GRUB never started (power lost
     // between arming and rebooting) is disarmed instead of being blamed.
@@ -47,7 +49,7 @@ pub fn confirm(ctx: &mut Ctx, no_reboot: bool, deadline: bool) -> Result<()> {
         .as_ref()
         .is_some_and(|t| env.get(grub::ATTEMPTED) == Some(&t.version.grub_id()));
     let settle = state.settle(&booted, attempted);
-    let report = ctx.booted()?.report;
+    let report = this_boot.report;
     let (outcome, message, checks, result, reboot_to): (
         &str,
         String,
