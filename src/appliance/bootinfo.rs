@@ -15,6 +15,9 @@ pub struct BootReport {
     pub requested: Option<String>,
     pub booted: Option<String>,
     pub fallback: bool,
+    /// The failure happened in an earlier boot, whose initramfs rebooted into the fallback's
+    /// own entry (so the fallback runs its own kernel).
+    pub redirected: bool,
     pub reason: Option<String>,
     pub fsck: Option<i32>,
 }
@@ -31,6 +34,7 @@ impl BootReport {
             requested: s("requested"),
             booted: s("booted"),
             fallback: kv.get("fallback") == Some(&"1"),
+            redirected: kv.get("redirected") == Some(&"1"),
             reason: s("reason"),
             fsck: kv.get("fsck").and_then(|v| v.parse().ok()),
         }
@@ -124,9 +128,10 @@ mod tests {
     #[test]
     fn parses_a_fallback_report() {
         let r = BootReport::parse(
-            "requested=/images/3.0.img\nbooted=/images/2.0.img\nfallback=1\nreason=fsck\nfsck=0\n",
+            "requested=/images/3.0.img\nbooted=/images/2.0.img\nfallback=1\nredirected=1\nreason=fsck\nfsck=0\n",
         );
         assert!(r.fallback);
+        assert!(r.redirected);
         assert_eq!(r.reason.as_deref(), Some("fsck"));
         assert_eq!(r.booted_version(), Some("2.0".parse().unwrap()));
         assert_eq!(r.fsck, Some(0));

@@ -15,6 +15,18 @@ pub const NEXT_ENTRY: &str = "next_entry";
 /// grubenv variable: the one-shot entry GRUB last consumed.
 pub const ATTEMPTED: &str = "upgradectl_attempted";
 
+/// grubenv variable: the entry an initramfs that could not boot its image sends the next boot
+/// to (the fallback image's own entry, so it runs its own kernel); GRUB boots it once.
+pub const REDIRECT: &str = "upgradectl_redirect";
+
+/// The start of an `if`: a redirect set by the initramfs is booted once, before anything else.
+const REDIRECT_ONCE: &str = concat!(
+    "if [ -n \"${upgradectl_redirect}\" ]; then\n",
+    "  set default=\"${upgradectl_redirect}\"\n",
+    "  set upgradectl_redirect=\n",
+    "  save_env upgradectl_redirect\n",
+);
+
 /// Size of a GRUB environment block file.
 const ENV_BLOCK_SIZE: usize = 1024;
 const ENV_HEADER: &str = "# GRUB Environment Block\n";
@@ -64,11 +76,12 @@ pub fn render_config(menu: &Menu) -> String {
     let (default, fallback, trial_fallback) = defaults(menu);
     s += &default;
     s += &fallback;
+    s.push_str(REDIRECT_ONCE);
     // One-shot try, as grub-reboot does: boot next_entry once, then forget it, and record
     // that the attempt happened (so `confirm` can tell a failed try from a try never made).
     // A trial that fails inside GRUB lands on the default, then on the previous image.
     s.push_str(concat!(
-        "if [ -n \"${next_entry}\" ]; then\n",
+        "elif [ -n \"${next_entry}\" ]; then\n",
         "  set default=\"${next_entry}\"\n",
     ));
     s += &trial_fallback;
@@ -113,7 +126,8 @@ fn defaults(menu: &Menu) -> (String, String, String) {
 pub fn render_mkconfig_fragment(menu: &Menu) -> String {
     let (default, fallback, trial_fallback) = defaults(menu);
     let mut s = String::from("# upgradectl: images, the default and the one-shot trial\n");
-    s.push_str("if [ \"${boot_once}\" = true ]; then\n");
+    s.push_str(REDIRECT_ONCE);
+    s.push_str("elif [ \"${boot_once}\" = true ]; then\n");
     s += &trial_fallback;
     s.push_str(concat!(
         "  set upgradectl_attempted=\"${default}\"\n",

@@ -221,7 +221,15 @@ pub fn render(s: &Status) -> String {
             b.booted.as_deref().unwrap_or("-"),
             b.requested.as_deref().unwrap_or("-"),
             if b.fallback {
-                format!(", FELL BACK: {}", b.reason.as_deref().unwrap_or("?"))
+                format!(
+                    ", FELL BACK: {}{}",
+                    b.reason.as_deref().unwrap_or("?"),
+                    if b.redirected {
+                        " (rebooted into the fallback's own entry)"
+                    } else {
+                        " (under the requested image's kernel)"
+                    }
+                )
             } else {
                 String::new()
             }

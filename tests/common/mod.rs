@@ -416,9 +416,16 @@ impl HostRoot {
 
     /// The initramfs's report of this boot (ROOT/run/upgradectl/boot-report).
     pub fn boot_report(&self, requested: &str, booted: &str, reason: &str) {
+        self.boot_report_as(requested, booted, reason, false)
+    }
+
+    /// The same, `redirected`: the failure was in the boot before, whose initramfs rebooted
+    /// into the fallback's own entry.
+    pub fn boot_report_as(&self, requested: &str, booted: &str, reason: &str, redirected: bool) {
         let fallback = u8::from(requested != booted);
+        let redirected = u8::from(redirected);
         let text = format!(
-            "requested=/images/{requested}.img\nbooted=/images/{booted}.img\nfallback={fallback}\nreason={reason}\nfsck=0\n"
+            "requested=/images/{requested}.img\nbooted=/images/{booted}.img\nfallback={fallback}\nredirected={redirected}\nreason={reason}\nfsck=0\n"
         );
         fs::create_dir_all(self.path("run/upgradectl")).unwrap();
         fs::write(self.path("run/upgradectl/boot-report"), &text).unwrap();
@@ -426,12 +433,28 @@ impl HostRoot {
         fs::write(self.host("var/lib/upgradectl/boot-report"), &text).unwrap();
     }
 
-    /// Simulates the reboot the way GRUB runs our grub.cfg: a set `next_entry` is booted once,
+    /// Simulates the reboot the way GRUB runs our grub.cfg: a set `upgradectl_redirect` is
+    /// booted once and cleared, else a set `next_entry` is booted once,
     /// recorded in `upgradectl_attempted` and cleared (`save_env`). Returns the entry booted.
     pub fn grub_reboot(&self) -> String {
         let env = self.grubenv();
         let cfg = self.grub_cfg();
+        let redirect = env.get("upgradectl_redirect").filter(|e| !e.is_empty());
         let entry = match env.get("next_entry").filter(|e| !e.is_empty()) {
+            _ if redirect.is_some() => {
+                // Before a trial: the initramfs of the boot before sent GRUB here.
+                assert!(cfg.contains(
+                    "if [ -n \"${upgradectl_redirect}\" ]; then\n  set default=\"${upgradectl_redirect}\"\n  set upgradectl_redirect=\n  save_env upgradectl_redirect\nelif [ -n \"${next_entry}\" ]"
+                ));
+                let env = self.grubenv_path();
+                tool(&[
+                    "grub-editenv",
+                    env.to_str().unwrap(),
+                    "unset",
+                    "upgradectl_redirect",
+                ]);
+                redirect.unwrap().clone()
+            }
             Some(next) => {
                 // The grub.cfg must really do this, or the simulation is a lie.
                 assert!(cfg.contains("set upgradectl_attempted=\"${next_entry}\""));

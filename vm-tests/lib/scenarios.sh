@@ -4,7 +4,7 @@
 # claims. Guest state lives on its disks under $WORK_DIR/box*.img.
 
 # shellcheck disable=SC2034  # used by vm-tests/run
-SCENARIOS=(boot upgrade revert broken fallback resume powercut)
+SCENARIOS=(boot upgrade revert broken fallback resume powercut demote)
 
 # Scenarios that start from where the previous one left the box.
 scenario_needs_previous() { [ "$1" != boot ]; }
@@ -97,9 +97,10 @@ scenario_boot() {
   vm_run "upgradectl status"
 }
 
-# The image GRUB points at is missing or corrupted: the initramfs boots the fallback image and
-# says so. Entries in custom.cfg (sourced by upgradectl's grub.cfg) load the kernel from 1.0 but
-# name a missing / corrupted image for the initramfs.
+# The image GRUB points at is missing or corrupted: the initramfs records it, points GRUB at the
+# fallback's own entry and reboots, so the fallback runs with its own kernel, and says so.
+# Entries in custom.cfg (sourced by upgradectl's grub.cfg) load the kernel from the running
+# image but name a missing / corrupted image for the initramfs.
 scenario_fallback() {
   ensure_box || return 1
   local running
@@ -117,7 +118,12 @@ menuentry 'test: $bad image' --id test-$bad {
 CFG
     vm_run "grub-editenv /host/boot/grub/grubenv set next_entry=test-$bad" || return 1
     vm_reboot
+    vm_wait "upgradectl: rebooting into /images/$running.img with its own kernel" 900 || return 1
     expect_boot "$running" || return 1
+    # GRUB booted the fallback's own entry: its kernel, its command line.
+    vm_ssh "cat /proc/cmdline" | grep -q "upgradectl.image=/images/$running.img " \
+      || { log "the fallback did not boot through its own entry: $(vm_ssh "cat /proc/cmdline")"; return 1; }
+    assert_eq "$(status_field "s['last_boot']['redirected']")" True "redirected ($bad)" || return 1
     entry=$(vm_ssh "cat /run/upgradectl/boot-report")
     log "boot report: $(tr '\n' ' ' <<<"$entry")"
     assert_eq "$(status_field "s['last_boot']['fallback']")" True "fallback flag ($bad)" || return 1
@@ -281,6 +287,26 @@ scenario_powercut() {
     case "$booted" in 2.0|4.0) ;; *) log "booted $booted"; return 1 ;; esac
     vm_run "upgradectl status" || return 1
   done
+}
+
+# The default image breaks on disk (random bytes over its start): its initramfs redirects to the
+# previous image's own entry, and confirm demotes the default there: the box converges on a good
+# image by itself. The last scenario: it leaves the box without its default.
+scenario_demote() {
+  ensure_box || return 1
+  local default previous
+  default=$(status_field "s['default']")
+  previous=$(status_field "s['previous']")
+  [ -n "$previous" ] && [ "$previous" != None ] || { log "no previous image to fall back to"; return 1; }
+  vm_run "dd if=/dev/urandom of=/host/images/$default.img bs=1M count=64 conv=notrunc status=none && sync" || return 1
+  vm_reboot
+  vm_wait "upgradectl: rebooting into /images/$previous.img with its own kernel" 900 || return 1
+  expect_boot "$previous" || return 1
+  vm_ssh "cat /proc/cmdline" | grep -q "upgradectl.image=/images/$previous.img " || { log "not the previous image's own entry"; return 1; }
+  assert_eq "$(status_field "s['last_boot']['requested']")" "/images/$default.img" "the failed image" || return 1
+  assert_eq "$(status_field "s['default']")" "$previous" "default after the demotion" || return 1
+  assert_eq "$(status_field "[i['state'] for i in s['images'] if i['version'] == '$default'][0]")" bad "state of the broken default" || return 1
+  vm_run "upgradectl status"
 }
 
 demo() {

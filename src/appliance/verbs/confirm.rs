@@ -156,6 +156,12 @@ pub fn confirm(ctx: &mut Ctx, no_reboot: bool, deadline: bool) -> Result<()> {
         grub::update_env(&ctx.layout.grubenv(), &[(grub::ATTEMPTED, None)])?;
         crate::fail_point!("confirm::env-written");
     }
+    // GRUB clears a redirect when it boots it; one still set means it could not (its
+    // environment is not writable here), and every boot would go the same way.
+    if env.get(grub::REDIRECT).is_some_and(|r| !r.is_empty()) {
+        tracing::warn!("GRUB did not clear the initramfs's redirect; clearing it");
+        grub::update_env(&ctx.layout.grubenv(), &[(grub::REDIRECT, None)])?;
+    }
     // The verdict is recorded, reported and acted on (reboot) before it becomes the exit code.
     state.record("confirm", &result, now());
     state.save(&ctx.layout.state_file())?;
