@@ -16,7 +16,7 @@ pub fn apply(src: &Path, dst: &Path, plan: &Plan) -> Result<()> {
     check_room(src, dst, plan)?;
     for action in &plan.actions {
         match action {
-            Action::Same { .. } | Action::Keep { .. } => {}
+            Action::Same { .. } | Action::Keep { .. } | Action::Added { .. } => {}
             Action::Merge { path, text } => {
                 let rel = relative(path)?;
                 check_inside(dst, &rel)?;

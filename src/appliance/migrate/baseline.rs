@@ -10,7 +10,8 @@ use serde::de::DeserializeOwned;
 use super::{check_inside, display, expand, read_text, relative, Baseline, ShippedAccounts};
 use crate::appliance::accounts;
 
-/// Hashes the declared files of an image as shipped (before migration writes into it).
+/// Hashes the declared files of an image as shipped (before migration writes into it); its
+/// symlinks are recorded by target.
 pub fn baseline(root: &Path, patterns: &[String]) -> Result<Baseline> {
     let mut out = Baseline::new();
     for pattern in patterns {
@@ -23,12 +24,13 @@ pub fn baseline(root: &Path, patterns: &[String]) -> Result<Baseline> {
                 .follow_root_links(false);
             for entry in walk {
                 let entry = entry?;
+                let rel = display(entry.path().strip_prefix(root).expect("under root"));
                 if entry.file_type().is_file() {
-                    let rel = entry.path().strip_prefix(root).expect("under root");
-                    out.insert(
-                        display(rel),
-                        crate::core::hashing::sha256_file(entry.path())?,
-                    );
+                    out.insert(rel, crate::core::hashing::sha256_file(entry.path())?);
+                } else if entry.file_type().is_symlink() {
+                    // Shipped, so a box that deletes it is seen to (never equal to a hash).
+                    let target = fs::read_link(entry.path())?;
+                    out.insert(rel, format!("symlink:{}", target.display()));
                 }
             }
         }

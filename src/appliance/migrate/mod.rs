@@ -5,6 +5,8 @@
 //! Three-way against what the running image shipped (its baseline): a file the box never
 //! changed keeps the new image's copy; the account databases are merged per entry
 //! (`appliance::accounts`); a file changed on both sides is a conflict, the box's copy wins.
+//! In a migrated directory, an entry the box removed stays removed, one the new image adds
+//! stays.
 //! Without a baseline (first upgrade from a factory image) the box's copy wins, and the account
 //! databases are still merged per entry.
 
@@ -43,9 +45,13 @@ pub enum Action {
         #[serde(skip)]
         text: String,
     },
-    /// A directory's entry that the new image has and the running one does not: removed so the
-    /// directory mirrors the box's.
+    /// A directory's entry that the new image has and the box does not, which the running
+    /// image shipped (the box removed it), or any such entry when that is not known: removed
+    /// so the directory mirrors the box's.
     Remove { path: String },
+    /// A directory's entry that only the new image has, and the running image never shipped:
+    /// new in this release, it stays.
+    Added { path: String },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -161,8 +167,11 @@ fn plan_entry(src: &Path, dst: &Path, rel: &Path, shipped: Shipped, plan: &mut P
             }
             extra.sort();
             for n in extra {
-                plan.actions.push(Action::Remove {
-                    path: display(&rel.join(n)),
+                let path = display(&rel.join(n));
+                plan.actions.push(if removed_by_box(&path, shipped.hashes) {
+                    Action::Remove { path }
+                } else {
+                    Action::Added { path }
                 });
             }
         }
@@ -193,6 +202,19 @@ fn plan_entry(src: &Path, dst: &Path, rel: &Path, shipped: Shipped, plan: &mut P
     }
     plan.actions.push(Action::Copy { path: name, kind });
     Ok(())
+}
+
+/// Whether an entry of a migrated directory that the box lacks was removed by the box: the
+/// running image shipped it, or something under it. Without a baseline nobody knows, and the
+/// directory mirrors the box's.
+fn removed_by_box(path: &str, shipped: Option<&Baseline>) -> bool {
+    let Some(base) = shipped else {
+        return true;
+    };
+    let under = format!("{path}/");
+    base.range(path.to_owned()..)
+        .take_while(|(k, _)| k.starts_with(path))
+        .any(|(k, _)| k == path || k.starts_with(&under))
 }
 
 /// A file that is not identical on both sides: kept when the box never changed it, merged when
@@ -443,7 +465,12 @@ mod tests {
         symlink(&outside, dst.join("etc/netplan")).unwrap();
         symlink(&outside, dst.join("etc/link")).unwrap();
         let b = baseline(&dst, &pats(&["/etc/netplan", "/etc/link/secret"])).unwrap();
-        assert!(b.is_empty(), "{b:?}");
+        // The symlink itself is recorded by its target; nothing behind it is read.
+        let only: Vec<(&str, String)> = b.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+        assert_eq!(
+            only,
+            [("/etc/netplan", format!("symlink:{}", outside.display()))]
+        );
     }
 
     #[test]
@@ -476,6 +503,55 @@ mod tests {
             hashes: Some(base),
             accounts: None,
         }
+    }
+
+    /// A migrated directory: what the box deleted of what its image shipped stays deleted (a
+    /// file, a symlink, a whole subdirectory); what the new image adds stays.
+    #[test]
+    fn a_migrated_directory_keeps_the_new_images_additions() {
+        let (_t, src, dst) = setup();
+        let running = _t.path().join("running");
+        for root in [&running, &dst] {
+            fs::create_dir_all(root.join("etc/netplan/old.d")).unwrap();
+            fs::write(root.join("etc/netplan/00-shipped.yaml"), "a").unwrap();
+            fs::write(root.join("etc/netplan/old.d/x.yaml"), "x").unwrap();
+            symlink("00-shipped.yaml", root.join("etc/netplan/default")).unwrap();
+        }
+        let base = baseline(&running, &pats(&["/etc/netplan"])).unwrap();
+        // The box deleted all three and wrote its own; the new image adds two entries.
+        fs::write(src.join("etc/netplan/10-box.yaml"), "box").unwrap();
+        fs::write(dst.join("etc/netplan/50-new.yaml"), "new").unwrap();
+        fs::create_dir_all(dst.join("etc/netplan/new.d")).unwrap();
+
+        let p = plan(&src, &dst, &pats(&["/etc/netplan"]), hashes(&base)).unwrap();
+        for gone in ["00-shipped.yaml", "default", "old.d"] {
+            assert!(
+                p.actions.contains(&Action::Remove {
+                    path: format!("/etc/netplan/{gone}")
+                }),
+                "{gone}: {:?}",
+                p.actions
+            );
+        }
+        for added in ["50-new.yaml", "new.d"] {
+            assert!(p.actions.contains(&Action::Added {
+                path: format!("/etc/netplan/{added}")
+            }));
+        }
+        apply(&src, &dst, &p).unwrap();
+        let mut left: Vec<String> = fs::read_dir(dst.join("etc/netplan"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["10-box.yaml", "50-new.yaml", "new.d"]);
+
+        // Without a baseline nobody knows who added what: the directory mirrors the box's.
+        fs::write(dst.join("etc/netplan/60-new.yaml"), "new").unwrap();
+        let p = plan(&src, &dst, &pats(&["/etc/netplan"]), Shipped::default()).unwrap();
+        assert!(p.actions.contains(&Action::Remove {
+            path: "/etc/netplan/60-new.yaml".into()
+        }));
     }
 
     #[test]

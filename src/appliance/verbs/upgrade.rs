@@ -103,6 +103,9 @@ fn render_upgrade(r: &UpgradeReport) -> String {
             migrate::Action::Copy { path, .. } => s += &format!("  migrate {path}\n"),
             migrate::Action::Remove { path } => s += &format!("  remove  {path}\n"),
             migrate::Action::Merge { path, .. } => s += &format!("  merge   {path}\n"),
+            migrate::Action::Added { path } => {
+                s += &format!("  new     {path} (the new image adds it)\n")
+            }
             migrate::Action::Same { .. } | migrate::Action::Keep { .. } => {}
         }
     }
