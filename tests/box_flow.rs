@@ -833,3 +833,34 @@ fn a_default_the_initramfs_falls_back_from_is_demoted() {
     h.assert_menu(&["1.0"]);
     h.assert_consistent("demoting a default");
 }
+
+/// A default that never comes up far enough to confirm (a kernel panic, a hang the watchdog
+/// ends): GRUB counts its boots, confirm clears the count; after three boots without a confirm
+/// GRUB boots the previous image, where confirm demotes the default.
+#[test]
+fn a_default_that_never_confirms_is_given_up_after_three_boots() {
+    let h = HostRoot::with_prepared("2.0");
+    h.run(&["upgrade", "--no-reboot"]).expect(0);
+    h.grub_reboot();
+    h.run(&["confirm", "--no-reboot"]).expect(0);
+    // Healthy boots: each confirm starts the count again.
+    for _ in 0..4 {
+        assert_eq!(h.grub_reboot(), "upgradectl-2.0");
+        assert_eq!(h.grubenv()["upgradectl_boots"], "1");
+        h.run(&["confirm", "--no-reboot"]).expect(3);
+        assert!(!h.grubenv().contains_key("upgradectl_boots"));
+    }
+    // 2.0 now dies before userspace, three times.
+    for _ in 0..3 {
+        assert_eq!(h.grub_reboot(), "upgradectl-2.0");
+    }
+    assert_eq!(h.grub_reboot(), "upgradectl-1.0");
+    let r = h.run(&["confirm", "--no-reboot"]).expect(1);
+    assert_eq!(r.lines[0]["outcome"], "default-demoted", "{}", r.stdout);
+    let s = h.state();
+    assert_eq!(s["default"], "1.0");
+    assert_eq!(s["images"]["2.0"]["state"], "bad");
+    assert!(!h.grubenv().contains_key("upgradectl_boots"));
+    assert_eq!(h.grub_reboot(), "upgradectl-1.0");
+    h.assert_consistent("giving up on a default");
+}

@@ -27,6 +27,14 @@ const REDIRECT_ONCE: &str = concat!(
     "  save_env upgradectl_redirect\n",
 );
 
+/// grubenv variable: boots of the default since the last `confirm` (GRUB counts, `confirm`
+/// clears). At [`MAX_UNCONFIRMED_BOOTS`] GRUB boots the previous image instead, and `confirm`
+/// there demotes the default: a default that crashes or hangs before userspace comes up
+/// (kernel panic, watchdog) does not keep the box down.
+pub const BOOTS: &str = "upgradectl_boots";
+/// Default boots without a `confirm` after which GRUB gives up on the default.
+pub const MAX_UNCONFIRMED_BOOTS: u32 = 3;
+
 /// Size of a GRUB environment block file.
 const ENV_BLOCK_SIZE: usize = 1024;
 const ENV_HEADER: &str = "# GRUB Environment Block\n";
@@ -89,8 +97,13 @@ pub fn render_config(menu: &Menu) -> String {
         "  set upgradectl_attempted=\"${next_entry}\"\n",
         "  set next_entry=\n",
         "  save_env next_entry upgradectl_attempted\n",
-        "fi\n",
     ));
+    let counting = boot_counting(menu);
+    if !counting.is_empty() {
+        s.push_str("else\n");
+        s += &counting;
+    }
+    s.push_str("fi\n");
     s.push_str(&render_entries(menu));
     // Local additions, as grub-mkconfig's 41_custom does.
     s.push_str("if [ -f \"${prefix}/custom.cfg\" ]; then\n  source \"${prefix}/custom.cfg\"\nfi\n");
@@ -117,6 +130,31 @@ fn defaults(menu: &Menu) -> (String, String, String) {
     )
 }
 
+/// Boot counting of the default (indented, inside the branch that boots it): GRUB has no
+/// arithmetic, so the count is spelled out. Empty without a previous image to go to.
+fn boot_counting(menu: &Menu) -> String {
+    let default = menu.default.as_ref().filter(|d| menu.images.contains(d));
+    let previous = menu.previous.as_ref().filter(|p| menu.images.contains(p));
+    let (Some(default), Some(previous)) = (default, previous) else {
+        return String::new();
+    };
+    let max = MAX_UNCONFIRMED_BOOTS;
+    let mut s = format!(
+        "  # {max} boots of the default without a confirm: give up on it\n  if [ \"${{{BOOTS}}}\" = {max} ]; then\n    set default=\"{}\"\n    set fallback=\"{}\"\n",
+        previous.grub_id(),
+        default.grub_id()
+    );
+    for n in (1..max).rev() {
+        let _ = write!(
+            s,
+            "  elif [ \"${{{BOOTS}}}\" = {n} ]; then\n    set {BOOTS}={}\n",
+            n + 1
+        );
+    }
+    let _ = write!(s, "  else\n    set {BOOTS}=1\n  fi\n  save_env {BOOTS}\n");
+    s
+}
+
 /// What `grub.d/09_upgradectl` prints for `grub-mkconfig`: the same guarantees as upgradectl's
 /// own grub.cfg. grub-mkconfig's 00_header ran before it: it loaded grubenv and, for a set
 /// `next_entry`, already made it the default, cleared it and set `boot_once`. This fragment
@@ -141,6 +179,7 @@ pub fn render_mkconfig_fragment(menu: &Menu) -> String {
     for l in body.lines() {
         let _ = writeln!(s, "  {l}");
     }
+    s += &boot_counting(menu);
     s.push_str("fi\n");
     s.push_str(&render_entries(menu));
     s
@@ -407,6 +446,39 @@ mod tests {
         assert!(plain.contains("set default=\"upgradectl-9.0\""), "{frag}");
         assert!(plain.contains("set fallback=\"upgradectl-2.0\""), "{frag}");
         assert!(frag.contains("menuentry 'Image 10.0'"), "{frag}");
+    }
+
+    /// Booting the default counts (GRUB has no arithmetic: each step spelled out); at the
+    /// limit the previous image boots instead. Both modes; nothing to count without a previous.
+    #[test]
+    fn the_default_is_boot_counted_in_both_modes() {
+        let block = concat!(
+            "  if [ \"${upgradectl_boots}\" = 3 ]; then\n",
+            "    set default=\"upgradectl-2.0\"\n",
+            "    set fallback=\"upgradectl-9.0\"\n",
+            "  elif [ \"${upgradectl_boots}\" = 2 ]; then\n",
+            "    set upgradectl_boots=3\n",
+            "  elif [ \"${upgradectl_boots}\" = 1 ]; then\n",
+            "    set upgradectl_boots=2\n",
+            "  else\n",
+            "    set upgradectl_boots=1\n",
+            "  fi\n",
+            "  save_env upgradectl_boots\n",
+            "fi\n",
+        );
+        let cfg = render_config(&menu());
+        let trial = cfg.find("elif [ -n \"${next_entry}\" ]").unwrap();
+        let counted = cfg.find(block).expect(&cfg);
+        assert!(
+            trial < counted && cfg[trial..counted].contains("\nelse\n"),
+            "{cfg}"
+        );
+        let frag = render_mkconfig_fragment(&menu());
+        assert!(frag.contains(block), "{frag}");
+        let mut m = menu();
+        m.previous = None;
+        assert!(!render_config(&m).contains("upgradectl_boots"));
+        assert!(!render_mkconfig_fragment(&m).contains("upgradectl_boots"));
     }
 
     #[test]

@@ -434,7 +434,8 @@ impl HostRoot {
     }
 
     /// Simulates the reboot the way GRUB runs our grub.cfg: a set `upgradectl_redirect` is
-    /// booted once and cleared, else a set `next_entry` is booted once,
+    /// booted once and cleared, else a set `next_entry` is booted once, else the default is
+    /// boot-counted (`count_default_boot`); a `next_entry` is
     /// recorded in `upgradectl_attempted` and cleared (`save_env`). Returns the entry booted.
     pub fn grub_reboot(&self) -> String {
         let env = self.grubenv();
@@ -470,16 +471,42 @@ impl HostRoot {
                 ]);
                 next.clone()
             }
-            None => cfg
-                .lines()
-                .find_map(|l| l.strip_prefix("set default=\""))
-                .and_then(|l| l.strip_suffix('"'))
-                .expect("grub.cfg sets a default")
-                .to_owned(),
+            None => {
+                let default = cfg
+                    .lines()
+                    .find_map(|l| l.strip_prefix("set default=\""))
+                    .and_then(|l| l.strip_suffix('"'))
+                    .expect("grub.cfg sets a default")
+                    .to_owned();
+                self.count_default_boot(&cfg, &env).unwrap_or(default)
+            }
         };
         self.boot(entry.strip_prefix("upgradectl-").expect("our entry id"));
         let _ = fs::remove_file(self.path("run/upgradectl/boot-report"));
         entry
+    }
+
+    /// Boot counting as grub.cfg spells it out: below the limit the count goes up (saved) and
+    /// the default boots (`None`); at the limit the entry it names boots instead.
+    fn count_default_boot(&self, cfg: &str, env: &BTreeMap<String, String>) -> Option<String> {
+        let at_limit = "  if [ \"${upgradectl_boots}\" = 3 ]; then\n    set default=\"";
+        let start = cfg.find(at_limit)? + at_limit.len();
+        assert!(cfg.contains("    set upgradectl_boots=1\n  fi\n  save_env upgradectl_boots\n"));
+        let count = env.get("upgradectl_boots").map(String::as_str);
+        let next = match count {
+            Some("3") => return Some(cfg[start..].split('"').next().unwrap().to_owned()),
+            Some("2") => "3",
+            Some("1") => "2",
+            _ => "1",
+        };
+        let env = self.grubenv_path();
+        tool(&[
+            "grub-editenv",
+            env.to_str().unwrap(),
+            "set",
+            &format!("upgradectl_boots={next}"),
+        ]);
+        None
     }
 
     /// `grub-editenv grubenv list`, parsed.

@@ -15,14 +15,35 @@ use crate::core::version::Version;
 use crate::error::Error;
 use crate::sys::clock::now;
 
-/// This boot's initramfs fell back from the default image to `booted`: the default is broken
-/// (missing, fails fsck, does not mount) and every boot would fall back the same way.
-fn fell_back_from_default(report: &Option<BootReport>, state: &State, booted: &Version) -> bool {
-    let Some(r) = report.as_ref().filter(|r| r.fallback) else {
-        return false;
-    };
-    let requested = r.requested.as_deref().and_then(version_of_image_path);
-    state.default.is_some() && requested == state.default && state.default.as_ref() != Some(booted)
+/// Why the default image failed, when this boot shows it did: the initramfs fell back (or
+/// redirected) from it to `booted` (missing, fails fsck, does not mount: every boot would go
+/// the same way), or GRUB gave up on it after `MAX_UNCONFIRMED_BOOTS` boots that never
+/// reached a `confirm` (it crashed or hung before userspace) and booted the previous image.
+fn default_failure(
+    report: &Option<BootReport>,
+    env: &grub::Env,
+    state: &State,
+    booted: &Version,
+) -> Option<String> {
+    let default = state.default.as_ref().filter(|d| *d != booted)?;
+    if let Some(r) = report.as_ref().filter(|r| r.fallback) {
+        if r.requested
+            .as_deref()
+            .and_then(version_of_image_path)
+            .as_ref()
+            == Some(default)
+        {
+            return Some(format!(
+                "the initramfs could not boot it ({}); the box fell back to {booted}",
+                r.reason.as_deref().unwrap_or("unknown reason")
+            ));
+        }
+    }
+    let max = grub::MAX_UNCONFIRMED_BOOTS;
+    (env.get(grub::BOOTS) == Some(&max.to_string()) && state.previous.as_ref() == Some(booted))
+        .then(|| {
+            format!("it did not come up {max} boots in a row (no confirm); GRUB booted {booted}")
+        })
 }
 
 #[derive(Serialize)]
@@ -50,6 +71,7 @@ pub fn confirm(ctx: &mut Ctx, no_reboot: bool, deadline: bool) -> Result<()> {
         .is_some_and(|t| env.get(grub::ATTEMPTED) == Some(&t.version.grub_id()));
     let settle = state.settle(&booted, attempted);
     let report = this_boot.report;
+    let default_failure = default_failure(&report, &env, &state, &booted);
     let (outcome, message, checks, result, reboot_to): (
         &str,
         String,
@@ -116,13 +138,9 @@ pub fn confirm(ctx: &mut Ctx, no_reboot: bool, deadline: bool) -> Result<()> {
             Ok(()),
             None,
         ),
-        Settle::AlreadyDefault if fell_back_from_default(&report, &state, &booted) => {
+        Settle::AlreadyDefault if default_failure.is_some() => {
             let default = state.default.clone().expect("checked");
-            let why = report.as_ref().and_then(|r| r.reason.clone());
-            let reason = format!(
-                "the initramfs could not boot it ({}); the box fell back to {booted}",
-                why.as_deref().unwrap_or("unknown reason")
-            );
+            let reason = default_failure.expect("checked");
             state.demote_default(&booted, reason.clone())?;
             let msg = format!(
                 "default image {default} marked bad ({reason}); {booted} is the default now"
@@ -156,11 +174,16 @@ pub fn confirm(ctx: &mut Ctx, no_reboot: bool, deadline: bool) -> Result<()> {
         grub::update_env(&ctx.layout.grubenv(), &[(grub::ATTEMPTED, None)])?;
         crate::fail_point!("confirm::env-written");
     }
-    // GRUB clears a redirect when it boots it; one still set means it could not (its
-    // environment is not writable here), and every boot would go the same way.
-    if env.get(grub::REDIRECT).is_some_and(|r| !r.is_empty()) {
-        tracing::warn!("GRUB did not clear the initramfs's redirect; clearing it");
-        grub::update_env(&ctx.layout.grubenv(), &[(grub::REDIRECT, None)])?;
+    // This boot came up: the count of unconfirmed boots starts again. GRUB clears a redirect
+    // when it boots it; one still set means it could not (its environment is not writable
+    // here), and every boot would go the same way.
+    let stale: Vec<(&str, Option<&str>)> = [grub::BOOTS, grub::REDIRECT]
+        .into_iter()
+        .filter(|k| env.contains_key(*k))
+        .map(|k| (k, None))
+        .collect();
+    if !stale.is_empty() {
+        grub::update_env(&ctx.layout.grubenv(), &stale)?;
     }
     // The verdict is recorded, reported and acted on (reboot) before it becomes the exit code.
     state.record("confirm", &result, now());
