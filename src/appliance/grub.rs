@@ -64,6 +64,17 @@ impl Menu {
         .filter(|f| self.images.contains(f))
     }
 
+    /// What `set fallback=` names `v` by: its entry's position in the menu. GRUB's `fallback`,
+    /// unlike `default`, takes only numbers (upstream GRUB 2.06 and 2.12 `normal/menu.c`:
+    /// anything else unsets it, and a failed entry has nowhere to go); the Red Hat patch that
+    /// accepts ids is not in Debian's or Ubuntu's GRUB. Our entries come first in the menu:
+    /// custom.cfg is sourced after them, and in grub-mkconfig mode no script before
+    /// 09_upgradectl emits entries.
+    fn fallback_ref(&self, v: &Version) -> String {
+        let pos = self.newest_first().iter().position(|e| *e == v);
+        pos.expect("only images of the menu fall back").to_string()
+    }
+
     fn newest_first(&self) -> Vec<&Version> {
         let mut v: Vec<&Version> = self.images.iter().collect();
         v.sort_by(|a, b| b.cmp(a));
@@ -119,7 +130,13 @@ fn defaults(menu: &Menu) -> (String, String, String) {
         if ids.is_empty() {
             return String::new();
         }
-        let ids: Vec<String> = ids.iter().map(|v| v.grub_id()).collect();
+        let ids: Vec<String> = ids
+            .iter()
+            .map(|v| match var {
+                "fallback" => menu.fallback_ref(v),
+                _ => v.grub_id(),
+            })
+            .collect();
         format!("{indent}set {var}=\"{}\"\n", ids.join(" "))
     };
     let chain: Vec<&Version> = default.iter().chain(previous.iter()).copied().collect();
@@ -142,7 +159,7 @@ fn boot_counting(menu: &Menu) -> String {
     let mut s = format!(
         "  # {max} boots of the default without a confirm: give up on it\n  if [ \"${{{BOOTS}}}\" = {max} ]; then\n    set default=\"{}\"\n    set fallback=\"{}\"\n",
         previous.grub_id(),
-        default.grub_id()
+        menu.fallback_ref(default)
     );
     for n in (1..max).rev() {
         let _ = write!(
@@ -394,7 +411,8 @@ mod tests {
         assert!(order[1].contains("Image 9.0 (default)"));
         assert!(order[2].contains("--id upgradectl-2.0"));
         assert!(cfg.contains("set default=\"upgradectl-9.0\""));
-        assert!(cfg.contains("set fallback=\"upgradectl-2.0\""));
+        // GRUB's fallback takes entry numbers only: 2.0 is the third entry.
+        assert!(cfg.contains("set fallback=\"2\""));
         // The default falls back to the previous image; others fall back to the default.
         assert!(cfg.contains(
             "root=UUID=1234-abcd rw upgradectl.image=/images/9.0.img upgradectl.fallback=/images/2.0.img panic=10 console=ttyS0"
@@ -414,16 +432,13 @@ mod tests {
         let trial = cfg.find("if [ -n \"${next_entry}\" ]; then").unwrap();
         let trial_end = trial + cfg[trial..].find("\nfi\n").unwrap();
         let block = &cfg[trial..trial_end];
-        assert!(
-            block.contains("set fallback=\"upgradectl-9.0 upgradectl-2.0\""),
-            "{block}"
-        );
-        let plain = cfg.find("set fallback=\"upgradectl-2.0\"").unwrap();
+        assert!(block.contains("set fallback=\"1 2\""), "{block}");
+        let plain = cfg.find("set fallback=\"2\"").unwrap();
         assert!(plain < trial, "{cfg}");
         let mut m = menu();
         m.previous = None;
         let cfg = render_config(&m);
-        assert!(cfg.contains("  set fallback=\"upgradectl-9.0\"\n"), "{cfg}");
+        assert!(cfg.contains("  set fallback=\"1\"\n"), "{cfg}");
     }
 
     /// In grub-mkconfig mode (after 00_header consumed next_entry) the fragment records the
@@ -438,13 +453,10 @@ mod tests {
             "{frag}"
         );
         assert!(trial.contains("save_env upgradectl_attempted"), "{frag}");
-        assert!(
-            trial.contains("set fallback=\"upgradectl-9.0 upgradectl-2.0\""),
-            "{frag}"
-        );
+        assert!(trial.contains("set fallback=\"1 2\""), "{frag}");
         let plain = &frag[frag.find("else\n").unwrap()..frag.find("fi\n").unwrap()];
         assert!(plain.contains("set default=\"upgradectl-9.0\""), "{frag}");
-        assert!(plain.contains("set fallback=\"upgradectl-2.0\""), "{frag}");
+        assert!(plain.contains("set fallback=\"2\""), "{frag}");
         assert!(frag.contains("menuentry 'Image 10.0'"), "{frag}");
     }
 
@@ -455,7 +467,7 @@ mod tests {
         let block = concat!(
             "  if [ \"${upgradectl_boots}\" = 3 ]; then\n",
             "    set default=\"upgradectl-2.0\"\n",
-            "    set fallback=\"upgradectl-9.0\"\n",
+            "    set fallback=\"1\"\n",
             "  elif [ \"${upgradectl_boots}\" = 2 ]; then\n",
             "    set upgradectl_boots=3\n",
             "  elif [ \"${upgradectl_boots}\" = 1 ]; then\n",
