@@ -9,7 +9,8 @@ grub_cat() {
 }
 
 # grub_view_check DISK : the box, powered off, boots a complete image: GRUB finds a valid
-# grub.cfg and grubenv, the entry it will pick (next_entry, else the default) names an image
+# grub.cfg and grubenv, the entry it will pick (a redirect, next_entry, the default or, after
+# the default's last counted boot, the previous image) names an image
 # GRUB reads whole, and that image passes the initramfs's own check (`e2fsck -p`: the journal
 # of an image that was mounted at the cut is replayed, errors left = bit 4 fail) and has a
 # kernel. Prints the image path.
@@ -23,7 +24,16 @@ grub_view_check() {
   grub-script-check "$dir/grub.cfg" || { log "grub.cfg as GRUB reads it is not valid"; return 1; }
   grub_cat "$disk" /boot/grub/grubenv "$dir/grubenv" || { log "GRUB cannot read grubenv"; return 1; }
   [ "$(stat -c %s "$dir/grubenv")" = 1024 ] || { log "grubenv as GRUB reads it is not 1024 bytes"; return 1; }
-  entry=$(grub-editenv "$dir/grubenv" list | sed -n 's/^next_entry=//p')
+  # As grub.cfg decides: an initramfs's redirect, else the one-shot trial, else the default,
+  # or the previous image once the default's boot count is used up (the counting block's own
+  # `set default`, indented).
+  local env
+  env=$(grub-editenv "$dir/grubenv" list)
+  entry=$(sed -n 's/^upgradectl_redirect=//p' <<<"$env")
+  [ -n "$entry" ] || entry=$(sed -n 's/^next_entry=//p' <<<"$env")
+  if [ -z "$entry" ] && grep -qx 'upgradectl_boots=3' <<<"$env"; then
+    entry=$(sed -n 's/^    set default="\(.*\)"$/\1/p' "$dir/grub.cfg" | head -n1)
+  fi
   if [ -z "$entry" ]; then
     entry=$(sed -n 's/^set default="\(.*\)"$/\1/p' "$dir/grub.cfg" | head -n1)
   fi

@@ -132,6 +132,22 @@ CFG
     assert_eq "$(status_field "s['last_boot']['requested']")" "/images/$bad.img" "requested image ($bad)" || return 1
     vm_run "upgradectl status" | grep -q "FELL BACK" || { log "status does not tell the fallback"; return 1; }
   done
+  # A one-shot entry that fails inside GRUB (its kernel is missing): GRUB must go on to the
+  # default (the trial's fallback chain: default, then previous), never to the previous image.
+  local default
+  default=$(status_field "s['default']")
+  vm_ssh "cat > /host/boot/grub/custom.cfg" <<CFG || return 1
+menuentry 'test: no kernel' --id test-nokernel {
+  search --no-floppy --fs-uuid --set=root $HOST_UUID
+  loopback loop /images/$running.img
+  linux (loop)/no-such-vmlinuz root=UUID=$HOST_UUID rw upgradectl.image=/images/$running.img panic=5 console=ttyS0,115200
+}
+CFG
+  vm_run "grub-editenv /host/boot/grub/grubenv set next_entry=test-nokernel" || return 1
+  vm_reboot
+  vm_wait "Falling back to" 900 || return 1
+  expect_boot "$default" || return 1
+  assert_eq "$(status_field "s['last_boot']['fallback']")" False "a GRUB-level fallback is not the initramfs's" || return 1
   vm_run "rm -f /host/boot/grub/custom.cfg /host/images/corrupt.img"
 }
 
@@ -263,30 +279,64 @@ scenario_resume() {
   assert_eq "$(status_field "s['pool']['name']")" box "pool usage in status" || return 1
 }
 
-# A hard power-off during the switch (migration, GRUB update) leaves a box that boots the old or
-# the new image, never neither. The cut points are offsets into `upgrade --no-reboot`.
+# Hard power-offs at random instants of an upgrade: POWERCUTS cuts (default 4), instants drawn
+# from POWERCUT_SEED (default 1: CI is deterministic; printed, so any run can be replayed), in
+# the phases POWERCUT_PHASES names: `switch` (within `upgrade --no-reboot`: migration, GRUB
+# files) and `reboot` (within `upgrade` and the boot that follows: shutdown, GRUB, initramfs,
+# confirm). Each upgrade goes between 2.0 and 4.0; a target that a cut made bad (a trial GRUB
+# started and power ended) is replaced by a new release. After each cut the disk is first
+# judged as GRUB reads it, then booted: the box runs the old or the new image, settled (no
+# trial pending). After the last cut, one more upgrade must work.
+#   POWERCUTS=100 POWERCUT_PHASES="switch reboot" POWERCUT_SEED=$RANDOM \
+#     vm-tests/run boot upgrade revert broken fallback resume powercut
 scenario_powercut() {
   ensure_box || return 1
-  local cut booted image
-  for cut in 0.15 0.4 0.8 1.5; do
-    booted=$(status_field "s['booted']")
-    if [ "$booted" != 2.0 ]; then
-      upgrade_and_reboot --version 2.0
-      expect_boot 2.0 || return 1
-    fi
-    vm_ssh "nohup upgradectl upgrade --version 4.0 --no-reboot >/dev/null 2>&1 &" || return 1
-    sleep "$cut"
-    log "power cut ${cut}s into the switch"
+  local seed=${POWERCUT_SEED:-1} n=${POWERCUTS:-4} phases
+  read -r -a phases <<<"${POWERCUT_PHASES:-switch}"
+  log "power cuts: $n, seed $seed, phases ${phases[*]}"
+  RANDOM=$seed
+  local i phase ms old target image booted tally=""
+  for i in $(seq "$n"); do
+    old=$(status_field "s['booted']") || return 1
+    target=$(other_target "$old" "$i") || return 1
+    phase=${phases[RANDOM % ${#phases[@]}]}
+    case "$phase" in
+      switch) ms=$((RANDOM % 2500)); vm_ssh "nohup upgradectl upgrade --version $target --no-reboot >/dev/null 2>&1 &" || return 1 ;;
+      reboot) ms=$((RANDOM % 40000)); vm_ssh "nohup upgradectl upgrade --version $target >/dev/null 2>&1 &" || return 1 ;;
+      *) log "unknown power-cut phase $phase"; return 1 ;;
+    esac
+    sleep "$((ms / 1000)).$(printf '%03d' $((ms % 1000)))"
     vm_kill
     # Judge the disk as GRUB will read it (no journal replay) before Linux touches it.
     image=$(grub_view_check "$BOX_DISK") || return 1
-    log "GRUB will boot $image, read whole and clean through GRUB's own driver"
     boot_box
     booted=$(vm_wait_boot 900) || return 1
-    log "after the cut the box booted $booted"
-    case "$booted" in 2.0|4.0) ;; *) log "booted $booted"; return 1 ;; esac
-    vm_run "upgradectl status" || return 1
+    log "cut $i/$n: $phase at ${ms}ms ($old -> $target): GRUB reads $image whole; the box booted $booted"
+    case "$booted" in "$old"|"$target") ;; *) log "booted $booted: neither $old nor $target"; return 1 ;; esac
+    assert_eq "$(status_field "s['trying']")" None "a trial left pending after cut $i" || return 1
+    tally+="$booted "
   done
+  log "after $n cuts the box booted: $tally"
+  old=$(status_field "s['booted']") || return 1
+  target=$(other_target "$old" "$((n + 1))") || return 1
+  upgrade_and_reboot --version "$target"
+  expect_boot "$target" || return 1
+  vm_run "upgradectl status"
+}
+
+# other_target BOOTED N : the image to upgrade to next: 2.0 or 4.0, whichever is not running,
+# unless a cut made it bad (or it is gone): then a new release 30.N, made, published, prepared.
+other_target() {
+  local t state
+  t=$([ "$1" = 4.0 ] && echo 2.0 || echo 4.0)
+  state=$(status_field "next((i['state'] for i in s['images'] if i['version'] == '$t'), 'none')")
+  if [ "$state" = bad ] || [ "$state" = none ]; then
+    t="30.$2"
+    log "the next target is a new release, $t" >&2
+    make_release "$t" good >&2 || return 1
+    vm_run "upgradectl --wait prepare --version $t" >&2 || return 1
+  fi
+  echo "$t"
 }
 
 # The default image breaks on disk (random bytes over its start): its initramfs redirects to the
