@@ -8,7 +8,8 @@
 # shellcheck disable=SC2154  # HOST_UUID etc. come from common.sh
 
 # make_release VERSION VARIANT : an image for VERSION made in the guest from 2.0's image (its
-# version stamp and a release file changed; `broken`: its init fails), published.
+# version stamp and a release file changed; `broken`: its init fails; `hang`: it never
+# confirms, and its trial deadline is 60 s), published.
 make_release() {
   local v=$1 variant=$2
   vm_run "set -e
@@ -19,6 +20,12 @@ make_release() {
     mount -o loop /srv/work/$v.img /mnt/rel
     echo $v > /mnt/rel/etc/upgradectl/image-version
     echo 'release $v' > /mnt/rel/opt/appliance/RELEASE
+    if [ $variant = hang ]; then
+      # Userspace never gets to confirm (as if it hung before); the deadline is 60 s.
+      ln -sf /dev/null /mnt/rel/etc/systemd/system/upgradectl-confirm.service
+      mkdir -p /mnt/rel/etc/systemd/system/upgradectl-trial-deadline.timer.d
+      printf '[Timer]\nOnBootSec=\nOnBootSec=60s\n' > /mnt/rel/etc/systemd/system/upgradectl-trial-deadline.timer.d/test.conf
+    fi
     if [ $variant = broken ]; then
       rm -f /mnt/rel/sbin/init
       printf '#!/bin/sh\necho \"UPGRADECTL-TEST broken init of image %s\"\nexit 1\n' $v > /mnt/rel/sbin/init

@@ -4,7 +4,7 @@
 # claims. Guest state lives on its disks under $WORK_DIR/box*.img.
 
 # shellcheck disable=SC2034  # used by vm-tests/run
-SCENARIOS=(boot upgrade revert broken fallback resume powercut demote)
+SCENARIOS=(boot upgrade revert broken fallback resume powercut prepfaults hang demote)
 
 # Scenarios that start from where the previous one left the box.
 scenario_needs_previous() { [ "$1" != boot ]; }
@@ -279,6 +279,65 @@ scenario_resume() {
   assert_eq "$(status_field "s['pool']['name']")" box "pool usage in status" || return 1
 }
 
+# install_failpoints_binary : upgradectl built with its fail points (the debug build `cargo
+# test` makes; built here when missing), stripped, as /usr/local/bin/upgradectl-fp in the guest.
+install_failpoints_binary() {
+  (cd "$REPO_DIR" && cargo build --locked --quiet --features failpoints --bin upgradectl) || return 1
+  grep -q 'prepare::planned' "$REPO_DIR/target/debug/upgradectl" \
+    || { log "target/debug/upgradectl has no fail points compiled in"; return 1; }
+  objcopy --strip-debug "$REPO_DIR/target/debug/upgradectl" "$WORK_DIR/upgradectl-fp" || return 1
+  vm_ssh "cat > /usr/local/bin/upgradectl-fp && chmod 755 /usr/local/bin/upgradectl-fp" <"$WORK_DIR/upgradectl-fp"
+}
+
+# assert_prepare_invariants WHAT : after a prepare was killed or failed: status works, the lock
+# is free, no loop device or mount besides the root's, grub.cfg valid and naming no image that
+# is not registered whole.
+assert_prepare_invariants() {
+  vm_ssh "upgradectl status --json >/dev/null" || { log "$1: status fails"; return 1; }
+  vm_ssh "flock -n /host/var/lib/upgradectl/lock true" || { log "$1: the lock is held"; return 1; }
+  local loops
+  loops=$(vm_ssh "losetup -n -O BACK-FILE | grep -vc '/host/images/$(status_field "s['booted']").img'" || true)
+  assert_eq "$loops" 0 "$1: loop devices besides the root's" || return 1
+  vm_ssh "findmnt -rn -o TARGET | grep -q '^/tmp\|upgradectl'" && { log "$1: a mount leaked"; return 1; }
+  vm_ssh "grub-script-check /host/boot/grub/grub.cfg" || { log "$1: grub.cfg is invalid"; return 1; }
+  local listed
+  for listed in $(vm_ssh "sed -n 's|^  loopback loop /images/\(.*\)\.img$|\1|p' /host/boot/grub/grub.cfg"); do
+    [ "$(status_field "next((i['state'] for i in s['images'] if i['version'] == '$listed'), 'none')")" != none ] \
+      || { log "$1: grub.cfg names $listed, which is not registered"; return 1; }
+  done
+}
+
+# Prepare killed (SIGKILL) and failed (an error) at each of its fail points: after each, the
+# invariants hold; each rerun gets past the point the run before stopped at (the next point is
+# reached), and a plain rerun completes. The error chain prepares 5.0, the kill chain 6.0.
+scenario_prepfaults() {
+  ensure_box || return 1
+  install_failpoints_binary || return 1
+  publish 5.0 || return 1
+  make_release 6.0 good || return 1
+  local v fault point rc cases=0
+  local points=(prepare::planned prepare::downloaded prepare::received prepare::exported prepare::renamed)
+  for v in 5.0 6.0; do
+    fault=$([ "$v" = 5.0 ] && echo return || echo "return(kill)")
+    for point in "${points[@]}"; do
+      rc=0
+      vm_ssh "FAILPOINTS='$point=$fault' upgradectl-fp --wait prepare --version $v >/tmp/fp.log 2>&1" || rc=$?
+      # Stopped by the fail point, not by anything else: killed (128 + SIGKILL) or its error.
+      if { [ "$fault" = "return(kill)" ] && [ "$rc" != 137 ]; } \
+        || { [ "$fault" = return ] && ! vm_ssh "grep -q 'fail point $point' /tmp/fp.log"; }; then
+        log "prepare $v with $point=$fault did not stop there (exit $rc): $(vm_ssh 'tail -n 3 /tmp/fp.log')"
+        return 1
+      fi
+      assert_prepare_invariants "$point=$fault ($v, exit $rc)" || return 1
+      cases=$((cases + 1))
+    done
+    vm_run "upgradectl --wait prepare --version $v" || return 1
+    assert_eq "$(status_field "next(i['state'] for i in s['images'] if i['version'] == '$v')")" prepared "state of $v after the chain" || return 1
+    assert_eq "$(status_field "len(s['leftovers'])")" 0 "leftovers after the chain ($v)" || return 1
+  done
+  log "prepare fail points: $cases cases (5 points x {error, kill}), invariants held, reruns completed"
+}
+
 # Hard power-offs at random instants of an upgrade: POWERCUTS cuts (default 4), instants drawn
 # from POWERCUT_SEED (default 1: CI is deterministic; printed, so any run can be replayed), in
 # the phases POWERCUT_PHASES names: `switch` (within `upgrade --no-reboot`: migration, GRUB
@@ -337,6 +396,22 @@ other_target() {
     vm_run "upgradectl --wait prepare --version $t" >&2 || return 1
   fi
   echo "$t"
+}
+
+# A trial that boots but never confirms (userspace hangs before the confirm unit): its deadline
+# timer marks it bad and reboots into the default, with nobody at the console.
+scenario_hang() {
+  ensure_box || return 1
+  local default
+  default=$(status_field "s['default']")
+  make_release 7.0 hang || return 1
+  vm_run "upgradectl --wait prepare --version 7.0" || return 1
+  upgrade_and_reboot --version 7.0
+  vm_wait "UPGRADECTL-TEST booted version=7.0 .*confirm=inactive" 900 || return 1
+  log "7.0 is up and will never confirm; waiting for its deadline"
+  expect_boot "$default" || return 1
+  assert_eq "$(status_field "next(i['state'] for i in s['images'] if i['version'] == '7.0')")" bad "state of the trial that never confirmed" || return 1
+  assert_eq "$(status_field "s['default']")" "$default" "default after the deadline" || return 1
 }
 
 # The default image breaks on disk (random bytes over its start): its initramfs redirects to the
