@@ -4,7 +4,7 @@
 # claims. Guest state lives on its disks under $WORK_DIR/box*.img.
 
 # shellcheck disable=SC2034  # used by vm-tests/run
-SCENARIOS=(boot upgrade revert broken fallback resume powercut prepfaults hang demote)
+SCENARIOS=(boot layout upgrade revert broken fallback resume powercut prepfaults hang demote)
 
 # Scenarios that start from where the previous one left the box.
 scenario_needs_previous() { [ "$1" != boot ]; }
@@ -95,6 +95,29 @@ scenario_boot() {
   assert_eq "$(status_field "s['default']")" 1.0 "status default" || return 1
   assert_eq "$(status_field "s['last_boot']['fallback']")" False "boot report fallback" || return 1
   vm_run "upgradectl status"
+}
+
+# A host partition on which GRUB cannot write its environment (here device-mapper, as under LVM
+# or LUKS): `init` refuses it (exit 2, naming why) and writes nothing GRUB would read.
+scenario_layout() {
+  ensure_box || return 1
+  local rc=0 out
+  out=$(vm_ssh 'set -e
+    d=/tmp/dmhost; mkdir -p $d/root/host
+    truncate -s 64M $d/disk; dev=$(losetup -f --show $d/disk)
+    dmsetup create upgradectl-test --table "0 $(blockdev --getsz $dev) linear $dev 0"
+    mkfs.ext4 -q /dev/mapper/upgradectl-test
+    mount /dev/mapper/upgradectl-test $d/root/host
+    mkdir -p $d/root/host/images $d/root/host/boot/grub
+    truncate -s 16M $d/root/host/images/1.0.img
+    rc=0; upgradectl --root $d/root init --version 1.0 2>&1 || rc=$?
+    ls $d/root/host/boot/grub
+    umount $d/root/host; dmsetup remove upgradectl-test; losetup -d $dev
+    exit $rc') || rc=$?
+  log "init on device-mapper: exit $rc: $out"
+  assert_eq "$rc" 2 "init's exit code on a host partition GRUB cannot save its environment on" || return 1
+  grep -q "device-mapper" <<<"$out" || { log "the refusal does not say why"; return 1; }
+  ! grep -q "grub.cfg\|grubenv" <<<"$out" || { log "init wrote GRUB files before refusing"; return 1; }
 }
 
 # The image GRUB points at is missing or corrupted: the initramfs records it, points GRUB at the
