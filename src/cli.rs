@@ -91,8 +91,8 @@ pub enum Command {
     Serve(ServeArgs),
     /// Print shell completions.
     Completions(CompletionsArgs),
-    /// Print the man page (roff).
-    Man,
+    /// Print the man page (roff), or write one page per verb into a directory.
+    Man(ManArgs),
 }
 
 #[derive(Debug, Args)]
@@ -227,6 +227,14 @@ pub struct InitArgs {
     /// The host partition's filesystem UUID (for GRUB's search and root=).
     #[arg(long)]
     pub host_uuid: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ManArgs {
+    /// Write upgradectl.1 and one page per verb (upgradectl-prepare.1, ...) into this
+    /// directory instead of printing upgradectl.1.
+    #[arg(long, value_name = "DIR")]
+    pub out_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
