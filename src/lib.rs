@@ -61,32 +61,18 @@ pub fn run(cli: Cli, out: Output) -> Result<()> {
     }
 }
 
-/// The `man` verb: upgradectl.1 on stdout, or every page (upgradectl.1 and one per visible
-/// verb, upgradectl-prepare.1..., as `git`-style tools have) written into `out_dir`.
+/// The `man` verb: upgradectl.1 on stdout, or every page written into `out_dir`.
 fn man(out_dir: Option<&std::path::Path>) -> Result<()> {
     use anyhow::Context;
-    let source = format!("upgradectl {}", env!("CARGO_PKG_VERSION"));
-    let page = |cmd: clap::Command| {
-        clap_mangen::Man::new(cmd)
-            .source(source.clone())
-            .manual("upgradectl manual")
-    };
+    use std::io::Write;
+    let pages = cli::man_pages()?;
     let Some(dir) = out_dir else {
-        return Ok(page(Cli::command()).render(&mut std::io::stdout())?);
+        return Ok(std::io::stdout().write_all(&pages[0].1)?);
     };
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    // Built once from the top, so that each verb's page is named upgradectl-VERB.
-    let mut cmd = Cli::command().disable_help_subcommand(true);
-    cmd.build();
-    let verbs: Vec<_> = cmd
-        .get_subcommands()
-        .filter(|s| !s.is_hide_set())
-        .cloned()
-        .collect();
-    for c in std::iter::once(cmd).chain(verbs) {
-        page(c)
-            .generate_to(dir)
-            .with_context(|| format!("writing a man page into {}", dir.display()))?;
+    for (name, roff) in pages {
+        let path = dir.join(name);
+        std::fs::write(&path, roff).with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
 }

@@ -203,7 +203,16 @@ fn man_page_and_completions_are_generated() {
     ] {
         let page = pages.join(format!("upgradectl-{verb}.1"));
         let text = std::fs::read_to_string(&page).unwrap();
-        assert!(text.contains(&format!(".TH upgradectl-{verb} 1")), "{text}");
+        // Title, section, date, source, manual: all five, or man(1) shifts them.
+        let th = text.lines().find(|l| l.starts_with(".TH ")).unwrap();
+        assert!(
+            th.starts_with(&format!(".TH upgradectl-{verb} 1 20")),
+            "{th}"
+        );
+        assert!(
+            th.ends_with(r#" "upgradectl 0.1.0" "upgradectl manual""#),
+            "{th}"
+        );
         assert!(text.contains(&format!("upgradectl {verb}")), "{text}");
         assert_renders_cleanly(&page);
     }
