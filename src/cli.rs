@@ -245,7 +245,7 @@ pub struct CompletionsArgs {
 
 /// The man pages as (file name, roff): upgradectl.1 first, then one per visible verb
 /// (upgradectl-prepare.1, ...), as `git`-style tools have, each ending in a SEE ALSO that
-/// links the others (`\\%`: names are not hyphenated). Dated with this version's release (`release_date`).
+/// links the others (`\%`: names are not hyphenated). Dated with this version's release.
 pub fn man_pages() -> std::io::Result<Vec<(String, Vec<u8>)>> {
     let source = format!("upgradectl {}", env!("CARGO_PKG_VERSION"));
     let date = release_date(include_str!("../debian/changelog")).unwrap_or_default();
@@ -335,15 +335,11 @@ mod tests {
         assert!(!names.contains(&"upgradectl-grub-entries.1"), "{names:?}");
         let top = String::from_utf8(pages[0].1.clone()).unwrap();
         assert!(top.contains("\\fB\\%upgradectl\\-prepare\\fR(1)"), "{top}");
-        let prepare = String::from_utf8(
-            pages[1..]
-                .iter()
-                .find(|(n, _)| n == "upgradectl-prepare.1")
-                .unwrap()
-                .1
-                .clone(),
-        )
-        .unwrap();
+        let (_, prepare) = pages
+            .iter()
+            .find(|(n, _)| n == "upgradectl-prepare.1")
+            .unwrap();
+        let prepare = String::from_utf8_lossy(prepare);
         assert!(
             prepare.ends_with(".SH \"SEE ALSO\"\n\\fB\\%upgradectl\\fR(1)\n"),
             "{prepare}"

@@ -6,8 +6,9 @@
 //! cache, and manifests are cached for their 30 s and no longer.
 //!
 //! Origin bytes are counted by a relay between nginx and the server that passes every byte
-//! through unchanged. Needs root (nginx runs as root in a temp directory) and nginx: without
-//! it the test fails, it does not skip (`tools/install-deps` installs it).
+//! through unchanged. nginx runs as one foreground process of the test's user (root in CI) in
+//! a temp directory. Without nginx the test fails, it does not skip (`tools/install-deps`
+//! installs it).
 
 #[path = "common/server.rs"]
 mod server;
