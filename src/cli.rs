@@ -1,8 +1,9 @@
-//! The command line: one options struct per verb; doc comments are the help text.
+//! The command line: one options struct per verb; doc comments are the help text, and the
+//! man pages are rendered from it.
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 
 use crate::core::version::Version;
 
@@ -91,8 +92,8 @@ pub enum Command {
     Serve(ServeArgs),
     /// Print shell completions.
     Completions(CompletionsArgs),
-    /// Print the man page (roff).
-    Man,
+    /// Print the man page (roff), or write one page per verb into a directory.
+    Man(ManArgs),
 }
 
 #[derive(Debug, Args)]
@@ -230,14 +231,75 @@ pub struct InitArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct ManArgs {
+    /// Write upgradectl.1 and one page per verb (upgradectl-prepare.1, ...) into this
+    /// directory instead of printing upgradectl.1.
+    #[arg(long, value_name = "DIR")]
+    pub out_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
 pub struct CompletionsArgs {
     pub shell: clap_complete::Shell,
+}
+
+/// The man pages as (file name, roff): upgradectl.1 first, then one per visible verb
+/// (upgradectl-prepare.1, ...), as `git`-style tools have, each ending in a SEE ALSO that
+/// links the others (`\%`: names are not hyphenated). Dated with this version's release.
+pub fn man_pages() -> std::io::Result<Vec<(String, Vec<u8>)>> {
+    let source = format!("upgradectl {}", env!("CARGO_PKG_VERSION"));
+    let date = release_date(include_str!("../debian/changelog")).unwrap_or_default();
+    // Built once from the top, so that each verb's page is named upgradectl-VERB.
+    let mut top = Cli::command().disable_help_subcommand(true);
+    top.build();
+    let verbs: Vec<_> = top
+        .get_subcommands()
+        .filter(|s| !s.is_hide_set())
+        .cloned()
+        .collect();
+    let title = |c: &clap::Command| c.get_display_name().unwrap_or(c.get_name()).to_owned();
+    let verb_titles: Vec<_> = verbs.iter().map(title).collect();
+    let see_also = |titles: &[String]| {
+        let refs: Vec<_> = (titles.iter())
+            .map(|t| format!("\\fB\\%{}\\fR(1)", t.replace('-', "\\-")))
+            .collect();
+        format!(".SH \"SEE ALSO\"\n{}\n", refs.join(", "))
+    };
+    let mut pages = Vec::new();
+    let top_see_also = see_also(&verb_titles);
+    let each = std::iter::once((top, top_see_also))
+        .chain((verbs.into_iter()).map(|v| (v, see_also(&["upgradectl".to_owned()]))));
+    for (cmd, see_also) in each {
+        let man = clap_mangen::Man::new(cmd)
+            .date(date.clone())
+            .source(source.clone())
+            .manual("upgradectl manual");
+        let mut roff = Vec::new();
+        man.render(&mut roff)?;
+        roff.extend_from_slice(see_also.as_bytes());
+        pages.push((man.get_filename(), roff));
+    }
+    Ok(pages)
+}
+
+/// The date (YYYY-MM-DD) of the newest entry of a Debian changelog: this version's release,
+/// for the man pages' footer (a page needs one: without it `.TH` shifts its fields).
+fn release_date(changelog: &str) -> Option<String> {
+    use time::format_description::well_known::Rfc2822;
+    let line = changelog.lines().find(|l| l.starts_with(" -- "))?;
+    let (_, date) = line.split_once(">  ")?;
+    let date = time::OffsetDateTime::parse(date.trim(), &Rfc2822).ok()?;
+    Some(format!(
+        "{:04}-{:02}-{:02}",
+        date.year(),
+        u8::from(date.month()),
+        date.day()
+    ))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::CommandFactory;
 
     #[test]
     fn cli_is_consistent() {
@@ -250,5 +312,37 @@ mod tests {
         assert!(r.is_err());
         let r = Cli::try_parse_from(["upgradectl", "upgrade", "--version", "415.0", "--no-reboot"]);
         assert!(r.is_ok());
+    }
+
+    #[test]
+    fn release_date_is_the_newest_changelog_entry() {
+        let changelog = "upgradectl (0.2.0-1) unstable; urgency=medium\n\n  * Two.\n\n \
+            -- Dev <d@example.org>  Mon, 07 Dec 2026 09:30:00 +0000\n\n\
+            upgradectl (0.1.0-1) unstable; urgency=medium\n\n  * One.\n\n \
+            -- Dev <d@example.org>  Sun, 22 Nov 2026 21:00:00 +0000\n";
+        assert_eq!(release_date(changelog).as_deref(), Some("2026-12-07"));
+        assert_eq!(release_date("no entries\n"), None);
+        // The package's own changelog has a date.
+        assert!(release_date(include_str!("../debian/changelog")).is_some());
+    }
+
+    #[test]
+    fn every_visible_verb_has_a_page_and_the_pages_link_each_other() {
+        let pages = man_pages().unwrap();
+        let names: Vec<_> = pages.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names[0], "upgradectl.1");
+        assert!(names.contains(&"upgradectl-prepare.1"), "{names:?}");
+        assert!(!names.contains(&"upgradectl-grub-entries.1"), "{names:?}");
+        let top = String::from_utf8(pages[0].1.clone()).unwrap();
+        assert!(top.contains("\\fB\\%upgradectl\\-prepare\\fR(1)"), "{top}");
+        let (_, prepare) = pages
+            .iter()
+            .find(|(n, _)| n == "upgradectl-prepare.1")
+            .unwrap();
+        let prepare = String::from_utf8_lossy(prepare);
+        assert!(
+            prepare.ends_with(".SH \"SEE ALSO\"\n\\fB\\%upgradectl\\fR(1)\n"),
+            "{prepare}"
+        );
     }
 }

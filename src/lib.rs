@@ -57,6 +57,22 @@ pub fn run(cli: Cli, out: Output) -> Result<()> {
             clap_complete::generate(a.shell, &mut cmd, "upgradectl", &mut std::io::stdout());
             Ok(())
         }
-        Command::Man => Ok(clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?),
+        Command::Man(a) => man(a.out_dir.as_deref()),
     }
+}
+
+/// The `man` verb: upgradectl.1 on stdout, or every page written into `out_dir`.
+fn man(out_dir: Option<&std::path::Path>) -> Result<()> {
+    use anyhow::Context;
+    use std::io::Write;
+    let pages = cli::man_pages()?;
+    let Some(dir) = out_dir else {
+        return Ok(std::io::stdout().write_all(&pages[0].1)?);
+    };
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    for (name, roff) in pages {
+        let path = dir.join(name);
+        std::fs::write(&path, roff).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
 }

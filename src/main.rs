@@ -7,6 +7,9 @@ fn main() -> std::process::ExitCode {
                 .unwrap_or_else(|_| level.into()),
         )
         .with_writer(std::io::stderr)
+        // Colours only on a terminal: under systemd stderr is the journal, which would keep
+        // the escape codes.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .without_time()
         .init();
     // Fail points armed through FAILPOINTS (only in the test build; see sys::faults).

@@ -156,6 +156,19 @@ fn a_second_caller_is_locked_out_or_waits() {
     assert_eq!(report["to"], "1.0", "{report}");
 }
 
+/// A man(1) renders the page without complaint (groff with every warning on).
+#[track_caller]
+fn assert_renders_cleanly(page: &std::path::Path) {
+    if std::path::Path::new("/usr/bin/groff").exists() {
+        let out = std::process::Command::new("groff")
+            .args(["-man", "-Tutf8", "-ww", "-z"])
+            .arg(page)
+            .output()
+            .unwrap();
+        assert!(out.status.success() && out.stderr.is_empty(), "{out:?}");
+    }
+}
+
 #[test]
 fn man_page_and_completions_are_generated() {
     let h = HostRoot::new();
@@ -175,14 +188,36 @@ fn man_page_and_completions_are_generated() {
     let dir = tempfile::tempdir().unwrap();
     let page = dir.path().join("upgradectl.1");
     std::fs::write(&page, &man).unwrap();
-    if std::path::Path::new("/usr/bin/groff").exists() {
-        let out = std::process::Command::new("groff")
-            .args(["-man", "-Tutf8", "-ww", "-z"])
-            .arg(&page)
-            .output()
-            .unwrap();
-        assert!(out.status.success() && out.stderr.is_empty(), "{out:?}");
+    assert_renders_cleanly(&page);
+
+    // One page per verb for the package (tools/gen-assets), as git-style tools have; each
+    // names itself and renders cleanly. The hidden grub-entries has none.
+    let pages = dir.path().join("pages");
+    let out = h
+        .command(&["man", "--out-dir", pages.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    for verb in [
+        "prepare", "upgrade", "confirm", "revert", "serve", "publish",
+    ] {
+        let page = pages.join(format!("upgradectl-{verb}.1"));
+        let text = std::fs::read_to_string(&page).unwrap();
+        // Title, section, date, source, manual: all five, or man(1) shifts them.
+        let th = text.lines().find(|l| l.starts_with(".TH ")).unwrap();
+        assert!(
+            th.starts_with(&format!(".TH upgradectl-{verb} 1 20")),
+            "{th}"
+        );
+        assert!(
+            th.ends_with(r#" "upgradectl 0.1.0" "upgradectl manual""#),
+            "{th}"
+        );
+        assert!(text.contains(&format!("upgradectl {verb}")), "{text}");
+        assert_renders_cleanly(&page);
     }
+    assert!(pages.join("upgradectl.1").exists());
+    assert!(!pages.join("upgradectl-grub-entries.1").exists());
 
     let bash = h.command(&["completions", "bash"]).output().unwrap();
     assert!(bash.status.success());

@@ -1,6 +1,7 @@
 #!/bin/sh
-# Runs inside an image's tree (chroot): installs upgradectl the way a user would (.deb), makes
-# the image's identity and its variant's change, and rebuilds the initramfs with our hooks.
+# Runs inside an image's tree (chroot): installs upgradectl the way a user would (.deb), whose
+# update-initramfs trigger puts our hooks in the initramfs (checked below), and makes the
+# image's identity and its variant's change.
 # Usage: setup-image.sh VERSION VARIANT   (VARIANT: good | update | broken)
 set -eu
 version=$1
@@ -8,6 +9,13 @@ variant=$2
 
 dpkg -i /tmp/upgradectl.deb
 rm -f /tmp/upgradectl.deb
+# Nothing but the package's trigger rebuilt the initramfs: it must hold the boot code now.
+for initrd in /boot/initrd.img-*; do
+  if ! lsinitramfs "$initrd" | grep -qx 'scripts/local-bottom/upgradectl'; then
+    echo "setup-image: $initrd lacks upgradectl's boot code after dpkg -i" >&2
+    exit 1
+  fi
+done
 systemctl enable upgradectl-confirm.service upgradectl-trial-deadline.timer
 
 mkdir -p /etc/upgradectl
@@ -56,5 +64,3 @@ case "$variant" in
     ;;
   *) echo "unknown variant $variant" >&2; exit 1 ;;
 esac
-
-update-initramfs -u -k all

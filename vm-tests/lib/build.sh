@@ -36,9 +36,10 @@ _build_zfs_modules() {
   remove_tree "$chroot"
 }
 
-# The project's .deb (binary, initramfs hooks, grub.d script, systemd units).
+# The project's .deb (binary, man pages and completions, initramfs hooks, grub.d script,
+# systemd units). gen-assets makes the release build and generates what cargo deb packages.
 build_deb() {
-  (cd "$REPO_DIR" && cargo deb --quiet >&2) || die "cargo deb failed"
+  (cd "$REPO_DIR" && tools/gen-assets >&2 && cargo deb --quiet >&2) || die "cargo deb failed"
   ls -t "$REPO_DIR"/target/debian/upgradectl_*.deb | head -n1
 }
 
