@@ -211,6 +211,7 @@ impl HostRoot {
             host_disk: Some(disk.to_owned()),
         };
         fs::create_dir_all(h.host("")).unwrap();
+        h.share_mount_point();
         h.mount_host();
         h.write_running_tree();
         h.set_config(CONFIG);
@@ -222,6 +223,7 @@ impl HostRoot {
         let h = HostRoot { dir, host_disk };
         if on_ext4 {
             fs::create_dir_all(h.host("")).unwrap();
+            h.share_mount_point();
             h.mount_host();
         }
         h.write_running_tree();
@@ -252,6 +254,18 @@ impl HostRoot {
             disk.to_str().unwrap(),
             self.host("").to_str().unwrap(),
         ]);
+    }
+
+    /// Makes the host mount point a shared mount of its own (a bind onto itself), as mounts
+    /// are under systemd. An upgradectl of a test running in parallel holds a copy of every
+    /// mount in its private namespace (a slave), and an unmount reaches that copy only when the
+    /// unmounted filesystem's parent mount is shared. Without it `remount_host` would leave the
+    /// filesystem alive there: no checkpoint, and a second instance on the same disk.
+    fn share_mount_point(&self) {
+        let at = self.host("");
+        let at = at.to_str().unwrap();
+        tool(&["mount", "--bind", at, at]);
+        tool(&["mount", "--make-shared", at]);
     }
 
     /// A file of the host partition as GRUB reads it: through GRUB's own ext4 driver
@@ -723,6 +737,8 @@ impl Drop for RoMount {
 impl Drop for HostRoot {
     fn drop(&mut self) {
         if self.host_disk.is_some() {
+            // The host partition, then the shared bind under it.
+            umount_retrying(&self.host(""));
             umount_retrying(&self.host(""));
         }
     }
