@@ -3,12 +3,14 @@
 //! - `core`: versions, the protocol's documents, signatures, hashing; pure;
 //! - `sys`: thin effects (tools, durable writes, ZFS, loop mounts, the lock, the clock);
 //! - `appliance`: the box (prepare, upgrade, confirm, revert, ...);
-//! - `server`: the image server and the release manager's verbs.
+//! - `server`: the image server and the release manager's verbs;
+//! - `fleet`: the server's fleet database, box reports, waves and the automatic pause.
 
 pub mod appliance;
 pub mod cli;
 pub mod core;
 pub mod error;
+pub mod fleet;
 pub mod output;
 pub mod server;
 pub mod sys;

@@ -1,0 +1,6 @@
+//! The fleet side of the server: what boxes report, who may report (enrolled identities), and
+//! how a release's rollout moves in waves and pauses by itself. `store` is the only module that
+//! touches the database; `rollout` is pure.
+
+pub mod rollout;
+pub mod store;
