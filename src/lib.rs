@@ -54,6 +54,8 @@ pub fn run(cli: Cli, out: Output) -> Result<()> {
         Command::Publish(a) => server::verbs::publish(a, out),
         Command::Release(a) => server::verbs::release(a, out),
         Command::Serve(a) => server::verbs::serve(a),
+        Command::Fleet(c) => fleet::verbs::fleet(c, out),
+        Command::Identity => verbs::identity::identity(&mut box_ctx(out)?),
         Command::Completions(a) => {
             let mut cmd = Cli::command();
             clap_complete::generate(a.shell, &mut cmd, "upgradectl", &mut std::io::stdout());

@@ -29,6 +29,8 @@ pub struct Config {
     pub keep_extra_images: usize,
     /// Stable identity for rollout bucketing; default: /etc/machine-id.
     pub box_id: Option<String>,
+    /// The box's group or zone label, for rollouts that go group by group and for reports.
+    pub group: Option<String>,
     pub grub: GrubConfig,
     pub migrate: MigrateConfig,
     pub health: Vec<HealthCheck>,
@@ -97,6 +99,7 @@ impl Default for Config {
             space_margin_mib: 256,
             keep_extra_images: 0,
             box_id: None,
+            group: None,
             grub: GrubConfig::default(),
             migrate: MigrateConfig::default(),
             health: Vec::new(),

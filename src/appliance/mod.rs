@@ -9,6 +9,7 @@ pub mod config;
 pub mod ctx;
 pub mod grub;
 pub mod health;
+pub mod identity;
 pub mod images;
 pub mod intent;
 pub mod migrate;

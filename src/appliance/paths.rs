@@ -87,6 +87,11 @@ impl Layout {
         self.state_dir().join("downloads")
     }
 
+    /// The box's identity key for the fleet (secret, 0600; `appliance::identity`).
+    pub fn identity_key(&self) -> PathBuf {
+        self.state_dir().join("identity.key")
+    }
+
     pub fn proc_cmdline(&self) -> PathBuf {
         self.in_root("/proc/cmdline")
     }

@@ -106,7 +106,9 @@ pub struct Report {
     pub seconds: f64,
 }
 
-fn check_label(what: &str, s: &str, empty_ok: bool) -> Result<()> {
+/// Refuses a label (box id, group, check name) that is empty (unless `empty_ok`), longer than
+/// `MAX_LABEL` or not printable ASCII without spaces.
+pub fn check_label(what: &str, s: &str, empty_ok: bool) -> Result<()> {
     let ok = (empty_ok || !s.is_empty())
         && s.len() <= MAX_LABEL
         && s.bytes().all(|b| b.is_ascii_graphic());
@@ -114,7 +116,7 @@ fn check_label(what: &str, s: &str, empty_ok: bool) -> Result<()> {
         Ok(())
     } else {
         Err(refused(format!(
-            "report {what} {:?} is not 1..={MAX_LABEL} printable ASCII characters",
+            "{what} {:?} is not 1..={MAX_LABEL} printable ASCII characters",
             s.chars().take(40).collect::<String>()
         )))
     }
@@ -129,10 +131,10 @@ impl Report {
         if !id_ok {
             return Err(refused("report id is not 16..=64 hex digits"));
         }
-        check_label("box_id", &self.box_id, false)?;
-        check_label("group", &self.group, true)?;
+        check_label("report box_id", &self.box_id, false)?;
+        check_label("report group", &self.group, true)?;
         if let Some(c) = &self.failed_check {
-            check_label("failed_check", c, false)?;
+            check_label("report failed_check", c, false)?;
         }
         if self
             .boot_report

@@ -2,5 +2,9 @@
 //! how a release's rollout moves in waves and pauses by itself. `store` is the only module that
 //! touches the database; `rollout` is pure.
 
+pub mod control;
+pub mod intake;
 pub mod rollout;
 pub mod store;
+pub mod verbs;
+pub mod view;

@@ -82,7 +82,17 @@ fn outcomes(pred: fn(Outcome) -> bool) -> String {
     names.join(",")
 }
 
+/// The database's file name in the server's store directory.
+pub const FILE: &str = "fleet.db";
+
 impl Db {
+    /// Opens (creating) the database of the server's store directory `store`.
+    pub fn open_in(store: &Path) -> Result<Db> {
+        std::fs::create_dir_all(store)
+            .with_context(|| format!("creating store {}", store.display()))?;
+        Db::open(&store.join(FILE))
+    }
+
     /// Opens (creating) the database at `path` and brings its schema up to date.
     pub fn open(path: &Path) -> Result<Db> {
         let conn = Connection::open(path)

@@ -7,6 +7,8 @@ pub mod http;
 pub mod keys;
 pub mod listen;
 pub mod publish;
+pub mod reports;
+pub mod respond;
 pub mod source;
 pub mod verbs;
 
