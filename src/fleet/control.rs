@@ -27,8 +27,8 @@ pub fn start(db: &Db, version: &str, policy: Policy, now: u64) -> Result<Rollout
 pub enum Command {
     /// Stop offering it to boxes not yet on it, with this reason.
     Pause(String),
-    /// Offer it again; failures count from now (the ones that paused it are not held
-    /// against it again).
+    /// Offer it again; failures count from the next second on (the ones that paused it, or
+    /// arrived with the resume, are not held against it again).
     Resume,
     /// Offer it to nobody new, for good.
     Withdraw,
@@ -52,7 +52,7 @@ pub fn command(db: &Db, version: &str, cmd: Command, now: u64) -> Result<Rollout
         }
         Command::Resume => {
             p.paused = None;
-            p.failures_since = now;
+            p.failures_since = now + 1;
         }
         Command::Withdraw => p.withdrawn = true,
     }
