@@ -184,3 +184,103 @@ fn failures_pause_the_release_for_everyone_not_yet_on_it() {
     control::command(&db, "2.0", control::Command::Resume, now()).unwrap();
     assert_eq!(offered(&f, Some("zone-a")), (50, false), "resumed");
 }
+
+mod the_box {
+    use super::*;
+    use upgradectl::appliance::config::Config;
+    use upgradectl::appliance::ctx::Ctx;
+    use upgradectl::appliance::identity;
+    use upgradectl::appliance::paths::Layout;
+    use upgradectl::appliance::report::{self, Step, MAX_SPOOLED, SEND_TIMEOUT};
+    use upgradectl::core::report::MAX_BOOT_REPORT;
+    use upgradectl::output::Output;
+
+    fn ctx(root: &std::path::Path, server: Option<String>) -> Ctx {
+        let config = Config {
+            box_id: Some("box-7".into()),
+            group: Some("zone-a".into()),
+            server,
+            ..Config::default()
+        };
+        Ctx {
+            layout: Layout::new(root, &config.host_mount),
+            config,
+            out: Output::new(false, Box::new(std::io::sink())),
+            wait: false,
+        }
+    }
+
+    fn step(outcome: Outcome) -> Step {
+        Step {
+            outcome,
+            from: Some("1.0".parse().unwrap()),
+            to: Some("2.0".parse().unwrap()),
+            failed_check: None,
+            started: now(),
+        }
+    }
+
+    #[test]
+    fn without_a_server_reports_stay_spooled_capped_and_bounded() {
+        let root = tempfile::tempdir().unwrap();
+        let ctx = ctx(root.path(), None);
+        std::fs::create_dir_all(ctx.layout.state_dir()).unwrap();
+        let long = "é".repeat(MAX_BOOT_REPORT);
+        std::fs::write(ctx.layout.boot_report(), long).unwrap();
+        for _ in 0..MAX_SPOOLED + 2 {
+            report::report(&ctx, step(Outcome::Upgraded));
+        }
+        let p = report::pending(&ctx.layout).unwrap();
+        assert_eq!(p.len(), MAX_SPOOLED, "the oldest are dropped");
+        let boot = p[0].boot_report.as_ref().unwrap();
+        assert!(boot.len() <= MAX_BOOT_REPORT && boot.starts_with('é'));
+        let ids: std::collections::HashSet<_> = p.iter().map(|r| &r.id).collect();
+        assert_eq!(ids.len(), p.len());
+        for r in &p {
+            r.validate(now()).unwrap_err(); // `sent` is set only when it is signed
+            assert_eq!((r.box_id.as_str(), r.group.as_str()), ("box-7", "zone-a"));
+        }
+    }
+
+    #[test]
+    fn reports_stay_spooled_until_the_enrolled_box_gets_them_acknowledged() {
+        let (f, db) = fleet();
+        let root = tempfile::tempdir().unwrap();
+        let mut ctx = ctx(root.path(), Some(f.url("")));
+        report::report(&ctx, step(Outcome::Upgraded));
+        assert_eq!(report::pending(&ctx.layout).unwrap().len(), 1, "no key yet");
+        let key = identity::load_or_create(&ctx.layout).unwrap();
+        report::report(&ctx, step(Outcome::Confirmed));
+        let spooled = report::pending(&ctx.layout).unwrap();
+        assert_eq!(spooled.len(), 2, "not enrolled: 403, kept");
+        assert_eq!(db.report_count().unwrap(), 0);
+        let b = Enrolled {
+            box_id: "box-7".into(),
+            public_key: public_key_string(&key.verifying_key()),
+            group: "zone-a".into(),
+        };
+        db.enroll(&b, now()).unwrap();
+        report::flush(&ctx);
+        assert!(report::pending(&ctx.layout).unwrap().is_empty());
+        for r in &spooled {
+            assert!(db.has_report("box-7", &r.id).unwrap(), "{r:?}");
+        }
+        assert_eq!(db.report_count().unwrap(), 2);
+
+        // A server that accepts connections and never answers costs one short timeout.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        ctx.config.server = Some(format!("http://{}", silent.local_addr().unwrap()));
+        let t = Instant::now();
+        report::report(&ctx, step(Outcome::Reverted));
+        assert!(
+            t.elapsed() < SEND_TIMEOUT + Duration::from_secs(3),
+            "{:?}",
+            t.elapsed()
+        );
+        assert_eq!(report::pending(&ctx.layout).unwrap().len(), 1);
+        ctx.config.server = Some(f.url(""));
+        report::flush(&ctx);
+        assert!(report::pending(&ctx.layout).unwrap().is_empty());
+        assert_eq!(db.report_count().unwrap(), 3);
+    }
+}

@@ -215,6 +215,17 @@ impl Config {
             ))
             .into());
         }
+        if let Some(g) = &config.group {
+            let ok = (1..=128).contains(&g.len())
+                && g.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+            if !ok {
+                return Err(bad(format!(
+                    "group: {g:?} is not 1..=128 letters, digits, '.', '_' or '-'"
+                ))
+                .into());
+            }
+        }
         if !config.host_mount.is_absolute() {
             return Err(bad("host_mount: must be an absolute path".into()).into());
         }
@@ -354,6 +365,8 @@ mod tests {
     #[test]
     fn bad_channel_and_paths_are_refused() {
         assert!(Config::parse("channel = \"nightly\"", Path::new("f")).is_err());
+        assert!(Config::parse("group = \"a&b\"", Path::new("f")).is_err());
+        assert!(Config::parse("group = \"zone-a.1\"", Path::new("f")).is_ok());
         assert!(Config::parse("[migrate]\npaths = [\"etc/x\"]", Path::new("f")).is_err());
         assert!(Config::parse("[migrate]\npaths = [\"/etc/../x\"]", Path::new("f")).is_err());
     }

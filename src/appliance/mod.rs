@@ -16,6 +16,7 @@ pub mod migrate;
 pub mod paths;
 pub mod pool;
 pub mod prepare;
+pub mod report;
 pub mod state;
 pub mod status;
 pub mod verbs;

@@ -97,7 +97,11 @@ fn prepare_once(ctx: &mut Ctx, pinned: Option<&Version>) -> Result<PrepareReport
     let client = fetch::client(&limits)?;
     let channel = ctx.config.channel.clone();
 
-    let url = format!("{server}/v1/channels/{channel}/manifest");
+    let mut url = format!("{server}/v1/channels/{channel}/manifest");
+    // The group is letters, digits, '.', '_' and '-' (checked with the configuration).
+    if let Some(g) = &ctx.config.group {
+        url += &format!("?group={g}");
+    }
     let manifest = manifest::open_manifest(
         &fetch::get_envelope(&client, &url, "the manifest", MAX_MANIFEST_BYTES)?,
         &trusted,
