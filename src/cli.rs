@@ -188,13 +188,14 @@ pub struct WaveArgs {
     /// Least number of boxes that confirm the release during a wave before the next starts.
     #[arg(long, default_value_t = 1, requires = "waves")]
     pub min_successes: u32,
-    /// Pause once this many boxes failed (0: no absolute limit).
+    /// Pause once this many boxes failed among the first --min-sample that finished (0: never
+    /// before the sample is complete).
     #[arg(long, default_value_t = 3, requires = "waves")]
     pub max_failures: u32,
-    /// Pause once more than this fraction of the boxes that finished failed...
+    /// From --min-sample finished boxes on: pause once more than this fraction failed.
     #[arg(long, default_value_t = 0.05, requires = "waves")]
     pub max_failure_rate: f64,
-    /// ...once at least this many finished.
+    /// How many boxes must finish (confirm or fail) before the failure rate is trusted.
     #[arg(long, default_value_t = 20, requires = "waves")]
     pub min_sample: u32,
 }

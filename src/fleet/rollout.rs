@@ -4,9 +4,9 @@
 //! A rollout walks through stages: for each group in the plan's order (then everybody else),
 //! each wave percentage in turn. A stage advances only when it has soaked for `soak_secs`
 //! *and* at least `min_successes` boxes confirmed the release since it began. Failures pause
-//! it (for everyone not yet on it) when they reach `max_failures`, or when their rate among
-//! the boxes that finished exceeds `max_failure_rate` once `min_sample` boxes did. A paused
-//! or withdrawn rollout never advances; only the operator resumes it.
+//! it (for everyone not yet on it): `max_failures` of them among the first `min_sample` boxes
+//! that finished, or, from then on, a rate above `max_failure_rate`. A paused or withdrawn
+//! rollout never advances; only the operator resumes it.
 
 use serde::{Deserialize, Serialize};
 
@@ -23,11 +23,11 @@ pub struct Policy {
     pub soak_secs: u64,
     /// Least number of boxes that confirmed the release during a stage before the next starts.
     pub min_successes: u32,
-    /// Pause once this many boxes failed (0: no absolute limit).
+    /// Before `min_sample` boxes finished: pause once this many failed (0: never early).
     pub max_failures: u32,
-    /// Pause once more than this fraction of the boxes that finished failed...
+    /// From `min_sample` finished boxes on: pause once more than this fraction failed.
     pub max_failure_rate: f64,
-    /// ...counted only once at least this many finished (successes + failures).
+    /// How many boxes must finish (confirm or fail) before the rate is trusted.
     pub min_sample: u32,
 }
 
@@ -106,27 +106,30 @@ pub struct Counts {
     pub failures: u32,
 }
 
-/// The pause rule alone: why the counts stop the rollout, if they do.
+/// The pause rule alone: why the counts stop the rollout, if they do. Before `min_sample`
+/// boxes finished, `max_failures` failures pause it (e.g. 3 of the first 20); from then on,
+/// a failure rate above `max_failure_rate` does (so a small background failure rate in a
+/// large fleet does not stop a good release).
 pub fn pause_reason(p: &Policy, c: &Counts) -> Option<String> {
-    if p.max_failures > 0 && c.failures >= p.max_failures {
-        return Some(format!(
-            "{} boxes failed (limit {})",
-            c.failures, p.max_failures
-        ));
-    }
     let finished = c.successes + c.failures;
-    if finished >= p.min_sample.max(1) {
-        let rate = f64::from(c.failures) / f64::from(finished);
-        if rate > p.max_failure_rate {
-            return Some(format!(
-                "{} of {finished} boxes failed ({:.1}% > {:.1}%)",
-                c.failures,
-                rate * 100.0,
-                p.max_failure_rate * 100.0
-            ));
-        }
+    let sample = p.min_sample.max(1);
+    if finished < sample {
+        return (p.max_failures > 0 && c.failures >= p.max_failures).then(|| {
+            format!(
+                "{} boxes failed of the first {finished} (limit {} before {sample})",
+                c.failures, p.max_failures
+            )
+        });
     }
-    None
+    let rate = f64::from(c.failures) / f64::from(finished);
+    (rate > p.max_failure_rate).then(|| {
+        format!(
+            "{} of {finished} boxes failed ({:.1}% > {:.1}%)",
+            c.failures,
+            rate * 100.0,
+            p.max_failure_rate * 100.0
+        )
+    })
 }
 
 /// The next state of a rollout: paused by the counts, or advanced one stage when the current
@@ -215,7 +218,18 @@ mod tests {
         let p = policy();
         let s = Progress::start(0);
         let paused = step(&p, &s, &counts(0, 0, 3), 1);
-        assert!(paused.paused.unwrap().contains("3 boxes failed"));
+        assert!(paused
+            .paused
+            .unwrap()
+            .contains("3 boxes failed of the first 3"));
+        assert_eq!(step(&p, &s, &counts(0, 15, 2), 1), s, "2 of 17: not yet");
+        let paused = step(&p, &s, &counts(0, 14, 3), 1).paused.unwrap();
+        assert!(
+            paused.contains("3 boxes failed of the first 17"),
+            "{paused}"
+        );
+        // Past the sample only the rate counts: 40 failures of 1000 is a background 4%.
+        assert_eq!(step(&p, &s, &counts(0, 960, 40), 1), s);
         let p = Policy {
             max_failures: 0,
             ..policy()
