@@ -137,14 +137,26 @@ impl Db {
 
     /// Enrolls a box, or replaces its key and group if it was enrolled before.
     pub fn enroll(&self, b: &Enrolled, now: u64) -> Result<()> {
-        self.conn
-            .execute(
-                "INSERT INTO boxes (box_id, public_key, grp, enrolled) VALUES (?1, ?2, ?3, ?4)
+        Db::enroll_in(&self.conn, b, now)
+    }
+
+    fn enroll_in(conn: &Connection, b: &Enrolled, now: u64) -> Result<()> {
+        conn.execute(
+            "INSERT INTO boxes (box_id, public_key, grp, enrolled) VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT (box_id) DO UPDATE SET public_key = ?2, grp = ?3, enrolled = ?4",
-                params![b.box_id, b.public_key, b.group, now as i64],
-            )
-            .with_context(|| format!("enrolling {}", b.box_id))?;
+            params![b.box_id, b.public_key, b.group, now as i64],
+        )
+        .with_context(|| format!("enrolling {}", b.box_id))?;
         Ok(())
+    }
+
+    /// Enrolls many boxes in one transaction (a factory batch): all or none.
+    pub fn enroll_all(&mut self, boxes: &[Enrolled], now: u64) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        for b in boxes {
+            Db::enroll_in(&tx, b, now)?;
+        }
+        tx.commit().context("committing the enrollments")
     }
 
     /// The enrolled box holding `public_key`, if any.
