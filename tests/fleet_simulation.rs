@@ -155,7 +155,11 @@ impl Sim {
             .unwrap();
         assert_eq!(resp.status().as_u16(), 201);
         // A box the release broke marked it bad: it never takes it again.
-        self.state.lock().unwrap()[i] = if failed { Fate::Failed } else { Fate::Confirmed };
+        self.state.lock().unwrap()[i] = if failed {
+            Fate::Failed
+        } else {
+            Fate::Confirmed
+        };
     }
 
     /// Every waiting box checks in once, spread over `THREADS` threads.

@@ -23,6 +23,9 @@ pub const MAX_SPOOLED: usize = 256;
 const MAX_SENT_PER_RUN: usize = 32;
 /// How long one report may take to send (connect included).
 pub const SEND_TIMEOUT: Duration = Duration::from_secs(5);
+/// No report is started after this much time sending in one run (so a slow server holds a
+/// verb up at most this plus one `SEND_TIMEOUT`).
+const SEND_BUDGET: Duration = Duration::from_secs(10);
 
 /// What a verb reports.
 #[derive(Debug, Clone)]
@@ -139,7 +142,12 @@ fn try_flush(ctx: &Ctx) -> Result<()> {
         .build()
         .context("creating the HTTP client")?;
     let url = format!("{}/v1/reports", server.trim_end_matches('/'));
+    let start = std::time::Instant::now();
     for f in files.iter().take(MAX_SENT_PER_RUN) {
+        if start.elapsed() > SEND_BUDGET {
+            tracing::info!("sending reports took {SEND_BUDGET:?}; the rest wait for the next run");
+            break;
+        }
         let Ok(mut r) = std::fs::read(f)
             .map_err(anyhow::Error::from)
             .and_then(|d| Ok(serde_json::from_slice::<Report>(&d)?))
