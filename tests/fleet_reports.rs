@@ -181,6 +181,20 @@ fn failures_pause_the_release_for_everyone_not_yet_on_it() {
     assert_eq!(offered(&f, Some("zone-a")), (50, true), "paused");
     let reason = db.rollout("2.0").unwrap().unwrap().progress.paused.unwrap();
     assert!(reason.contains("2 boxes failed"), "{reason}");
+    let (status, _, metrics) = f.get("/metrics");
+    assert_eq!(status, 200);
+    for line in [
+        "upgradectl_rollout_paused{version=\"2.0\"} 1",
+        "upgradectl_rollout_percent{version=\"2.0\"} 50",
+        "upgradectl_reports{outcome=\"fallback\"} 1",
+        "upgradectl_reports{outcome=\"trial-failed\"} 1",
+        "upgradectl_http_responses_total{class=\"4xx\"} 20",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "{line} not in\n{metrics}"
+        );
+    }
     control::command(&db, "2.0", control::Command::Resume, now()).unwrap();
     assert_eq!(offered(&f, Some("zone-a")), (50, false), "resumed");
 }

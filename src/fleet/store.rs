@@ -216,6 +216,22 @@ impl Db {
         Ok(n as u64)
     }
 
+    /// How many reports of each outcome are stored (all releases; for metrics).
+    pub fn report_totals(&self) -> Result<Vec<(Outcome, u64)>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT outcome, COUNT(*) FROM reports GROUP BY outcome")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (name, n) = row?;
+            if let Some(o) = Outcome::parse(&name) {
+                out.push((o, n as u64));
+            }
+        }
+        Ok(out)
+    }
+
     /// Whether box `box_id`'s report `id` is stored.
     pub fn has_report(&self, box_id: &str, id: &str) -> Result<bool> {
         let n: i64 = self.conn.query_row(
@@ -424,6 +440,8 @@ mod tests {
         db.insert_report(&b2, &report("b2", "3.0", Outcome::Failed, 160), 160)
             .unwrap();
         assert_eq!(db.report_count().unwrap(), 5);
+        let totals = db.report_totals().unwrap();
+        assert!(totals.contains(&(Outcome::Failed, 2)) && totals.contains(&(Outcome::Fallback, 1)));
         assert!(db.has_report("b1", &r.id).unwrap());
         assert!(!db.has_report("b2", &r.id).unwrap());
         let p = Progress::start(0);

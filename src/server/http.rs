@@ -6,6 +6,7 @@
 //!   30 s); a release under a wave rollout carries the percentage and pause the fleet database
 //!   decides now for the box's group (`fleet::control::apply`);
 //! - `POST /v1/reports`: a box's signed report (`server::reports`), with the fleet database;
+//! - `GET /metrics`: Prometheus metrics (`server::metrics`);
 //! - `GET /v1/artifacts/{name}` (`full-V.xz`, `A-to-B.xz`): the artifact, immutable;
 //! - `GET /v1/artifacts/{name}.descriptor`: its signed descriptor, immutable;
 //!   either answers `503` + `Retry-After` (never cached) while the artifact is being built or
@@ -26,7 +27,7 @@ use axum::extract::{Path as UrlPath, Query, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::Router;
+use axum::{middleware, Router};
 use ed25519_dalek::SigningKey;
 use serde::Deserialize;
 use tokio::sync::Semaphore;
@@ -34,6 +35,7 @@ use tower::ServiceExt;
 
 use super::artifacts::{Buildable, Store};
 use super::build;
+use super::metrics::{self, Counters, Snapshot};
 use super::reports;
 use super::respond::{blocking, error, internal};
 use super::source::StreamSource;
@@ -42,6 +44,7 @@ use crate::core::sign;
 use crate::core::version::Version;
 use crate::fleet::control;
 use crate::fleet::store::Db;
+use crate::fleet::view;
 use crate::sys::clock::now;
 
 /// How long a signed manifest stays valid.
@@ -139,6 +142,8 @@ pub struct Server {
     build_slots: Arc<Semaphore>,
     /// The fleet database: reports and wave rollouts (none: no reports, manual rollouts).
     fleet: Option<Arc<Mutex<Db>>>,
+    /// Responses and bytes served, for `/metrics`.
+    counters: Arc<Counters>,
 }
 
 impl Server {
@@ -157,6 +162,7 @@ impl Server {
             tuning,
             builds: Mutex::new(HashMap::new()),
             fleet: None,
+            counters: Arc::default(),
         }
     }
 
@@ -229,15 +235,52 @@ impl Server {
 
 /// The routes, over `server`.
 pub fn router(server: Arc<Server>) -> Router {
-    let fleet = server.fleet.clone();
+    let (fleet, counters) = (server.fleet.clone(), server.counters.clone());
     let routes = Router::new()
         .route("/v1/channels/:channel/manifest", get(get_manifest))
         .route("/v1/artifacts/:name", get(get_artifact))
+        .route("/metrics", get(get_metrics))
         .with_state(server);
-    match fleet {
+    let routes = match fleet {
         Some(db) => routes.merge(reports::router(db)),
         None => routes,
+    };
+    routes.layer(middleware::from_fn_with_state(counters, metrics::count))
+}
+
+async fn get_metrics(State(s): State<Arc<Server>>) -> Response {
+    let (responses, bytes) = s.counters.read();
+    let mut snap = Snapshot {
+        responses,
+        bytes,
+        builds_started: s.builds_started() as u64,
+        builds_in_progress: s.builds_in_progress() as u64,
+        ..Snapshot::default()
+    };
+    if let Some(db) = s.fleet.clone() {
+        let fleet = blocking(move || {
+            let db = db
+                .lock()
+                .map_err(|_| anyhow::anyhow!("fleet lock poisoned"))?;
+            let views = (db.rollouts()?.iter())
+                .map(|r| view::view(&db, r))
+                .collect::<Result<Vec<_>>>()?;
+            Ok((db.report_totals()?, views))
+        });
+        match fleet.await {
+            Ok((reports, rollouts)) => (snap.reports, snap.rollouts) = (Some(reports), rollouts),
+            Err(e) => return internal("reading the fleet database for metrics", e),
+        }
     }
+    let ct = "text/plain; version=0.0.4";
+    (
+        [
+            (header::CONTENT_TYPE, ct),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        metrics::render(&snap),
+    )
+        .into_response()
 }
 
 /// The manifest's query: the asking box's group, for rollouts that go group by group.

@@ -6,6 +6,7 @@ pub mod build;
 pub mod http;
 pub mod keys;
 pub mod listen;
+pub mod metrics;
 pub mod publish;
 pub mod reports;
 pub mod respond;
