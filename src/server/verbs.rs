@@ -48,7 +48,8 @@ pub fn publish(a: PublishArgs, mut out: Output) -> Result<()> {
 struct ReleaseReport {
     #[serde(flatten)]
     release: StoredRelease,
-    rollout: Option<RolloutView>,
+    /// The wave rollout (`rollout` is the release record's percentage).
+    waves: Option<RolloutView>,
 }
 
 pub fn release(a: ReleaseArgs, mut out: Output) -> Result<()> {
@@ -66,6 +67,9 @@ pub fn release(a: ReleaseArgs, mut out: Output) -> Result<()> {
     if store.release(&a.version)?.is_none() {
         return Err(refused(format!("version {version} is not published")));
     }
+    if let Some(c) = &a.channel {
+        publish::check_channel(c)?;
+    }
     let managed = db.rollout(version)?.is_some();
     if managed && a.rollout.is_some() {
         return Err(refused(format!(
@@ -74,7 +78,8 @@ pub fn release(a: ReleaseArgs, mut out: Output) -> Result<()> {
     }
     let now = now();
     if managed || a.waves.waves.is_some() {
-        // Checked first, so a refused command leaves releases.json as it was.
+        // Before releases.json: a refused command (resuming a withdrawn rollout, a bad wave
+        // plan) leaves it as it was.
         let cmd = if a.withdraw {
             Some(Command::Withdraw)
         } else if a.pause {
@@ -98,9 +103,9 @@ pub fn release(a: ReleaseArgs, mut out: Output) -> Result<()> {
     };
     let report = ReleaseReport {
         release: r,
-        rollout: view,
+        waves: view,
     };
-    out.report(&report, |r| match &r.rollout {
+    out.report(&report, |r| match &r.waves {
         Some(v) => format!("{} (channel {})", view::line(v), r.release.channel),
         None => {
             let paused = if r.release.release.paused {
