@@ -79,6 +79,9 @@ pub enum Command {
     Revert(RebootArgs),
     /// Provision a host partition: make images/VERSION.img the default and write GRUB's files.
     Init(InitArgs),
+    /// Print this box's identity for enrollment (box id, group, public key), creating its
+    /// key on the host partition at the first call (provisioning).
+    Identity,
     /// Print the GRUB menu entries (used by /etc/grub.d/09_upgradectl).
     #[command(hide = true)]
     GrubEntries,
@@ -90,6 +93,9 @@ pub enum Command {
     Release(ReleaseArgs),
     /// Server: serve signed manifests and artifacts over HTTP, building diffs on demand.
     Serve(ServeArgs),
+    /// Server: the fleet (enrolled boxes, their reports, wave rollouts).
+    #[command(subcommand)]
+    Fleet(FleetCommand),
     /// Print shell completions.
     Completions(CompletionsArgs),
     /// Print the man page (roff), or write one page per verb into a directory.
@@ -156,10 +162,76 @@ pub struct ReleaseArgs {
     #[arg(long)]
     pub rollout: Option<u8>,
     /// Stop offering it.
-    #[arg(long, conflicts_with = "resume")]
+    #[arg(long, conflicts_with_all = ["resume", "withdraw"])]
     pub pause: bool,
-    #[arg(long)]
+    /// Offer it again (a wave rollout counts failures from now on).
+    #[arg(long, conflicts_with = "withdraw")]
     pub resume: bool,
+    /// Offer it to no box that does not have it, for good.
+    #[arg(long)]
+    pub withdraw: bool,
+    #[command(flatten)]
+    pub waves: WaveArgs,
+}
+
+/// A wave rollout, steered by the boxes' reports (see docs/fleet.md).
+#[derive(Debug, Args)]
+pub struct WaveArgs {
+    /// Start a wave rollout: percentages of each group's boxes, increasing, ending at 100.
+    #[arg(long, value_delimiter = ',', value_name = "PERCENT,...")]
+    pub waves: Option<Vec<u8>>,
+    /// Groups (zones) in the order they update, one after the other; other boxes come last.
+    #[arg(long, value_delimiter = ',', requires = "waves")]
+    pub groups: Vec<String>,
+    /// Least seconds a wave runs before the next one starts.
+    #[arg(long, default_value_t = 3600, requires = "waves")]
+    pub soak: u64,
+    /// Least number of boxes that confirm the release during a wave before the next starts.
+    #[arg(long, default_value_t = 1, requires = "waves")]
+    pub min_successes: u32,
+    /// Pause once this many boxes failed among the first --min-sample that finished (0: never
+    /// before the sample is complete).
+    #[arg(long, default_value_t = 3, requires = "waves")]
+    pub max_failures: u32,
+    /// From --min-sample finished boxes on: pause once more than this fraction failed.
+    #[arg(long, default_value_t = 0.05, requires = "waves")]
+    pub max_failure_rate: f64,
+    /// How many boxes must finish (confirm or fail) before the failure rate is trusted.
+    #[arg(long, default_value_t = 20, requires = "waves")]
+    pub min_sample: u32,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum FleetCommand {
+    /// Enroll a box: its reports are accepted from now on (again: replaces its key).
+    Enroll(EnrollArgs),
+    /// Each wave rollout: its stage, pause and why, boxes by outcome.
+    Status(FleetStoreArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct FleetStoreArgs {
+    /// The server's store directory (fleet.db lives there).
+    #[arg(long, default_value = "/var/lib/upgradectl-server")]
+    pub store: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct EnrollArgs {
+    #[command(flatten)]
+    pub store: FleetStoreArgs,
+    /// The box id it reports under (`upgradectl identity` prints it).
+    #[arg(long, required_unless_present = "identity")]
+    pub box_id: Option<String>,
+    /// Its public key, `ed25519:...`.
+    #[arg(long, required_unless_present = "identity")]
+    pub public_key: Option<String>,
+    /// Its group or zone label.
+    #[arg(long)]
+    pub group: Option<String>,
+    /// `upgradectl --json identity`'s output instead of the three options above.
+    #[arg(long, conflicts_with_all = ["box_id", "public_key"])]
+    pub identity: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -3,12 +3,14 @@
 //! - `core`: versions, the protocol's documents, signatures, hashing; pure;
 //! - `sys`: thin effects (tools, durable writes, ZFS, loop mounts, the lock, the clock);
 //! - `appliance`: the box (prepare, upgrade, confirm, revert, ...);
-//! - `server`: the image server and the release manager's verbs.
+//! - `server`: the image server and the release manager's verbs;
+//! - `fleet`: the server's fleet database, box reports, waves and the automatic pause.
 
 pub mod appliance;
 pub mod cli;
 pub mod core;
 pub mod error;
+pub mod fleet;
 pub mod output;
 pub mod server;
 pub mod sys;
@@ -52,6 +54,8 @@ pub fn run(cli: Cli, out: Output) -> Result<()> {
         Command::Publish(a) => server::verbs::publish(a, out),
         Command::Release(a) => server::verbs::release(a, out),
         Command::Serve(a) => server::verbs::serve(a),
+        Command::Fleet(c) => fleet::verbs::fleet(c, out),
+        Command::Identity => verbs::identity::identity(&mut box_ctx(out)?),
         Command::Completions(a) => {
             let mut cmd = Cli::command();
             clap_complete::generate(a.shell, &mut cmd, "upgradectl", &mut std::io::stdout());

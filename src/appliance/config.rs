@@ -29,6 +29,8 @@ pub struct Config {
     pub keep_extra_images: usize,
     /// Stable identity for rollout bucketing; default: /etc/machine-id.
     pub box_id: Option<String>,
+    /// The box's group or zone label, for rollouts that go group by group and for reports.
+    pub group: Option<String>,
     pub grub: GrubConfig,
     pub migrate: MigrateConfig,
     pub health: Vec<HealthCheck>,
@@ -97,6 +99,7 @@ impl Default for Config {
             space_margin_mib: 256,
             keep_extra_images: 0,
             box_id: None,
+            group: None,
             grub: GrubConfig::default(),
             migrate: MigrateConfig::default(),
             health: Vec::new(),
@@ -211,6 +214,17 @@ impl Config {
                 CHANNELS.join(", ")
             ))
             .into());
+        }
+        if let Some(g) = &config.group {
+            let ok = (1..=128).contains(&g.len())
+                && g.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+            if !ok {
+                return Err(bad(format!(
+                    "group: {g:?} is not 1..=128 letters, digits, '.', '_' or '-'"
+                ))
+                .into());
+            }
         }
         if !config.host_mount.is_absolute() {
             return Err(bad("host_mount: must be an absolute path".into()).into());
@@ -351,6 +365,8 @@ mod tests {
     #[test]
     fn bad_channel_and_paths_are_refused() {
         assert!(Config::parse("channel = \"nightly\"", Path::new("f")).is_err());
+        assert!(Config::parse("group = \"a&b\"", Path::new("f")).is_err());
+        assert!(Config::parse("group = \"zone-a.1\"", Path::new("f")).is_ok());
         assert!(Config::parse("[migrate]\npaths = [\"etc/x\"]", Path::new("f")).is_err());
         assert!(Config::parse("[migrate]\npaths = [\"/etc/../x\"]", Path::new("f")).is_err());
     }

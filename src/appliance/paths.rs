@@ -87,6 +87,16 @@ impl Layout {
         self.state_dir().join("downloads")
     }
 
+    /// Reports not yet acknowledged by the server (`appliance::report`).
+    pub fn reports_dir(&self) -> PathBuf {
+        self.state_dir().join("reports")
+    }
+
+    /// The box's identity key for the fleet (secret, 0600; `appliance::identity`).
+    pub fn identity_key(&self) -> PathBuf {
+        self.state_dir().join("identity.key")
+    }
+
     pub fn proc_cmdline(&self) -> PathBuf {
         self.in_root("/proc/cmdline")
     }

@@ -8,7 +8,9 @@ use crate::appliance::bootinfo::BootReport;
 use crate::appliance::ctx::Ctx;
 use crate::appliance::grub;
 use crate::appliance::images;
+use crate::appliance::report;
 use crate::appliance::state::{ImageState, Operation, Trying};
+use crate::core::report::Report;
 use crate::core::version::Version;
 use crate::sys::fsutil;
 
@@ -32,6 +34,8 @@ pub struct Status {
     pub last_operation: Option<Operation>,
     /// The initramfs's report of the last boot (persistent on the host partition).
     pub last_boot: Option<BootReport>,
+    /// Reports to the fleet server not acknowledged yet (sent at the next run).
+    pub pending_reports: Vec<Report>,
 }
 
 #[derive(Debug, Serialize)]
@@ -122,6 +126,7 @@ pub fn gather(ctx: &Ctx) -> Result<Status> {
         pool: crate::appliance::pool::usage(ctx),
         last_operation: state.last_operation,
         last_boot: BootReport::read(&ctx.layout.boot_report())?,
+        pending_reports: report::pending(&ctx.layout)?,
     })
 }
 
@@ -233,6 +238,12 @@ pub fn render(s: &Status) -> String {
             } else {
                 String::new()
             }
+        );
+    }
+    if !s.pending_reports.is_empty() {
+        o += &format!(
+            "reports:   {} not yet acknowledged by the server\n",
+            s.pending_reports.len()
         );
     }
     o

@@ -1,8 +1,10 @@
 //! What the box and the server share, pure (no I/O but reading what the caller hands in):
-//! versions, the protocol's documents and names, signatures, hashing.
+//! versions, the protocol's documents and names (manifests, descriptors, box reports),
+//! signatures, hashing.
 
 pub mod hashing;
 pub mod manifest;
 pub mod plan;
+pub mod report;
 pub mod sign;
 pub mod version;

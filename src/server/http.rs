@@ -2,7 +2,11 @@
 //! diffs) with Range support, diffs built on demand once, and a size-capped artifact cache.
 //!
 //! Routes:
-//! - `GET /v1/channels/{channel}/manifest`: a freshly signed manifest (cacheable 30 s);
+//! - `GET /v1/channels/{channel}/manifest[?group=G]`: a freshly signed manifest (cacheable
+//!   30 s); a release under a wave rollout carries the percentage and pause the fleet database
+//!   decides now for the box's group (`fleet::control::apply`);
+//! - `POST /v1/reports`: a box's signed report (`server::reports`), with the fleet database;
+//! - `GET /metrics`: Prometheus metrics (`server::metrics`);
 //! - `GET /v1/artifacts/{name}` (`full-V.xz`, `A-to-B.xz`): the artifact, immutable;
 //! - `GET /v1/artifacts/{name}.descriptor`: its signed descriptor, immutable;
 //!   either answers `503` + `Retry-After` (never cached) while the artifact is being built or
@@ -17,23 +21,30 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use axum::body::Body;
-use axum::extract::{Path as UrlPath, Request, State};
+use axum::extract::{Path as UrlPath, Query, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::Router;
+use axum::{middleware, Router};
 use ed25519_dalek::SigningKey;
+use serde::Deserialize;
 use tokio::sync::Semaphore;
 use tower::ServiceExt;
 
 use super::artifacts::{Buildable, Store};
 use super::build;
+use super::metrics::{self, Counters, Snapshot};
+use super::reports;
+use super::respond::{blocking, error, internal};
 use super::source::StreamSource;
 use crate::core::manifest::{self, Manifest};
 use crate::core::sign;
 use crate::core::version::Version;
+use crate::fleet::control;
+use crate::fleet::store::Db;
+use crate::fleet::view;
 use crate::sys::clock::now;
 
 /// How long a signed manifest stays valid.
@@ -129,6 +140,10 @@ pub struct Server {
     pub tuning: Tuning,
     builds: Mutex<HashMap<String, Build>>,
     build_slots: Arc<Semaphore>,
+    /// The fleet database: reports and wave rollouts (none: no reports, manual rollouts).
+    fleet: Option<Arc<Mutex<Db>>>,
+    /// Responses and bytes served, for `/metrics`.
+    counters: Arc<Counters>,
 }
 
 impl Server {
@@ -146,7 +161,15 @@ impl Server {
             build_slots: Arc::new(Semaphore::new(tuning.max_builds.max(1))),
             tuning,
             builds: Mutex::new(HashMap::new()),
+            fleet: None,
+            counters: Arc::default(),
         }
+    }
+
+    /// This server with the fleet database: it takes reports and steers wave rollouts.
+    pub fn with_fleet(mut self, db: Db) -> Server {
+        self.fleet = Some(Arc::new(Mutex::new(db)));
+        self
     }
 
     /// How many builds were started (tests assert "once").
@@ -212,23 +235,58 @@ impl Server {
 
 /// The routes, over `server`.
 pub fn router(server: Arc<Server>) -> Router {
-    Router::new()
+    let (fleet, counters) = (server.fleet.clone(), server.counters.clone());
+    let routes = Router::new()
         .route("/v1/channels/:channel/manifest", get(get_manifest))
         .route("/v1/artifacts/:name", get(get_artifact))
-        .with_state(server)
+        .route("/metrics", get(get_metrics))
+        .with_state(server);
+    let routes = match fleet {
+        Some(db) => routes.merge(reports::router(db)),
+        None => routes,
+    };
+    routes.layer(middleware::from_fn_with_state(counters, metrics::count))
 }
 
-fn error(status: StatusCode, msg: String) -> Response {
-    (status, [(header::CACHE_CONTROL, "no-store")], msg + "\n").into_response()
-}
-
-/// A 500: the details go to the log, the box gets a short fixed message.
-fn internal(what: &str, e: impl std::fmt::Display) -> Response {
-    tracing::error!("{what}: {e:#}");
-    error(
-        StatusCode::INTERNAL_SERVER_ERROR,
-        "internal server error".into(),
+async fn get_metrics(State(s): State<Arc<Server>>) -> Response {
+    let (responses, bytes) = s.counters.read();
+    let mut snap = Snapshot {
+        responses,
+        bytes,
+        builds_started: s.builds_started() as u64,
+        builds_in_progress: s.builds_in_progress() as u64,
+        ..Snapshot::default()
+    };
+    if let Some(db) = s.fleet.clone() {
+        let fleet = blocking(move || {
+            let db = db
+                .lock()
+                .map_err(|_| anyhow::anyhow!("fleet lock poisoned"))?;
+            let views = (db.rollouts()?.iter())
+                .map(|r| view::view(&db, r))
+                .collect::<Result<Vec<_>>>()?;
+            Ok((db.report_totals()?, views))
+        });
+        match fleet.await {
+            Ok((reports, rollouts)) => (snap.reports, snap.rollouts) = (Some(reports), rollouts),
+            Err(e) => return internal("reading the fleet database for metrics", e),
+        }
+    }
+    let ct = "text/plain; version=0.0.4";
+    (
+        [
+            (header::CONTENT_TYPE, ct),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        metrics::render(&snap),
     )
+        .into_response()
+}
+
+/// The manifest's query: the asking box's group, for rollouts that go group by group.
+#[derive(Debug, Deserialize)]
+struct ManifestQuery {
+    group: Option<String>,
 }
 
 /// 503 + Retry-After: the artifact is being built, or its failed build backs off.
@@ -242,32 +300,38 @@ fn come_back_later(artifact: &str, secs: u64) -> Response {
     resp
 }
 
-/// Runs blocking `f` (file reads, `zfs list`) off the async runtime.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .context("blocking task")?
-}
-
-async fn get_manifest(State(s): State<Arc<Server>>, UrlPath(channel): UrlPath<String>) -> Response {
+async fn get_manifest(
+    State(s): State<Arc<Server>>,
+    UrlPath(channel): UrlPath<String>,
+    Query(q): Query<ManifestQuery>,
+) -> Response {
     if !manifest::CHANNELS.contains(&channel.as_str()) {
         return error(StatusCode::NOT_FOUND, format!("no channel {channel:?}"));
     }
-    let store = s.clone();
-    let releases = match blocking(move || store.store.releases()).await {
+    let (store, ch) = (s.clone(), channel.clone());
+    let now = now();
+    let releases = blocking(move || {
+        let mut releases: Vec<_> = (store.store.releases()?.into_iter())
+            .filter(|r| r.channel == ch)
+            .map(|r| r.release)
+            .collect();
+        if let Some(db) = &store.fleet {
+            let db = db
+                .lock()
+                .map_err(|_| anyhow::anyhow!("fleet lock poisoned"))?;
+            control::apply(&db, &mut releases, q.group.as_deref(), now)?;
+        }
+        Ok(releases)
+    });
+    let releases = match releases.await {
         Ok(r) => r,
         Err(e) => return internal("reading releases", e),
     };
-    let now = now();
     let m = Manifest {
         channel: channel.clone(),
         issued: now,
         expires: now + MANIFEST_LIFETIME,
-        releases: releases
-            .into_iter()
-            .filter(|r| r.channel == channel)
-            .map(|r| r.release)
-            .collect(),
+        releases,
     };
     match sign::seal(&m, &s.key) {
         Ok(env) => (

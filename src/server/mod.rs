@@ -6,7 +6,10 @@ pub mod build;
 pub mod http;
 pub mod keys;
 pub mod listen;
+pub mod metrics;
 pub mod publish;
+pub mod reports;
+pub mod respond;
 pub mod source;
 pub mod verbs;
 

@@ -1,13 +1,22 @@
-//! The server side's verbs: `keygen`, `publish`, `release` (the release manager's) and `serve`
-//! (the image server).
+//! The server side's verbs: `keygen`, `publish`, `release` (the release manager's, with wave
+//! rollouts in the fleet database) and `serve` (the image server, with the fleet database).
 
 use std::sync::Arc;
 
 use anyhow::Result;
 
-use crate::cli::{KeygenArgs, PublishArgs, ReleaseArgs, ServeArgs};
+use serde::Serialize;
+
+use crate::cli::{KeygenArgs, PublishArgs, ReleaseArgs, ServeArgs, WaveArgs};
+use crate::error::refused;
+use crate::fleet::control::{self, Command};
+use crate::fleet::rollout::Policy;
+use crate::fleet::store::Db;
+use crate::fleet::view::{self, RolloutView};
 use crate::output::Output;
+use crate::server::artifacts::StoredRelease;
 use crate::server::{keys, publish, source::ZfsSource, Server, Store, Tuning};
+use crate::sys::clock::now;
 
 pub fn keygen(a: KeygenArgs, mut out: Output) -> Result<()> {
     let public = keys::keygen(&a.out)?;
@@ -34,23 +43,94 @@ pub fn publish(a: PublishArgs, mut out: Output) -> Result<()> {
     })
 }
 
+/// What `release` prints: the release record and its wave rollout, if it has one.
+#[derive(Debug, Serialize)]
+struct ReleaseReport {
+    #[serde(flatten)]
+    release: StoredRelease,
+    /// The wave rollout (`rollout` is the release record's percentage).
+    waves: Option<RolloutView>,
+}
+
 pub fn release(a: ReleaseArgs, mut out: Output) -> Result<()> {
-    let paused = if a.pause {
+    let paused = if a.pause || a.withdraw {
         Some(true)
     } else if a.resume {
         Some(false)
     } else {
         None
     };
+    let rollout = if a.withdraw { Some(0) } else { a.rollout };
     let store = Store::open(&a.store.store)?;
-    let r = publish::release(&store, &a.version, a.channel.as_deref(), a.rollout, paused)?;
-    out.report(&r, |r| {
-        let paused = if r.release.paused { ", paused" } else { "" };
-        format!(
-            "{} on {}: rollout {}%{paused}",
-            r.release.version, r.channel, r.release.rollout
-        )
+    let db = Db::open_in(&a.store.store)?;
+    let version = a.version.as_str();
+    if store.release(&a.version)?.is_none() {
+        return Err(refused(format!("version {version} is not published")));
+    }
+    if let Some(c) = &a.channel {
+        publish::check_channel(c)?;
+    }
+    let managed = db.rollout(version)?.is_some();
+    if managed && a.rollout.is_some() {
+        return Err(refused(format!(
+            "{version} rolls out in waves; --pause, --resume or --withdraw it, or start new --waves"
+        )));
+    }
+    let now = now();
+    if managed || a.waves.waves.is_some() {
+        // Before releases.json: a refused command (resuming a withdrawn rollout, a bad wave
+        // plan) leaves it as it was.
+        let cmd = if a.withdraw {
+            Some(Command::Withdraw)
+        } else if a.pause {
+            Some(Command::Pause("paused by the operator".into()))
+        } else if a.resume {
+            Some(Command::Resume)
+        } else {
+            None
+        };
+        if let Some(w) = &a.waves.waves {
+            control::start(&db, version, policy(&a.waves, w), now)?;
+        }
+        if let Some(cmd) = cmd {
+            control::command(&db, version, cmd, now)?;
+        }
+    }
+    let r = publish::release(&store, &a.version, a.channel.as_deref(), rollout, paused)?;
+    let view = match db.rollout(version)? {
+        Some(r) => Some(view::view(&db, &r)?),
+        None => None,
+    };
+    let report = ReleaseReport {
+        release: r,
+        waves: view,
+    };
+    out.report(&report, |r| match &r.waves {
+        Some(v) => format!("{} (channel {})", view::line(v), r.release.channel),
+        None => {
+            let paused = if r.release.release.paused {
+                ", paused"
+            } else {
+                ""
+            };
+            format!(
+                "{} on {}: rollout {}%{paused}",
+                r.release.release.version, r.release.channel, r.release.release.rollout
+            )
+        }
     })
+}
+
+fn policy(a: &WaveArgs, waves: &[u8]) -> Policy {
+    Policy {
+        waves: waves.to_vec(),
+        groups: a.groups.clone(),
+        soak_secs: a.soak,
+        min_successes: a.min_successes,
+        max_failures: a.max_failures,
+        max_failure_rate: a.max_failure_rate,
+        min_sample: a.min_sample,
+    }
 }
 
 /// The `serve` verb: the image server over the store, signing with the key, streams from ZFS.
@@ -68,5 +148,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         max_connections: a.max_connections,
         ..Tuning::default()
     };
-    crate::server::run(a.listen, Server::new(store, key, source, tuning))
+    let fleet = Db::open_in(&a.store.store)?;
+    let server = Server::new(store, key, source, tuning).with_fleet(fleet);
+    crate::server::run(a.listen, server)
 }

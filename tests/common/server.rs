@@ -20,6 +20,7 @@ use upgradectl::core::manifest::{Blob, Descriptor, Release};
 use upgradectl::core::sign;
 use upgradectl::core::version::Version;
 use upgradectl::error::Error;
+use upgradectl::fleet::store::Db;
 use upgradectl::server::artifacts::StoredRelease;
 use upgradectl::server::{Server, Store, StreamSource, Tuning};
 
@@ -69,6 +70,8 @@ pub struct Setup {
     pub delay: Duration,
     pub has_delay: Duration,
     pub tuning: Tuning,
+    /// With the fleet database (`<root>/store/fleet.db`): reports and wave rollouts.
+    pub fleet: bool,
 }
 
 impl Default for Setup {
@@ -83,6 +86,7 @@ impl Default for Setup {
                 retry_after: 1,
                 ..Tuning::default()
             },
+            fleet: false,
         }
     }
 }
@@ -194,12 +198,12 @@ pub fn start_with(setup: Setup) -> Fixture {
         max_running: AtomicUsize::new(0),
         has_calls: AtomicUsize::new(0),
     });
-    let server = Arc::new(Server::new(
-        store,
-        key.clone(),
-        source.clone(),
-        setup.tuning,
-    ));
+    let server = Server::new(store, key.clone(), source.clone(), setup.tuning);
+    let server = match setup.fleet {
+        true => server.with_fleet(Db::open_in(&root.join("store")).unwrap()),
+        false => server,
+    };
+    let server = Arc::new(server);
     let addr = spawn_server(server.clone());
     Fixture {
         _dir: dir,

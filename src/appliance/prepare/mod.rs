@@ -13,7 +13,7 @@ pub mod receive;
 
 use crate::appliance::ctx::Ctx;
 use crate::appliance::state::State;
-use crate::appliance::{images, pool};
+use crate::appliance::{identity, images, pool};
 use crate::core::manifest::{
     self, artifact_name, Descriptor, MAX_DESCRIPTOR_BYTES, MAX_MANIFEST_BYTES,
 };
@@ -38,19 +38,6 @@ pub struct PrepareReport {
     pub resumed_bytes: u64,
     pub image_bytes: u64,
     pub seconds: f64,
-}
-
-fn box_id(ctx: &Ctx) -> Result<String> {
-    if let Some(id) = &ctx.config.box_id {
-        return Ok(id.clone());
-    }
-    let path = ctx.layout.in_root("/etc/machine-id");
-    std::fs::read_to_string(&path).with_context(|| {
-        format!(
-            "reading {} for the rollout bucket (or set box_id)",
-            path.display()
-        )
-    })
 }
 
 /// `prepare` for a caller that holds the lock (`upgrade` of an unprepared version).
@@ -110,7 +97,11 @@ fn prepare_once(ctx: &mut Ctx, pinned: Option<&Version>) -> Result<PrepareReport
     let client = fetch::client(&limits)?;
     let channel = ctx.config.channel.clone();
 
-    let url = format!("{server}/v1/channels/{channel}/manifest");
+    let mut url = format!("{server}/v1/channels/{channel}/manifest");
+    // The group is letters, digits, '.', '_' and '-' (checked with the configuration).
+    if let Some(g) = &ctx.config.group {
+        url += &format!("?group={g}");
+    }
     let manifest = manifest::open_manifest(
         &fetch::get_envelope(&client, &url, "the manifest", MAX_MANIFEST_BYTES)?,
         &trusted,
@@ -127,7 +118,7 @@ fn prepare_once(ctx: &mut Ctx, pinned: Option<&Version>) -> Result<PrepareReport
         manifest: &manifest,
         channel: &channel,
         now: now(),
-        bucket: plan::bucket(&box_id(ctx)?),
+        bucket: plan::bucket(&identity::box_id(ctx)?),
         newest_accepted: state.newest_accepted.as_ref(),
         refetch: refetch.as_ref(),
         pinned,

@@ -10,7 +10,9 @@ use crate::appliance::grub;
 use crate::appliance::health::{self, CheckResult};
 use crate::appliance::images;
 use crate::appliance::intent;
+use crate::appliance::report::{self, Step};
 use crate::appliance::state::{Settle, State};
+use crate::core::report::Outcome;
 use crate::core::version::Version;
 use crate::error::Error;
 use crate::sys::clock::now;
@@ -58,6 +60,7 @@ struct ConfirmReport {
 /// After a boot: settle a trial. Healthy → default; unhealthy → bad, back to the default.
 /// `deadline`: the trial's time is up (the deadline timer); still on trial means it failed.
 pub fn confirm(ctx: &mut Ctx, no_reboot: bool, deadline: bool) -> Result<()> {
+    let started = now();
     let (_lock, mut state, _) = intent::lock(ctx)?;
     // One look at this boot (kernel command line, the initramfs's report) serves throughout.
     let this_boot = ctx.booted()?;
@@ -69,6 +72,8 @@ pub fn confirm(ctx: &mut Ctx, no_reboot: bool, deadline: bool) -> Result<()> {
         .trying
         .as_ref()
         .is_some_and(|t| env.get(grub::ATTEMPTED) == Some(&t.version.grub_id()));
+    // What the report names: the trial (and where it came from) and the default, as before.
+    let (trial, old_default) = (state.trying.clone(), state.default.clone());
     let settle = state.settle(&booted, attempted);
     let report = this_boot.report;
     let default_failure = default_failure(&report, &env, &state, &booted);
@@ -188,6 +193,14 @@ pub fn confirm(ctx: &mut Ctx, no_reboot: bool, deadline: bool) -> Result<()> {
     // The verdict is recorded, reported and acted on (reboot) before it becomes the exit code.
     state.record("confirm", &result, now());
     state.save(&ctx.layout.state_file())?;
+    let failed_check = checks.iter().find(|c| !c.ok).map(|c| c.name.clone());
+    let outcome_reported = match outcome {
+        "confirmed" => Some(Outcome::Confirmed),
+        "failed" if deadline => Some(Outcome::TrialFailed),
+        "failed" => Some(Outcome::Failed),
+        "trial-did-not-boot" | "default-demoted" => Some(Outcome::Fallback),
+        _ => None,
+    };
     let report = ConfirmReport {
         booted,
         outcome,
@@ -208,6 +221,20 @@ pub fn confirm(ctx: &mut Ctx, no_reboot: bool, deadline: bool) -> Result<()> {
         }
         s + &r.message
     })?;
+    if let Some(o) = outcome_reported {
+        let (from, to) = match (o, trial) {
+            (Outcome::Fallback, None) => (None, old_default),
+            (_, t) => (t.as_ref().map(|t| t.from.clone()), t.map(|t| t.version)),
+        };
+        let step = Step {
+            outcome: o,
+            from,
+            to,
+            failed_check,
+            started,
+        };
+        report::report(ctx, step);
+    }
     if let Some(target) = reboot_to.filter(|_| !no_reboot) {
         ctx.reboot(&target)?;
     }

@@ -4,6 +4,7 @@
 pub mod cleanup;
 pub mod confirm;
 pub mod grub_entries;
+pub mod identity;
 pub mod init;
 pub mod prepare;
 pub mod revert;

@@ -5,13 +5,31 @@ use anyhow::Result;
 use crate::appliance::ctx::Ctx;
 use crate::appliance::intent;
 use crate::appliance::prepare::{prepare_locked, PrepareReport};
+use crate::appliance::report::{self, Step};
+use crate::core::report::Outcome;
 use crate::core::version::Version;
+use crate::sys::clock::now;
 
 /// The verb. `wait`: sleep through "come back later" (bounded by download.max_wait_seconds).
 pub fn prepare(ctx: &mut Ctx, pinned: Option<Version>, wait: bool) -> Result<()> {
     let (_lock, _, _) = intent::lock(ctx)?;
-    let report = prepare_locked(ctx, pinned.as_ref(), wait)?;
-    ctx.out.report(&report, render)
+    let started = now();
+    let result = prepare_locked(ctx, pinned.as_ref(), wait);
+    match &result {
+        Ok(r) => report::report(
+            ctx,
+            Step {
+                outcome: Outcome::Prepared,
+                from: ctx.booted_version().ok(),
+                to: Some(r.version.clone()),
+                failed_check: None,
+                started,
+            },
+        ),
+        // The prepare timer's runs also send what earlier runs could not.
+        Err(_) => report::flush(ctx),
+    }
+    ctx.out.report(&result?, render)
 }
 
 fn render(r: &PrepareReport) -> String {

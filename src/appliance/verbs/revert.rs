@@ -7,9 +7,12 @@ use serde::Serialize;
 use crate::appliance::ctx::Ctx;
 use crate::appliance::images;
 use crate::appliance::intent;
+use crate::appliance::report::{self, Step};
 use crate::appliance::state::Pending;
+use crate::core::report::Outcome;
 use crate::core::version::Version;
 use crate::error::refused;
+use crate::sys::clock::now;
 
 #[derive(Serialize)]
 struct RevertReport {
@@ -21,6 +24,7 @@ struct RevertReport {
 
 /// Makes the previous image the default again (or abandons an unconfirmed trial) and reboots.
 pub fn revert(ctx: &mut Ctx, no_reboot: bool) -> Result<()> {
+    let started = now();
     let (_lock, mut state, finished) = intent::lock(ctx)?;
     let booted = ctx.booted_version()?;
     let target = match finished {
@@ -54,6 +58,14 @@ pub fn revert(ctx: &mut Ctx, no_reboot: bool) -> Result<()> {
     ctx.out.report(&report, |r| {
         format!("default image is now {} (was running {})", r.to, r.from)
     })?;
+    let step = Step {
+        outcome: Outcome::Reverted,
+        from: Some(booted),
+        to: Some(target.clone()),
+        failed_check: None,
+        started,
+    };
+    report::report(ctx, step);
     if report.reboot {
         ctx.reboot(&target)?;
     }

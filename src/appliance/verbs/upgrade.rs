@@ -11,9 +11,12 @@ use crate::appliance::grub;
 use crate::appliance::images;
 use crate::appliance::intent;
 use crate::appliance::migrate;
+use crate::appliance::report::{self, Step};
 use crate::appliance::state::{ImageState, State};
+use crate::core::report::Outcome;
 use crate::core::version::Version;
 use crate::error::{refused, Error};
+use crate::sys::clock::now;
 use crate::sys::loopmount::ImageMount;
 
 #[derive(Serialize)]
@@ -35,6 +38,7 @@ pub fn upgrade(
     no_reboot: bool,
 ) -> Result<()> {
     let start = Instant::now();
+    let started = now();
     let (_lock, mut state, _) = intent::lock(ctx)?;
     let booted = ctx.booted_version()?;
     let ready = |s: &State, v: &Version| {
@@ -90,6 +94,14 @@ pub fn upgrade(
         seconds: start.elapsed().as_secs_f64(),
     };
     ctx.out.report(&report, render_upgrade)?;
+    let step = Step {
+        outcome: Outcome::Upgraded,
+        from: Some(report.from.clone()),
+        to: Some(target.clone()),
+        failed_check: None,
+        started,
+    };
+    report::report(ctx, step);
     if !no_reboot {
         ctx.reboot(&target)?;
     }

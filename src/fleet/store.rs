@@ -1,0 +1,486 @@
+//! The fleet database, the only module that speaks SQL: enrolled boxes, their reports and each
+//! release's rollout state, in one SQLite file (`<store>/fleet.db`).
+//!
+//! Durability: WAL with `synchronous=FULL`, so a report is on disk (its WAL frame fsync'd)
+//! before `insert_report` returns, and the server acknowledges it only after that; a kill -9
+//! or a power cut loses no acknowledged report. The schema grows by numbered migrations
+//! (`PRAGMA user_version`). Moving to PostgreSQL (see `docs/fleet.md`) replaces this file.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::core::report::{Outcome, Report};
+use crate::fleet::rollout::{Counts, Policy, Progress};
+
+/// The schema, one migration per entry; entry `i` takes `user_version` from `i` to `i + 1`.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE boxes (
+    box_id     TEXT PRIMARY KEY,
+    public_key TEXT NOT NULL UNIQUE,
+    grp        TEXT NOT NULL,
+    enrolled   INTEGER NOT NULL
+);
+CREATE TABLE reports (
+    box_id         TEXT NOT NULL REFERENCES boxes(box_id),
+    id             TEXT NOT NULL,
+    grp            TEXT NOT NULL,
+    reported_group TEXT NOT NULL,
+    from_version   TEXT,
+    to_version     TEXT,
+    outcome        TEXT NOT NULL,
+    failed_check   TEXT,
+    boot_report    TEXT,
+    started        INTEGER NOT NULL,
+    seconds        REAL NOT NULL,
+    sent           INTEGER NOT NULL,
+    received       INTEGER NOT NULL,
+    PRIMARY KEY (box_id, id)
+);
+CREATE INDEX reports_by_release ON reports (to_version, outcome, received);
+CREATE TABLE rollouts (
+    version        TEXT PRIMARY KEY,
+    policy         TEXT NOT NULL,
+    stage          INTEGER NOT NULL,
+    since          INTEGER NOT NULL,
+    failures_since INTEGER NOT NULL,
+    paused         TEXT,
+    withdrawn      INTEGER NOT NULL,
+    updated        INTEGER NOT NULL
+);
+"#];
+
+/// An enrolled box as the server knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Enrolled {
+    pub box_id: String,
+    pub public_key: String,
+    pub group: String,
+}
+
+/// A release's rollout: its plan and where it stands.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rollout {
+    pub version: String,
+    pub policy: Policy,
+    pub progress: Progress,
+}
+
+/// The open fleet database.
+pub struct Db {
+    conn: Connection,
+}
+
+fn outcomes(pred: fn(Outcome) -> bool) -> String {
+    let names: Vec<String> = Outcome::ALL
+        .into_iter()
+        .filter(|o| pred(*o))
+        .map(|o| format!("'{}'", o.as_str()))
+        .collect();
+    names.join(",")
+}
+
+/// The database's file name in the server's store directory.
+pub const FILE: &str = "fleet.db";
+
+impl Db {
+    /// Opens (creating) the database of the server's store directory `store`.
+    pub fn open_in(store: &Path) -> Result<Db> {
+        std::fs::create_dir_all(store)
+            .with_context(|| format!("creating store {}", store.display()))?;
+        Db::open(&store.join(FILE))
+    }
+
+    /// Opens (creating) the database at `path` and brings its schema up to date.
+    pub fn open(path: &Path) -> Result<Db> {
+        let conn = Connection::open(path)
+            .with_context(|| format!("opening fleet database {}", path.display()))?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
+        anyhow::ensure!(
+            mode == "wal",
+            "{}: journal mode {mode}, not wal",
+            path.display()
+        );
+        conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;")?;
+        let mut db = Db { conn };
+        db.migrate()
+            .with_context(|| format!("migrating fleet database {}", path.display()))?;
+        Ok(db)
+    }
+
+    /// The schema version this database is at.
+    pub fn schema_version(&self) -> Result<usize> {
+        let v: i64 = self
+            .conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        Ok(usize::try_from(v).unwrap_or(usize::MAX))
+    }
+
+    fn migrate(&mut self) -> Result<()> {
+        let at = self.schema_version()?;
+        anyhow::ensure!(
+            at <= MIGRATIONS.len(),
+            "schema version {at} is newer than this upgradectl knows ({})",
+            MIGRATIONS.len()
+        );
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(at) {
+            let tx = self.conn.transaction()?;
+            tx.execute_batch(sql)?;
+            tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+            tx.commit()?;
+        }
+        Ok(())
+    }
+
+    /// Enrolls a box, or replaces its key and group if it was enrolled before.
+    pub fn enroll(&self, b: &Enrolled, now: u64) -> Result<()> {
+        Db::enroll_in(&self.conn, b, now)
+    }
+
+    fn enroll_in(conn: &Connection, b: &Enrolled, now: u64) -> Result<()> {
+        conn.execute(
+            "INSERT INTO boxes (box_id, public_key, grp, enrolled) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (box_id) DO UPDATE SET public_key = ?2, grp = ?3, enrolled = ?4",
+            params![b.box_id, b.public_key, b.group, now as i64],
+        )
+        .with_context(|| format!("enrolling {}", b.box_id))?;
+        Ok(())
+    }
+
+    /// Enrolls many boxes in one transaction (a factory batch): all or none.
+    pub fn enroll_all(&mut self, boxes: &[Enrolled], now: u64) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        for b in boxes {
+            Db::enroll_in(&tx, b, now)?;
+        }
+        tx.commit().context("committing the enrollments")
+    }
+
+    /// The enrolled box holding `public_key`, if any.
+    pub fn box_by_key(&self, public_key: &str) -> Result<Option<Enrolled>> {
+        let row = self
+            .conn
+            .query_row(
+                "SELECT box_id, public_key, grp FROM boxes WHERE public_key = ?1",
+                [public_key],
+                |r| {
+                    Ok(Enrolled {
+                        box_id: r.get(0)?,
+                        public_key: r.get(1)?,
+                        group: r.get(2)?,
+                    })
+                },
+            )
+            .optional()?;
+        Ok(row)
+    }
+
+    /// Stores a verified report from enrolled box `b`, received at `now`. Returns false if
+    /// this box already sent a report with this id (stored once, nothing changes).
+    pub fn insert_report(&self, b: &Enrolled, r: &Report, now: u64) -> Result<bool> {
+        let n = self
+            .conn
+            .execute(
+                "INSERT OR IGNORE INTO reports (box_id, id, grp, reported_group, from_version,
+                   to_version, outcome, failed_check, boot_report, started, seconds, sent,
+                   received)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                params![
+                    b.box_id,
+                    r.id,
+                    b.group,
+                    r.group,
+                    r.from.as_ref().map(|v| v.as_str()),
+                    r.to.as_ref().map(|v| v.as_str()),
+                    r.outcome.as_str(),
+                    r.failed_check,
+                    r.boot_report,
+                    r.started as i64,
+                    r.seconds,
+                    r.sent as i64,
+                    now as i64,
+                ],
+            )
+            .with_context(|| format!("storing report {} of {}", r.id, b.box_id))?;
+        Ok(n == 1)
+    }
+
+    /// How many reports are stored.
+    pub fn report_count(&self) -> Result<u64> {
+        let n: i64 = self
+            .conn
+            .query_row("SELECT COUNT(*) FROM reports", [], |r| r.get(0))?;
+        Ok(n as u64)
+    }
+
+    /// How many reports of each outcome are stored (all releases; for metrics).
+    pub fn report_totals(&self) -> Result<Vec<(Outcome, u64)>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT outcome, COUNT(*) FROM reports GROUP BY outcome")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (name, n) = row?;
+            if let Some(o) = Outcome::parse(&name) {
+                out.push((o, n as u64));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Whether box `box_id`'s report `id` is stored.
+    pub fn has_report(&self, box_id: &str, id: &str) -> Result<bool> {
+        let n: i64 = self.conn.query_row(
+            "SELECT COUNT(*) FROM reports WHERE box_id = ?1 AND id = ?2",
+            [box_id, id],
+            |r| r.get(0),
+        )?;
+        Ok(n > 0)
+    }
+
+    fn distinct_boxes(&self, version: &str, which: &str, since: u64) -> Result<u32> {
+        let sql = format!(
+            "SELECT COUNT(DISTINCT box_id) FROM reports
+             WHERE to_version = ?1 AND outcome IN ({which}) AND received >= ?2"
+        );
+        let n: i64 = self
+            .conn
+            .query_row(&sql, params![version, since as i64], |r| r.get(0))?;
+        Ok(n as u32)
+    }
+
+    /// The report counts `rollout::step` decides from, for `version` at `p`.
+    pub fn counts(&self, version: &str, p: &Progress) -> Result<Counts> {
+        let ok = outcomes(Outcome::is_success);
+        let bad = outcomes(Outcome::is_failure);
+        Ok(Counts {
+            stage_successes: self.distinct_boxes(version, &ok, p.since)?,
+            successes: self.distinct_boxes(version, &ok, p.failures_since)?,
+            failures: self.distinct_boxes(version, &bad, p.failures_since)?,
+        })
+    }
+
+    /// Number of distinct boxes per outcome for `version` (all time).
+    pub fn outcome_counts(&self, version: &str) -> Result<Vec<(Outcome, u32)>> {
+        Outcome::ALL
+            .into_iter()
+            .map(|o| {
+                let which = format!("'{}'", o.as_str());
+                Ok((o, self.distinct_boxes(version, &which, 0)?))
+            })
+            .collect()
+    }
+
+    /// `version`'s rollout, if it has one.
+    pub fn rollout(&self, version: &str) -> Result<Option<Rollout>> {
+        Ok(self.rollouts_where("WHERE version = ?1", [version])?.pop())
+    }
+
+    /// Every rollout.
+    pub fn rollouts(&self) -> Result<Vec<Rollout>> {
+        self.rollouts_where("", [])
+    }
+
+    fn rollouts_where<P: rusqlite::Params>(&self, filter: &str, p: P) -> Result<Vec<Rollout>> {
+        let sql = format!(
+            "SELECT version, policy, stage, since, failures_since, paused, withdrawn
+             FROM rollouts {filter} ORDER BY version"
+        );
+        let mut stmt = self.conn.prepare(&sql)?;
+        let rows = stmt.query_map(p, |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                Progress {
+                    stage: r.get::<_, i64>(2)? as usize,
+                    since: r.get::<_, i64>(3)? as u64,
+                    failures_since: r.get::<_, i64>(4)? as u64,
+                    paused: r.get(5)?,
+                    withdrawn: r.get(6)?,
+                },
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (version, policy, progress) = row?;
+            let policy = serde_json::from_str(&policy)
+                .with_context(|| format!("rollout policy of {version}"))?;
+            out.push(Rollout {
+                version,
+                policy,
+                progress,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Writes `r` (a new rollout, or a changed one).
+    pub fn save_rollout(&self, r: &Rollout, now: u64) -> Result<()> {
+        let p = &r.progress;
+        self.conn
+            .execute(
+                "INSERT INTO rollouts (version, policy, stage, since, failures_since, paused,
+                   withdrawn, updated)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                 ON CONFLICT (version) DO UPDATE SET policy = ?2, stage = ?3, since = ?4,
+                   failures_since = ?5, paused = ?6, withdrawn = ?7, updated = ?8",
+                params![
+                    r.version,
+                    serde_json::to_string(&r.policy)?,
+                    p.stage as i64,
+                    p.since as i64,
+                    p.failures_since as i64,
+                    p.paused,
+                    p.withdrawn,
+                    now as i64,
+                ],
+            )
+            .with_context(|| format!("saving the rollout of {}", r.version))?;
+        Ok(())
+    }
+
+    /// Writes `r`'s progress only if the stored one is still `before` (another process, the
+    /// operator's `release`, may have changed it meanwhile: theirs wins).
+    pub fn advance(&self, r: &Rollout, before: &Progress, now: u64) -> Result<bool> {
+        let (p, b) = (&r.progress, before);
+        let n = self.conn.execute(
+            "UPDATE rollouts SET stage = ?2, since = ?3, failures_since = ?4, paused = ?5,
+               updated = ?6
+             WHERE version = ?1 AND stage = ?7 AND since = ?8 AND failures_since = ?9
+               AND paused IS ?10 AND withdrawn = ?11",
+            params![
+                r.version,
+                p.stage as i64,
+                p.since as i64,
+                p.failures_since as i64,
+                p.paused,
+                now as i64,
+                b.stage as i64,
+                b.since as i64,
+                b.failures_since as i64,
+                b.paused,
+                b.withdrawn,
+            ],
+        )?;
+        Ok(n == 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::report::testdata::report;
+
+    fn enrolled(id: &str) -> Enrolled {
+        Enrolled {
+            box_id: id.into(),
+            public_key: format!("ed25519:{id}"),
+            group: "zone-a".into(),
+        }
+    }
+
+    fn db() -> (tempfile::TempDir, Db) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("fleet.db")).unwrap();
+        (dir, db)
+    }
+
+    #[test]
+    fn opens_in_wal_with_full_sync_and_migrates_once() {
+        let (dir, db) = db();
+        assert_eq!(db.schema_version().unwrap(), MIGRATIONS.len());
+        let sync: i64 = db
+            .conn
+            .query_row("PRAGMA synchronous", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(sync, 2, "FULL");
+        db.enroll(&enrolled("b1"), 1).unwrap();
+        drop(db);
+        let again = Db::open(&dir.path().join("fleet.db")).unwrap();
+        assert!(again.box_by_key("ed25519:b1").unwrap().is_some(), "kept");
+        again.conn.pragma_update(None, "user_version", 99).unwrap();
+        drop(again);
+        let err = Db::open(&dir.path().join("fleet.db")).err().unwrap();
+        assert!(format!("{err:#}").contains("newer"), "{err:#}");
+    }
+
+    #[test]
+    fn enrolling_again_replaces_the_key_and_a_key_belongs_to_one_box() {
+        let (_dir, db) = db();
+        db.enroll(&enrolled("b1"), 1).unwrap();
+        let mut moved = enrolled("b1");
+        moved.public_key = "ed25519:new".into();
+        db.enroll(&moved, 2).unwrap();
+        assert!(db.box_by_key("ed25519:b1").unwrap().is_none());
+        assert_eq!(db.box_by_key("ed25519:new").unwrap().unwrap(), moved);
+        let mut thief = enrolled("b2");
+        thief.public_key = "ed25519:new".into();
+        assert!(db.enroll(&thief, 3).is_err());
+    }
+
+    #[test]
+    fn reports_are_stored_once_and_counted_per_distinct_box() {
+        let (_dir, db) = db();
+        let (b1, b2) = (enrolled("b1"), enrolled("b2"));
+        db.enroll(&b1, 0).unwrap();
+        db.enroll(&b2, 0).unwrap();
+        let r = report("b1", "2.0", Outcome::Fallback, 100);
+        assert!(db.insert_report(&b1, &r, 100).unwrap());
+        assert!(!db.insert_report(&b1, &r, 101).unwrap(), "a resend");
+        let again = report("b1", "2.0", Outcome::Failed, 102);
+        assert!(db.insert_report(&b1, &again, 102).unwrap());
+        for (o, at) in [(Outcome::Confirmed, 150), (Outcome::Upgraded, 150)] {
+            db.insert_report(&b2, &report("b2", "2.0", o, at), at)
+                .unwrap();
+        }
+        db.insert_report(&b2, &report("b2", "3.0", Outcome::Failed, 160), 160)
+            .unwrap();
+        assert_eq!(db.report_count().unwrap(), 5);
+        let totals = db.report_totals().unwrap();
+        assert!(totals.contains(&(Outcome::Failed, 2)) && totals.contains(&(Outcome::Fallback, 1)));
+        assert!(db.has_report("b1", &r.id).unwrap());
+        assert!(!db.has_report("b2", &r.id).unwrap());
+        let p = Progress::start(0);
+        let c = db.counts("2.0", &p).unwrap();
+        assert_eq!((c.stage_successes, c.successes, c.failures), (1, 1, 1));
+        let later = Progress {
+            since: 151,
+            failures_since: 101,
+            ..p
+        };
+        let c = db.counts("2.0", &later).unwrap();
+        assert_eq!((c.stage_successes, c.successes, c.failures), (0, 1, 1));
+        let by = db.outcome_counts("2.0").unwrap();
+        assert!(by.contains(&(Outcome::Fallback, 1)) && by.contains(&(Outcome::Upgraded, 1)));
+        let unknown = enrolled("b3");
+        assert!(db.insert_report(&unknown, &r, 1).is_err(), "not enrolled");
+    }
+
+    #[test]
+    fn rollouts_round_trip_and_advance_only_from_what_was_read() {
+        let (_dir, db) = db();
+        let mut r = Rollout {
+            version: "2.0".into(),
+            policy: Policy::default(),
+            progress: Progress::start(10),
+        };
+        db.save_rollout(&r, 10).unwrap();
+        assert_eq!(db.rollout("2.0").unwrap().unwrap(), r);
+        let before = r.progress.clone();
+        r.progress.stage = 1;
+        assert!(db.advance(&r, &before, 20).unwrap());
+        let mut stale = r.clone();
+        stale.progress.paused = Some("x".into());
+        assert!(
+            !db.advance(&stale, &before, 30).unwrap(),
+            "changed meanwhile"
+        );
+        assert_eq!(db.rollout("2.0").unwrap().unwrap().progress.stage, 1);
+        assert_eq!(db.rollouts().unwrap().len(), 1);
+        assert!(db.rollout("9.0").unwrap().is_none());
+    }
+}

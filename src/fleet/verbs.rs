@@ -1,0 +1,79 @@
+//! The fleet verbs of the server's operator: `fleet enroll` (a box's identity, at the
+//! factory) and `fleet status` (each wave rollout).
+
+use anyhow::{Context, Result};
+use serde::Deserialize;
+
+use crate::cli::{EnrollArgs, FleetCommand};
+use crate::core::report::check_label;
+use crate::core::sign::{parse_public_key, public_key_string};
+use crate::error::refused;
+use crate::fleet::store::{Db, Enrolled};
+use crate::fleet::view;
+use crate::output::Output;
+use crate::sys::clock::now;
+
+pub fn fleet(cmd: FleetCommand, out: Output) -> Result<()> {
+    match cmd {
+        FleetCommand::Enroll(a) => enroll(a, out),
+        FleetCommand::Status(a) => {
+            let db = Db::open_in(&a.store)?;
+            let views = (db.rollouts()?.iter())
+                .map(|r| view::view(&db, r))
+                .collect::<Result<Vec<_>>>()?;
+            status(&views, out)
+        }
+    }
+}
+
+fn status(views: &[view::RolloutView], mut out: Output) -> Result<()> {
+    out.report(&serde_json::json!({ "rollouts": views }), |_| {
+        let lines: Vec<String> = views.iter().map(view::line).collect();
+        if lines.is_empty() {
+            "no wave rollouts".into()
+        } else {
+            lines.join("\n")
+        }
+    })
+}
+
+/// What `upgradectl --json identity` prints on the box.
+#[derive(Debug, Deserialize)]
+struct IdentityFile {
+    box_id: String,
+    public_key: String,
+    #[serde(default)]
+    group: Option<String>,
+}
+
+fn enroll(a: EnrollArgs, mut out: Output) -> Result<()> {
+    let (box_id, key, group) = match &a.identity {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let id: IdentityFile = serde_json::from_str(text.trim())
+                .map_err(|e| refused(format!("{}: {e}", path.display())))?;
+            (id.box_id, id.public_key, a.group.clone().or(id.group))
+        }
+        None => (
+            a.box_id.clone().unwrap_or_default(),
+            a.public_key.clone().unwrap_or_default(),
+            a.group.clone(),
+        ),
+    };
+    let public_key =
+        public_key_string(&parse_public_key(&key).map_err(|e| refused(format!("{e:#}")))?);
+    let group = group.unwrap_or_default();
+    check_label("box id", &box_id, false)?;
+    check_label("group", &group, true)?;
+    let b = Enrolled {
+        box_id,
+        public_key,
+        group,
+    };
+    Db::open_in(&a.store.store)?.enroll(&b, now())?;
+    out.report(
+        &serde_json::json!({"box_id": b.box_id, "public_key": b.public_key, "group": b.group}),
+        |_| format!("enrolled {} (group {:?})", b.box_id, b.group),
+    )
+}
