@@ -437,17 +437,20 @@ scenario_hang() {
   assert_eq "$(status_field "s['default']")" "$default" "default after the deadline" || return 1
 }
 
-# The default image breaks on disk (random bytes over its start): its initramfs redirects to the
-# previous image's own entry, and confirm demotes the default there: the box converges on a good
-# image by itself. The last scenario: it leaves the box without its default.
+# The default image breaks on disk (random bytes over its start, then a power cut): its initramfs
+# redirects to the previous image's own entry, and confirm demotes the default there: the box
+# converges on a good image by itself. The last scenario: it leaves the box without its default.
 scenario_demote() {
   ensure_box || return 1
   local default previous
   default=$(status_field "s['default']")
   previous=$(status_field "s['previous']")
   [ -n "$previous" ] && [ "$previous" != None ] || { log "no previous image to fall back to"; return 1; }
+  # The default is the running root: break it on disk and cut the power (it cannot shut down
+  # cleanly any more).
   vm_run "dd if=/dev/urandom of=/host/images/$default.img bs=1M count=64 conv=notrunc status=none && sync" || return 1
-  vm_reboot
+  vm_kill
+  boot_box
   vm_wait "upgradectl: rebooting into /images/$previous.img with its own kernel" 900 || return 1
   expect_boot "$previous" || return 1
   vm_ssh "cat /proc/cmdline" | grep -q "upgradectl.image=/images/$previous.img " || { log "not the previous image's own entry"; return 1; }
