@@ -330,14 +330,32 @@ assert_prepare_invariants() {
   done
 }
 
+# prepare_on_a_full_disk VERSION : with the host partition full but for 64 MiB (more than any
+# removable image frees), prepare exits 6 (no space) before writing anything: no download, no
+# partial image, no leftovers, nothing removed; with the space back, the box is as before.
+prepare_on_a_full_disk() {
+  local rc=0 before after
+  before=$(vm_ssh "ls /host/images /host/var/lib/upgradectl/downloads 2>/dev/null | sort | tr '\n' ' '")
+  vm_run "fallocate -l \$(( \$(df --output=avail -B1 /host | tail -n1) - 64 * 1048576 )) /host/filler" || return 1
+  vm_ssh "upgradectl --wait prepare --version $1 --json" >/tmp/full.json 2>&1 || rc=$?
+  vm_run "rm -f /host/filler" || return 1
+  assert_eq "$rc" 6 "prepare's exit code on a full host partition" || { tail -n 3 /tmp/full.json; return 1; }
+  after=$(vm_ssh "ls /host/images /host/var/lib/upgradectl/downloads 2>/dev/null | sort | tr '\n' ' '")
+  assert_eq "$after" "$before" "the host partition after a prepare that did not fit" || return 1
+  assert_eq "$(status_field "len(s['leftovers'])")" 0 "leftovers after a prepare that did not fit" || return 1
+}
+
 # Prepare killed (SIGKILL) and failed (an error) at each of its fail points: after each, the
 # invariants hold; each rerun gets past the point the run before stopped at (the next point is
 # reached), and a plain rerun completes. The error chain prepares 5.0, the kill chain 6.0.
+# First, a prepare that does not fit on the host partition.
 scenario_prepfaults() {
   ensure_box || return 1
+  provision_delivery || return 1
   install_failpoints_binary || return 1
   publish 5.0 || return 1
   make_release 6.0 good || return 1
+  prepare_on_a_full_disk 5.0 || return 1
   local v fault point rc cases=0
   local points=(prepare::planned prepare::downloaded prepare::received prepare::exported prepare::renamed)
   for v in 5.0 6.0; do
