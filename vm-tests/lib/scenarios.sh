@@ -330,11 +330,13 @@ assert_prepare_invariants() {
   done
 }
 
-# prepare_on_a_full_disk VERSION : with the host partition full but for 64 MiB (more than any
-# removable image frees), prepare exits 6 (no space) before writing anything: no download, no
+# prepare_on_a_full_disk VERSION : with no removable image left (cleanup) and the host
+# partition full but for 64 MiB, prepare exits 6 (no space) before writing anything: no download, no
 # partial image, no leftovers, nothing removed; with the space back, the box is as before.
 prepare_on_a_full_disk() {
   local rc=0 before after
+  # Nothing removable left: prepare cannot make room by removing images.
+  vm_ssh "upgradectl cleanup >/dev/null" || true
   before=$(vm_ssh "ls /host/images /host/var/lib/upgradectl/downloads 2>/dev/null | sort | tr '\n' ' '")
   vm_run "fallocate -l \$(( \$(df --output=avail -B1 /host | tail -n1) - 64 * 1048576 )) /host/filler" || return 1
   vm_ssh "upgradectl --wait prepare --version $1 --json" >/tmp/full.json 2>&1 || rc=$?
