@@ -37,16 +37,17 @@ vm_alive() { [ -n "$VM_PID" ] && kill -0 "$VM_PID" 2>/dev/null; }
 vm_mark() { VM_OFFSET=$(stat -c %s "$VM_LOG"); }
 
 # vm_wait REGEX TIMEOUT : waits for a console line matching REGEX (after the mark); prints it
-# and moves the mark past it.
+# (without its carriage return) and moves the mark past it. Offsets are bytes of the log as it
+# is: computed on a copy without carriage returns, the mark fell short of the line and the next
+# wait found the same line again.
 vm_wait() {
-  local re=$1 timeout=$2 deadline=$((SECONDS + $2)) line
+  local re=$1 timeout=$2 deadline=$((SECONDS + $2)) hit line
   while [ "$SECONDS" -lt "$deadline" ]; do
-    line=$(tail -c +"$((VM_OFFSET + 1))" "$VM_LOG" | tr -d '\r' | grep -a -m1 -E "$re" || true)
-    if [ -n "$line" ]; then
-      local pos
-      pos=$(grep -a -b -m1 -F -- "$line" <(tail -c +"$((VM_OFFSET + 1))" "$VM_LOG" | tr -d '\r') | cut -d: -f1)
-      VM_OFFSET=$((VM_OFFSET + ${pos:-0} + ${#line}))
-      echo "$line"
+    hit=$(tail -c +"$((VM_OFFSET + 1))" "$VM_LOG" | LC_ALL=C grep -a -b -m1 -E "$re" || true)
+    if [ -n "$hit" ]; then
+      line=${hit#*:}
+      VM_OFFSET=$((VM_OFFSET + ${hit%%:*} + $(printf '%s\n' "$line" | LC_ALL=C wc -c)))
+      printf '%s\n' "$line" | tr -d '\r'
       return 0
     fi
     vm_alive || { log "guest died while waiting for /$re/"; return 1; }
