@@ -466,9 +466,9 @@ scenario_demote() {
   default=$(status_field "s['default']")
   previous=$(status_field "s['previous']")
   [ -n "$previous" ] && [ "$previous" != None ] || { log "no previous image to fall back to"; return 1; }
-  # The default is the running root: break it on disk and cut the power (it cannot shut down
-  # cleanly any more).
-  vm_run "dd if=/dev/urandom of=/host/images/$default.img bs=1M count=64 conv=notrunc status=none && sync" || return 1
+  # The default is the running root: break it on disk (dd makes it durable itself: nothing can
+  # be run from the broken root after it) and cut the power (no clean shutdown is possible).
+  vm_ssh "dd if=/dev/urandom of=/host/images/$default.img bs=1M count=64 conv=notrunc,fsync status=none" || true
   vm_kill
   boot_box
   vm_wait "upgradectl: rebooting into /images/$previous.img with its own kernel" 900 || return 1
