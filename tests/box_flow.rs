@@ -865,3 +865,29 @@ fn a_default_that_never_confirms_is_given_up_after_three_boots() {
     assert_eq!(h.grub_reboot(), "upgradectl-1.0");
     h.assert_consistent("giving up on a default");
 }
+
+/// A default whose entry fails inside GRUB (its image unreadable: GRUB finds no kernel) falls
+/// back to the previous image at every boot; confirm there keeps the count going, and after the
+/// last counted boot (3) confirm demotes the default.
+#[test]
+fn a_default_grub_cannot_boot_is_given_up_though_its_fallback_confirms() {
+    let h = HostRoot::with_prepared("2.0");
+    h.run(&["upgrade", "--no-reboot"]).expect(0);
+    h.grub_reboot();
+    h.run(&["confirm", "--no-reboot"]).expect(0);
+    for n in 1..=2 {
+        // GRUB counts the default's boot, the entry fails, GRUB's fallback boots 1.0.
+        assert_eq!(h.grub_reboot(), "upgradectl-2.0");
+        h.boot("1.0");
+        h.run(&["confirm", "--no-reboot"]).expect(3);
+        assert_eq!(h.grubenv()["upgradectl_boots"], n.to_string());
+    }
+    // The third counted boot fails the same way: confirm on the fallback gives up on 2.0.
+    assert_eq!(h.grub_reboot(), "upgradectl-2.0");
+    h.boot("1.0");
+    let r = h.run(&["confirm", "--no-reboot"]).expect(1);
+    assert_eq!(r.lines[0]["outcome"], "default-demoted", "{}", r.stdout);
+    assert_eq!(h.state()["default"], "1.0");
+    assert!(!h.grubenv().contains_key("upgradectl_boots"));
+    h.assert_consistent("giving up on a default GRUB cannot boot");
+}

@@ -233,15 +233,31 @@ pub fn render_entries(menu: &Menu) -> String {
         if let Some(uuid) = &menu.host_uuid {
             let _ = writeln!(s, "  search --no-floppy --fs-uuid --set=root {uuid}");
         }
-        let _ = writeln!(s, "  loopback loop {img}");
-        s.push_str(concat!(
-            "  if [ -f (loop)/vmlinuz ]; then set uk=/vmlinuz; set ui=/initrd.img;\n",
-            "  else set uk=/boot/vmlinuz; set ui=/boot/initrd.img; fi\n",
-        ));
-        let _ = writeln!(s, "  linux (loop)$uk {cmdline}");
-        s.push_str("  initrd (loop)$ui\n}\n");
+        // A loop device of its own per entry: when an entry fails inside GRUB (its image
+        // unreadable), the fallback entry's `loopback` of a shared name fails ("device name
+        // already exists") and reads the failed image again: both fail, and GRUB loops.
+        let dev = loop_device_name(v);
+        let _ = writeln!(s, "  loopback {dev} {img}");
+        let _ = writeln!(
+            s,
+            "  if [ -f ({dev})/vmlinuz ]; then set uk=/vmlinuz; set ui=/initrd.img;"
+        );
+        s.push_str("  else set uk=/boot/vmlinuz; set ui=/boot/initrd.img; fi\n");
+        let _ = writeln!(s, "  linux ({dev})$uk {cmdline}");
+        let _ = writeln!(s, "  initrd ({dev})$ui\n}}");
     }
     s
+}
+
+/// The GRUB loop device an entry reads its image through: `img_` and the version, characters
+/// other than ASCII letters and digits as `_` (GRUB device names end at `,` and `)`).
+fn loop_device_name(v: &Version) -> String {
+    let name: String = v
+        .to_string()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    format!("img_{name}")
 }
 
 /// Writes grub.cfg atomically, where GRUB can read it (journal checkpointed).
@@ -491,6 +507,23 @@ mod tests {
         m.previous = None;
         assert!(!render_config(&m).contains("upgradectl_boots"));
         assert!(!render_mkconfig_fragment(&m).contains("upgradectl_boots"));
+    }
+
+    /// Each entry reads its image through a loop device of its own: a fallback after an entry
+    /// that failed inside GRUB must not find the name taken (GRUB: "device name already
+    /// exists") and read the failed image again.
+    #[test]
+    fn each_entry_has_its_own_loop_device() {
+        let cfg = render_config(&menu());
+        for (v, dev) in [("10.0", "img_10_0"), ("9.0", "img_9_0"), ("2.0", "img_2_0")] {
+            assert!(
+                cfg.contains(&format!("  loopback {dev} /images/{v}.img\n")),
+                "{cfg}"
+            );
+            assert!(cfg.contains(&format!("  linux ({dev})$uk ")), "{cfg}");
+            assert!(cfg.contains(&format!("  initrd ({dev})$ui\n")), "{cfg}");
+        }
+        assert!(!cfg.contains("(loop)"), "{cfg}");
     }
 
     #[test]

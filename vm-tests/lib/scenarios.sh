@@ -324,7 +324,7 @@ assert_prepare_invariants() {
   vm_ssh "findmnt -rn -o TARGET | grep -q '^/tmp\|upgradectl'" && { log "$1: a mount leaked"; return 1; }
   vm_ssh "grub-script-check /host/boot/grub/grub.cfg" || { log "$1: grub.cfg is invalid"; return 1; }
   local listed
-  for listed in $(vm_ssh "sed -n 's|^  loopback loop /images/\(.*\)\.img$|\1|p' /host/boot/grub/grub.cfg"); do
+  for listed in $(vm_ssh "sed -n 's|^  loopback [^ ]* /images/\(.*\)\.img$|\1|p' /host/boot/grub/grub.cfg"); do
     [ "$(status_field "next((i['state'] for i in s['images'] if i['version'] == '$listed'), 'none')")" != none ] \
       || { log "$1: grub.cfg names $listed, which is not registered"; return 1; }
   done
@@ -469,12 +469,15 @@ scenario_hang() {
   assert_eq "$(status_field "s['default']")" "$default" "default after the deadline" || return 1
 }
 
-# The default image breaks on disk (random bytes over its start, then a power cut): its initramfs
-# redirects to the previous image's own entry, and confirm demotes the default there: the box
-# converges on a good image by itself. The last scenario: it leaves the box without its default.
+# The default image breaks on disk (random bytes over its start, then a power cut). GRUB cannot
+# read it (no kernel): each boot GRUB counts the default's attempt and falls back to the previous
+# image's own entry (a loop device of its own per entry: with a shared one the fallback failed
+# too, and GRUB looped forever); confirm there keeps the count, and at the third it demotes the
+# default: the box converges on a good image by itself. The last scenario: it leaves the box
+# without its default.
 scenario_demote() {
   ensure_box || return 1
-  local default previous
+  local default previous n
   default=$(status_field "s['default']")
   previous=$(status_field "s['previous']")
   [ -n "$previous" ] && [ "$previous" != None ] || { log "no previous image to fall back to"; return 1; }
@@ -483,11 +486,13 @@ scenario_demote() {
   vm_ssh "dd if=/dev/urandom of=/host/images/$default.img bs=1M count=64 conv=notrunc,fsync status=none" || true
   vm_kill
   boot_box
-  vm_wait "upgradectl: rebooting into /images/$previous.img with its own kernel" 900 || return 1
-  expect_boot "$previous" || return 1
-  vm_ssh "cat /proc/cmdline" | grep -q "upgradectl.image=/images/$previous.img " || { log "not the previous image's own entry"; return 1; }
-  assert_eq "$(status_field "s['last_boot']['requested']")" "/images/$default.img" "the failed image" || return 1
-  assert_eq "$(status_field "s['default']")" "$previous" "default after the demotion" || return 1
+  for n in 1 2 3; do
+    [ "$n" = 1 ] || vm_reboot
+    vm_wait "Falling back to .Image $previous" 900 || return 1
+    expect_boot "$previous" || return 1
+    log "boot $n: GRUB fell back from $default to $previous"
+  done
+  assert_eq "$(status_field "s['default']")" "$previous" "default after three boots GRUB could not make of $default" || return 1
   assert_eq "$(status_field "[i['state'] for i in s['images'] if i['version'] == '$default'][0]")" bad "state of the broken default" || return 1
   vm_run "upgradectl status"
 }

@@ -179,12 +179,15 @@ pub fn confirm(ctx: &mut Ctx, no_reboot: bool, deadline: bool) -> Result<()> {
         grub::update_env(&ctx.layout.grubenv(), &[(grub::ATTEMPTED, None)])?;
         crate::fail_point!("confirm::env-written");
     }
-    // This boot came up: the count of unconfirmed boots starts again. GRUB clears a redirect
-    // when it boots it; one still set means it could not (its environment is not writable
-    // here), and every boot would go the same way.
+    // The default came up: its count of unconfirmed boots starts again. Another image came up
+    // instead (GRUB fell back from the default, which failed inside GRUB): the count goes on,
+    // so that GRUB gives up on the default after the last counted boot and this confirm there
+    // demotes it. GRUB clears a redirect when it boots it; one still set means it could not
+    // (its environment is not writable here), and every boot would go the same way.
+    let default_came_up = state.default.as_ref() == Some(&booted);
     let stale: Vec<(&str, Option<&str>)> = [grub::BOOTS, grub::REDIRECT]
         .into_iter()
-        .filter(|k| env.contains_key(*k))
+        .filter(|k| env.contains_key(*k) && (*k != grub::BOOTS || default_came_up))
         .map(|k| (k, None))
         .collect();
     if !stale.is_empty() {
