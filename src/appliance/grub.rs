@@ -64,6 +64,16 @@ impl Menu {
         .filter(|f| self.images.contains(f))
     }
 
+    /// The default, when it is in the menu.
+    fn live_default(&self) -> Option<&Version> {
+        self.default.as_ref().filter(|d| self.images.contains(d))
+    }
+
+    /// The previous image, when it is in the menu.
+    fn live_previous(&self) -> Option<&Version> {
+        self.previous.as_ref().filter(|p| self.images.contains(p))
+    }
+
     /// What `set fallback=` names `v` by: its entry's position in the menu. GRUB's `fallback`,
     /// unlike `default`, takes only numbers (upstream GRUB 2.06 and 2.12 `normal/menu.c`:
     /// anything else unsets it, and a failed entry has nowhere to go); the Red Hat patch that
@@ -124,35 +134,28 @@ pub fn render_config(menu: &Menu) -> String {
 /// `set default=`, `set fallback=` (booting the default: the previous image) and the fallback
 /// chain of a trial (`  set fallback=` default, previous), each a line or empty.
 fn defaults(menu: &Menu) -> (String, String, String) {
-    let default = menu.default.as_ref().filter(|d| menu.images.contains(d));
-    let previous = menu.previous.as_ref().filter(|p| menu.images.contains(p));
-    let line = |indent: &str, var: &str, ids: &[&Version]| {
-        if ids.is_empty() {
+    let (default, previous) = (menu.live_default(), menu.live_previous());
+    let fallback = |indent: &str, chain: &[&Version]| {
+        if chain.is_empty() {
             return String::new();
         }
-        let ids: Vec<String> = ids
-            .iter()
-            .map(|v| match var {
-                "fallback" => menu.fallback_ref(v),
-                _ => v.grub_id(),
-            })
-            .collect();
-        format!("{indent}set {var}=\"{}\"\n", ids.join(" "))
+        let refs: Vec<String> = chain.iter().map(|v| menu.fallback_ref(v)).collect();
+        format!("{indent}set fallback=\"{}\"\n", refs.join(" "))
     };
     let chain: Vec<&Version> = default.iter().chain(previous.iter()).copied().collect();
     (
-        line("", "default", &default.into_iter().collect::<Vec<_>>()),
-        line("", "fallback", &previous.into_iter().collect::<Vec<_>>()),
-        line("  ", "fallback", &chain),
+        default.map_or_else(String::new, |d| {
+            format!("set default=\"{}\"\n", d.grub_id())
+        }),
+        fallback("", &previous.into_iter().collect::<Vec<_>>()),
+        fallback("  ", &chain),
     )
 }
 
 /// Boot counting of the default (indented, inside the branch that boots it): GRUB has no
 /// arithmetic, so the count is spelled out. Empty without a previous image to go to.
 fn boot_counting(menu: &Menu) -> String {
-    let default = menu.default.as_ref().filter(|d| menu.images.contains(d));
-    let previous = menu.previous.as_ref().filter(|p| menu.images.contains(p));
-    let (Some(default), Some(previous)) = (default, previous) else {
+    let (Some(default), Some(previous)) = (menu.live_default(), menu.live_previous()) else {
         return String::new();
     };
     let max = MAX_UNCONFIRMED_BOOTS;
