@@ -259,6 +259,16 @@ pub struct ServeArgs {
     /// Most connections served at once (also bounded by the open-files limit).
     #[arg(long, default_value_t = 10_000)]
     pub max_connections: usize,
+    /// FleetLock: how many boxes of a group may reboot at once (0: none).
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub reboot_slots: u32,
+    /// FleetLock: the reboot slots of one group, overriding --reboot-slots (repeatable).
+    #[arg(long, value_name = "GROUP=N", value_parser = crate::fleet::fleetlock::parse_group_slots)]
+    pub reboot_group_slots: Vec<(String, u32)>,
+    /// FleetLock: seconds a reboot slot stays held when the box never gives it back (it died).
+    #[arg(long, default_value_t = 3600, value_name = "SECS",
+          value_parser = clap::value_parser!(u64).range(60..=7 * 86400))]
+    pub reboot_lease: u64,
 }
 
 #[derive(Debug, Args)]

@@ -2,6 +2,7 @@
 //! versions, the protocol's documents and names (manifests, descriptors, box reports),
 //! signatures, hashing.
 
+pub mod fleetlock;
 pub mod hashing;
 pub mod manifest;
 pub mod plan;

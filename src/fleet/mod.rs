@@ -3,6 +3,7 @@
 //! touches the database; `rollout` is pure.
 
 pub mod control;
+pub mod fleetlock;
 pub mod intake;
 pub mod rollout;
 pub mod store;

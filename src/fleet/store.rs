@@ -1,5 +1,5 @@
 //! The fleet database, the only module that speaks SQL: enrolled boxes, their reports and each
-//! release's rollout state, in one SQLite file (`<store>/fleet.db`).
+//! release's rollout state, and the reboot slots of the FleetLock protocol, in one SQLite file (`<store>/fleet.db`).
 //!
 //! Durability: WAL with `synchronous=FULL`, so a report is on disk (its WAL frame fsync'd)
 //! before `insert_report` returns, and the server acknowledges it only after that; a kill -9
@@ -12,11 +12,14 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use rusqlite::{params, Connection, OptionalExtension};
 
+use crate::core::fleetlock::ClientParams;
 use crate::core::report::{Outcome, Report};
+use crate::fleet::fleetlock::{self, Holder, Take};
 use crate::fleet::rollout::{Counts, Policy, Progress};
 
 /// The schema, one migration per entry; entry `i` takes `user_version` from `i` to `i + 1`.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE boxes (
     box_id     TEXT PRIMARY KEY,
     public_key TEXT NOT NULL UNIQUE,
@@ -50,7 +53,17 @@ CREATE TABLE rollouts (
     withdrawn      INTEGER NOT NULL,
     updated        INTEGER NOT NULL
 );
-"#];
+"#,
+    r#"
+CREATE TABLE reboot_slots (
+    node     TEXT PRIMARY KEY,
+    grp      TEXT NOT NULL,
+    acquired INTEGER NOT NULL,
+    expires  INTEGER NOT NULL
+);
+CREATE INDEX reboot_slots_by_group ON reboot_slots (grp);
+"#,
+];
 
 /// An enrolled box as the server knows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,6 +93,15 @@ fn outcomes(pred: fn(Outcome) -> bool) -> String {
         .map(|o| format!("'{}'", o.as_str()))
         .collect();
     names.join(",")
+}
+
+/// A `reboot_slots` row selected as `node, grp, expires`.
+fn holder(r: &rusqlite::Row) -> rusqlite::Result<Holder> {
+    Ok(Holder {
+        node: r.get(0)?,
+        group: r.get(1)?,
+        expires: r.get::<_, i64>(2)? as u64,
+    })
 }
 
 /// The database's file name in the server's store directory.
@@ -176,6 +198,86 @@ impl Db {
             )
             .optional()?;
         Ok(row)
+    }
+
+    /// Whether any box is enrolled.
+    pub fn has_boxes(&self) -> Result<bool> {
+        let n: i64 = self
+            .conn
+            .query_row("SELECT EXISTS (SELECT 1 FROM boxes)", [], |r| r.get(0))?;
+        Ok(n == 1)
+    }
+
+    /// Whether box `box_id` is enrolled.
+    pub fn is_enrolled(&self, box_id: &str) -> Result<bool> {
+        let n: i64 = self.conn.query_row(
+            "SELECT EXISTS (SELECT 1 FROM boxes WHERE box_id = ?1)",
+            [box_id],
+            |r| r.get(0),
+        )?;
+        Ok(n == 1)
+    }
+
+    /// Takes (`fleetlock::decide`) one of `slots` reboot slots of `p.group` for `p.node_uuid`,
+    /// held until `expires`, in one immediate transaction: two servers or processes on one
+    /// file never hand out the same slot twice.
+    pub fn take_reboot_slot(
+        &self,
+        p: &ClientParams,
+        slots: u32,
+        expires: u64,
+        now: u64,
+    ) -> Result<Take> {
+        let tx = rusqlite::Transaction::new_unchecked(
+            &self.conn,
+            rusqlite::TransactionBehavior::Immediate,
+        )?;
+        let holders = {
+            let mut stmt = tx.prepare(
+                "SELECT node, grp, expires FROM reboot_slots WHERE grp = ?1 OR node = ?2
+                 ORDER BY acquired, node",
+            )?;
+            let rows = stmt.query_map([&p.group, &p.node_uuid], holder)?;
+            rows.collect::<rusqlite::Result<Vec<_>>>()?
+        };
+        let take = fleetlock::decide(&holders, p, slots, now);
+        match take {
+            Take::Renew => {
+                tx.execute(
+                    "UPDATE reboot_slots SET expires = ?2 WHERE node = ?1",
+                    params![p.node_uuid, expires as i64],
+                )?;
+            }
+            Take::Grant => {
+                tx.execute(
+                    "INSERT OR REPLACE INTO reboot_slots (node, grp, acquired, expires)
+                     VALUES (?1, ?2, ?3, ?4)",
+                    params![p.node_uuid, p.group, now as i64, expires as i64],
+                )?;
+            }
+            Take::Full(_) | Take::OtherGroup(_) => {}
+        }
+        tx.commit()
+            .with_context(|| format!("taking a reboot slot for {}", p.node_uuid))?;
+        Ok(take)
+    }
+
+    /// Gives back the reboot slot `node` holds; false if it held none.
+    pub fn release_reboot_slot(&self, node: &str) -> Result<bool> {
+        let n = self
+            .conn
+            .execute("DELETE FROM reboot_slots WHERE node = ?1", [node])
+            .with_context(|| format!("releasing the reboot slot of {node}"))?;
+        Ok(n == 1)
+    }
+
+    /// Every stored reboot slot (expired ones too), by group and age.
+    pub fn reboot_slots(&self) -> Result<Vec<Holder>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT node, grp, expires FROM reboot_slots ORDER BY grp, acquired, node")?;
+        let rows = stmt.query_map([], holder)?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
     }
 
     /// Stores a verified report from enrolled box `b`, received at `now`. Returns false if

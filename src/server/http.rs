@@ -6,6 +6,8 @@
 //!   30 s); a release under a wave rollout carries the percentage and pause the fleet database
 //!   decides now for the box's group (`fleet::control::apply`);
 //! - `POST /v1/reports`: a box's signed report (`server::reports`), with the fleet database;
+//! - `POST /v1/pre-reboot`, `POST /v1/steady-state`: the FleetLock reboot slots
+//!   (`server::fleetlock`), with the fleet database;
 //! - `GET /metrics`: Prometheus metrics (`server::metrics`);
 //! - `GET /v1/artifacts/{name}` (`full-V.xz`, `A-to-B.xz`): the artifact, immutable;
 //! - `GET /v1/artifacts/{name}.descriptor`: its signed descriptor, immutable;
@@ -35,6 +37,7 @@ use tower::ServiceExt;
 
 use super::artifacts::{Buildable, Store};
 use super::build;
+use super::fleetlock;
 use super::metrics::{self, Counters, Snapshot};
 use super::reports;
 use super::respond::{blocking, error, internal};
@@ -111,6 +114,8 @@ pub struct Tuning {
     pub idle_timeout: Duration,
     /// Most connections served at once (also bounded by the open-files limit).
     pub max_connections: usize,
+    /// Reboot slots per group and their lease (FleetLock, with the fleet database).
+    pub reboot_slots: crate::fleet::fleetlock::Slots,
 }
 
 impl Default for Tuning {
@@ -124,6 +129,7 @@ impl Default for Tuning {
             max_backoff: Duration::from_secs(3600),
             idle_timeout: Duration::from_secs(15),
             max_connections: 10_000,
+            reboot_slots: Default::default(),
         }
     }
 }
@@ -236,13 +242,16 @@ impl Server {
 /// The routes, over `server`.
 pub fn router(server: Arc<Server>) -> Router {
     let (fleet, counters) = (server.fleet.clone(), server.counters.clone());
+    let slots = server.tuning.reboot_slots.clone();
     let routes = Router::new()
         .route("/v1/channels/:channel/manifest", get(get_manifest))
         .route("/v1/artifacts/:name", get(get_artifact))
         .route("/metrics", get(get_metrics))
         .with_state(server);
     let routes = match fleet {
-        Some(db) => routes.merge(reports::router(db)),
+        Some(db) => routes
+            .merge(reports::router(db.clone()))
+            .merge(fleetlock::router(db, slots)),
         None => routes,
     };
     routes.layer(middleware::from_fn_with_state(counters, metrics::count))

@@ -10,6 +10,7 @@ use serde::Serialize;
 use crate::cli::{KeygenArgs, PublishArgs, ReleaseArgs, ServeArgs, WaveArgs};
 use crate::error::refused;
 use crate::fleet::control::{self, Command};
+use crate::fleet::fleetlock::Slots;
 use crate::fleet::rollout::Policy;
 use crate::fleet::store::Db;
 use crate::fleet::view::{self, RolloutView};
@@ -146,6 +147,11 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         max_builds: a.max_builds,
         idle_timeout: std::time::Duration::from_secs(a.idle_timeout),
         max_connections: a.max_connections,
+        reboot_slots: Slots {
+            default: a.reboot_slots,
+            groups: a.reboot_group_slots.into_iter().collect(),
+            lease_secs: a.reboot_lease,
+        },
         ..Tuning::default()
     };
     let fleet = Db::open_in(&a.store.store)?;
