@@ -4,9 +4,11 @@
 //! `synchronous=FULL`; the answer is sent only after the commit). A power cut cannot be
 //! simulated here: this shows that nothing acknowledged waits in the process's memory.
 
-use std::net::TcpListener;
+#[path = "common/serve.rs"]
+mod serve;
+
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -15,6 +17,7 @@ use base64::Engine;
 use ed25519_dalek::SigningKey;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+use serve::free_port;
 use upgradectl::core::report::{new_id, Outcome, Report};
 use upgradectl::core::sign::{public_key_string, seal};
 use upgradectl::fleet::store::{Db, Enrolled};
@@ -24,24 +27,8 @@ const BOXES: u8 = 8;
 /// Each box posts at most this many reports (the load stops by itself).
 const MAX_PER_BOX: usize = 3000;
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn serve(store: &Path, key: &Path, port: u16) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_upgradectl"))
-        .args(["serve", "--zvol", "none/image", "--listen"])
-        .arg(format!("127.0.0.1:{port}"))
-        .arg("--store")
-        .arg(store)
-        .arg("--key")
-        .arg(key)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
+    serve::command(store, key, port)
         .stderr(Stdio::null())
         .spawn()
         .unwrap()
