@@ -20,6 +20,9 @@ pub enum Exit {
     Locked = 5,
     /// Not enough free space, even after cleaning up.
     NoSpace = 6,
+    /// Not now: outside the maintenance window, the box is busy, or the fleet's reboot lock is
+    /// held by other boxes. Nothing was armed; the timer tries again.
+    NotNow = 7,
 }
 
 /// A configuration file that cannot be used. Always refused input.
@@ -57,6 +60,9 @@ pub enum Error {
     },
     #[error("{0}")]
     SignatureInvalid(String),
+    /// Not switching now (window, busy, reboot lock); nothing was changed.
+    #[error("{0}")]
+    NotNow(String),
 }
 
 impl Error {
@@ -68,6 +74,7 @@ impl Error {
             Error::Locked { .. } => Exit::Locked,
             Error::NoSpace { .. } | Error::DiskFull(_) => Exit::NoSpace,
             Error::ChecksumMismatch { .. } => Exit::Failed,
+            Error::NotNow(_) => Exit::NotNow,
         }
     }
 
@@ -81,6 +88,7 @@ impl Error {
             Error::NoSpace { .. } | Error::DiskFull(_) => "no-space",
             Error::ChecksumMismatch { .. } => "checksum-mismatch",
             Error::SignatureInvalid(_) => "signature-invalid",
+            Error::NotNow(_) => "not-now",
         }
     }
 }

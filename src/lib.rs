@@ -30,6 +30,7 @@ use output::Output;
 /// `sys::loopmount::private_mount_namespace`).
 pub fn run(cli: Cli, out: Output) -> Result<()> {
     sys::loopmount::private_mount_namespace()?;
+    sys::clock::init_local_offset();
     let box_ctx = |out: Output| -> Result<Ctx> {
         let config = Config::load(&cli.root)?;
         Ok(Ctx {

@@ -36,6 +36,7 @@ pub struct Config {
     pub health: Vec<HealthCheck>,
     pub trust: TrustConfig,
     pub download: DownloadConfig,
+    pub reboot: RebootConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -85,6 +86,24 @@ pub struct DownloadConfig {
     pub max_wait_seconds: u64,
 }
 
+/// When `upgrade` may switch and reboot (see `appliance::gate`, `appliance::rebootlock`).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RebootConfig {
+    /// Base URL of a FleetLock server (`upgradectl serve`, airlock...): `upgrade` takes a
+    /// reboot slot of the box's group before it arms a trial, `confirm` gives it back.
+    pub fleetlock_url: Option<String>,
+    /// Local time ranges `HH:MM-HH:MM` (may cross midnight) in which `upgrade` switches;
+    /// empty: any time.
+    pub window: Vec<String>,
+    /// Commands that exit 0 when the box may reboot now; any other exit, a timeout or failing
+    /// to start means busy.
+    pub busy_checks: Vec<Vec<String>>,
+    /// Wait while another program holds a systemd inhibitor lock on shutdown or sleep
+    /// (default true).
+    pub honour_inhibitors: Option<bool>,
+}
+
 fn default_check_timeout() -> u64 {
     60
 }
@@ -105,6 +124,7 @@ impl Default for Config {
             health: Vec::new(),
             trust: TrustConfig::default(),
             download: DownloadConfig::default(),
+            reboot: RebootConfig::default(),
         }
     }
 }
@@ -242,7 +262,23 @@ impl Config {
             }
         }
         config.check_numbers().map_err(bad)?;
+        config.check_reboot().map_err(bad)?;
         Ok(config)
+    }
+
+    /// Refuses a window that does not parse, an empty busy check, a lock URL that is not HTTP.
+    fn check_reboot(&self) -> std::result::Result<(), String> {
+        let r = &self.reboot;
+        crate::appliance::window::parse(&r.window).map_err(|e| format!("reboot.window: {e}"))?;
+        if let Some(i) = r.busy_checks.iter().position(|c| c.is_empty()) {
+            return Err(format!("reboot.busy_checks[{i}]: an empty command"));
+        }
+        if let Some(u) = &r.fleetlock_url {
+            if !(u.starts_with("http://") || u.starts_with("https://")) {
+                return Err(format!("reboot.fleetlock_url: {u:?} is not an http(s) URL"));
+            }
+        }
+        Ok(())
     }
 
     /// Refuses numbers that make no sense (a zero timeout, a wait of years); the message names
@@ -369,6 +405,37 @@ mod tests {
         assert!(Config::parse("group = \"zone-a.1\"", Path::new("f")).is_ok());
         assert!(Config::parse("[migrate]\npaths = [\"etc/x\"]", Path::new("f")).is_err());
         assert!(Config::parse("[migrate]\npaths = [\"/etc/../x\"]", Path::new("f")).is_err());
+    }
+
+    #[test]
+    fn the_reboot_section_is_checked() {
+        let c = Config::parse(
+            "[reboot]\nfleetlock_url = \"http://lock:8080\"\nwindow = [\"22:00-02:00\"]\n\
+             busy_checks = [[\"pgrep\", \"-x\", \"backup\"]]\nhonour_inhibitors = false\n",
+            Path::new("f"),
+        )
+        .unwrap();
+        assert_eq!(c.reboot.window, ["22:00-02:00"]);
+        assert_eq!(c.reboot.busy_checks[0][0], "pgrep");
+        assert_eq!(c.reboot.honour_inhibitors, Some(false));
+        for (text, key) in [
+            ("[reboot]\nwindow = [\"25:00-01:00\"]", "reboot.window"),
+            ("[reboot]\nbusy_checks = [[]]", "reboot.busy_checks[0]"),
+            (
+                "[reboot]\nfleetlock_url = \"lock:8080\"",
+                "reboot.fleetlock_url",
+            ),
+            ("[reboot]\nfleetlock = \"http://x\"", "fleetlock"),
+        ] {
+            let msg = format!(
+                "{:#}",
+                Config::parse(text, Path::new("/u.toml")).unwrap_err()
+            );
+            assert!(
+                msg.contains(key) && msg.contains("/u.toml"),
+                "{text}: {msg}"
+            );
+        }
     }
 
     #[test]

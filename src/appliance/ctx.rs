@@ -75,10 +75,16 @@ impl Ctx {
         result
     }
 
+    /// Whether upgradectl works on the running system (`--root /`), not on a box in a
+    /// directory (tests, provisioning): only then does it reboot or ask systemd.
+    pub fn live(&self) -> bool {
+        self.layout.root() == Path::new("/")
+    }
+
     /// Reboots into `target` (GRUB is already set up for it). Under `--root DIR` other than `/`
     /// upgradectl works on a box that is not the running system: the reboot is only reported.
     pub fn reboot(&mut self, target: &Version) -> Result<()> {
-        if self.layout.root() != Path::new("/") {
+        if !self.live() {
             return self.out.event(
                 "reboot-skipped",
                 &serde_json::json!({"into": target, "root": self.layout.root()}),
