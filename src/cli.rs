@@ -282,6 +282,10 @@ pub struct UpgradeArgs {
     /// Show the migration plan; change nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Switch now, outside the maintenance window and whatever the busy checks and inhibitor
+    /// locks say (the fleet's reboot lock is still taken).
+    #[arg(long)]
+    pub now: bool,
 }
 
 #[derive(Debug, Args)]

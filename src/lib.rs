@@ -45,7 +45,12 @@ pub fn run(cli: Cli, out: Output) -> Result<()> {
         Command::Cleanup(a) => verbs::cleanup::cleanup(&mut box_ctx(out)?, a.dry_run),
         Command::Prepare(a) => verbs::prepare::prepare(&mut box_ctx(out)?, a.version, cli.wait),
         Command::Upgrade(a) => {
-            verbs::upgrade::upgrade(&mut box_ctx(out)?, a.version, a.dry_run, a.no_reboot)
+            let mode = verbs::upgrade::Mode {
+                dry_run: a.dry_run,
+                no_reboot: a.no_reboot,
+                now: a.now,
+            };
+            verbs::upgrade::upgrade(&mut box_ctx(out)?, a.version, mode)
         }
         Command::Confirm(a) => verbs::confirm::confirm(&mut box_ctx(out)?, a.no_reboot, a.deadline),
         Command::Revert(a) => verbs::revert::revert(&mut box_ctx(out)?, a.no_reboot),

@@ -17,6 +17,7 @@ pub mod migrate;
 pub mod paths;
 pub mod pool;
 pub mod prepare;
+pub mod rebootlock;
 pub mod report;
 pub mod state;
 pub mod status;

@@ -92,6 +92,11 @@ impl Layout {
         self.state_dir().join("reports")
     }
 
+    /// The reboot slot this box may hold on a FleetLock server (`appliance::rebootlock`).
+    pub fn reboot_lock(&self) -> PathBuf {
+        self.state_dir().join("reboot-lock.json")
+    }
+
     /// The box's identity key for the fleet (secret, 0600; `appliance::identity`).
     pub fn identity_key(&self) -> PathBuf {
         self.state_dir().join("identity.key")

@@ -6,8 +6,10 @@ use serde::Serialize;
 
 use crate::appliance::bootinfo::BootReport;
 use crate::appliance::ctx::Ctx;
+use crate::appliance::gate;
 use crate::appliance::grub;
 use crate::appliance::images;
+use crate::appliance::rebootlock;
 use crate::appliance::report;
 use crate::appliance::state::{ImageState, Operation, Trying};
 use crate::core::report::Report;
@@ -36,6 +38,12 @@ pub struct Status {
     pub last_boot: Option<BootReport>,
     /// Reports to the fleet server not acknowledged yet (sent at the next run).
     pub pending_reports: Vec<Report>,
+    /// Why the prepared image waits for `upgrade` (the timer's): outside the maintenance
+    /// window, busy checks, inhibitor locks. Empty when it may switch or nothing is prepared.
+    pub waiting: Vec<String>,
+    /// The FleetLock reboot slot this box holds, or may hold, and gives back at its next
+    /// `confirm`.
+    pub reboot_lock: Option<rebootlock::Held>,
 }
 
 #[derive(Debug, Serialize)]
@@ -109,7 +117,13 @@ pub fn gather(ctx: &Ctx) -> Result<Status> {
             version: file.version,
         });
     }
+    let waiting = match (&state.prepared, &state.trying) {
+        (Some(_), None) => gate::reasons(ctx)?,
+        _ => Vec::new(),
+    };
     Ok(Status {
+        waiting,
+        reboot_lock: rebootlock::held(ctx)?,
         booted: booted.version,
         requested: booted.requested,
         default: state.default,
@@ -160,6 +174,12 @@ pub fn render(s: &Status) -> String {
             "armed"
         };
         o += &format!("trying:    {} from {} ({how})\n", t.version, t.from);
+    }
+    for w in &s.waiting {
+        o += &format!("waiting:   {w}\n");
+    }
+    if let Some(l) = &s.reboot_lock {
+        o += &format!("reboot lock: a slot of group {} at {}\n", l.group, l.url);
     }
     o += "images:\n";
     for i in &s.images {

@@ -1,5 +1,5 @@
 //! `confirm`: after a boot, settle a trial. Healthy → default; unhealthy → bad, back to the
-//! default.
+//! default. A box that runs steady gives its reboot slot back (`rebootlock`).
 
 use anyhow::Result;
 use serde::Serialize;
@@ -10,6 +10,7 @@ use crate::appliance::grub;
 use crate::appliance::health::{self, CheckResult};
 use crate::appliance::images;
 use crate::appliance::intent;
+use crate::appliance::rebootlock;
 use crate::appliance::report::{self, Step};
 use crate::appliance::state::{Settle, State};
 use crate::core::report::Outcome;
@@ -237,6 +238,11 @@ pub fn confirm(ctx: &mut Ctx, no_reboot: bool, deadline: bool) -> Result<()> {
             started,
         };
         report::report(ctx, step);
+    }
+    // The box runs steady (the trial confirmed, or the box on its default again): the reboot
+    // slot goes back. A failed trial keeps it until the box is back.
+    if reboot_to.is_none() {
+        rebootlock::release(ctx);
     }
     if let Some(target) = reboot_to.filter(|_| !no_reboot) {
         ctx.reboot(&target)?;

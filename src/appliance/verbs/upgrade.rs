@@ -1,5 +1,7 @@
 //! `upgrade`: the fast part of a switch. Migrate configuration into the prepared image, arm
-//! GRUB to try it once, reboot (preparing first when the image is not there yet).
+//! GRUB to try it once, reboot (preparing first when the image is not there yet). It switches
+//! only when the gate says so (the window, busy checks, inhibitors; `--now` skips it) and with
+//! a reboot slot of the fleet's lock (when configured), taken before anything is armed.
 
 use std::time::Instant;
 
@@ -7,10 +9,12 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 
 use crate::appliance::ctx::Ctx;
+use crate::appliance::gate;
 use crate::appliance::grub;
 use crate::appliance::images;
 use crate::appliance::intent;
 use crate::appliance::migrate;
+use crate::appliance::rebootlock;
 use crate::appliance::report::{self, Step};
 use crate::appliance::state::{ImageState, State};
 use crate::core::report::Outcome;
@@ -29,14 +33,26 @@ struct UpgradeReport {
     seconds: f64,
 }
 
+/// How `upgrade` runs.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Mode {
+    /// Show the migration plan; change nothing.
+    pub dry_run: bool,
+    /// Arm, but do not reboot.
+    pub no_reboot: bool,
+    /// Switch whatever the window, busy checks and inhibitors say (the reboot lock still
+    /// holds).
+    pub now: bool,
+}
+
 /// The fast part of an upgrade: migrate configuration into the prepared image, arm GRUB to try
 /// it once, reboot.
-pub fn upgrade(
-    ctx: &mut Ctx,
-    version: Option<Version>,
-    dry_run: bool,
-    no_reboot: bool,
-) -> Result<()> {
+pub fn upgrade(ctx: &mut Ctx, version: Option<Version>, mode: Mode) -> Result<()> {
+    let Mode {
+        dry_run,
+        no_reboot,
+        now: right_now,
+    } = mode;
     let start = Instant::now();
     let started = now();
     let (_lock, mut state, _) = intent::lock(ctx)?;
@@ -71,7 +87,23 @@ pub fn upgrade(
             report.version
         }
     };
+    if !dry_run {
+        // Before anything is armed: a refusal leaves the box as it was.
+        let waiting = if right_now {
+            vec![]
+        } else {
+            gate::reasons(ctx)?
+        };
+        if !waiting.is_empty() {
+            let why = waiting.join("; ");
+            return Err(Error::NotNow(format!("not switching to {target} now: {why}")).into());
+        }
+        rebootlock::take(ctx)?;
+    }
     let result = switch(ctx, &mut state, &booted, &target, dry_run);
+    if result.is_err() && !dry_run {
+        rebootlock::release(ctx);
+    }
     if dry_run {
         let migration = result?;
         let report = UpgradeReport {
