@@ -59,12 +59,7 @@ fn forget(ctx: &Ctx) -> Result<()> {
 /// POSTs `params` to `path` of the server at `url`: `Ok` on 200, the server's error body
 /// (kind, value) otherwise; `Err` when it could not be asked.
 fn ask(url: &str, path: &str, params: &ClientParams) -> Result<std::result::Result<(), ErrorBody>> {
-    let client = reqwest::blocking::Client::builder()
-        .connect_timeout(TIMEOUT)
-        .timeout(TIMEOUT)
-        .user_agent(concat!("upgradectl/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .context("creating the HTTP client")?;
+    let client = crate::appliance::report::client(TIMEOUT)?;
     let endpoint = format!("{}{path}", url.trim_end_matches('/'));
     let body = serde_json::to_vec(&Request {
         client_params: params.clone(),

@@ -122,6 +122,17 @@ pub fn pending(layout: &Layout) -> Result<Vec<Report>> {
     Ok(out)
 }
 
+/// An HTTP client for the small requests to fleet servers (reports, the reboot lock): each
+/// request, connect included, takes at most `timeout`.
+pub fn client(timeout: Duration) -> Result<reqwest::blocking::Client> {
+    reqwest::blocking::Client::builder()
+        .connect_timeout(timeout)
+        .timeout(timeout)
+        .user_agent(concat!("upgradectl/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .context("creating the HTTP client")
+}
+
 fn try_flush(ctx: &Ctx) -> Result<()> {
     let files = spooled(&ctx.layout.reports_dir())?;
     if files.is_empty() {
@@ -135,12 +146,7 @@ fn try_flush(ctx: &Ctx) -> Result<()> {
         tracing::info!("no identity key (run `upgradectl identity`); reports stay spooled");
         return Ok(());
     };
-    let client = reqwest::blocking::Client::builder()
-        .connect_timeout(SEND_TIMEOUT)
-        .timeout(SEND_TIMEOUT)
-        .user_agent(concat!("upgradectl/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .context("creating the HTTP client")?;
+    let client = client(SEND_TIMEOUT)?;
     let url = format!("{}/v1/reports", server.trim_end_matches('/'));
     let start = std::time::Instant::now();
     for f in files.iter().take(MAX_SENT_PER_RUN) {
