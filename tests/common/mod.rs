@@ -609,6 +609,13 @@ impl HostRoot {
         from_output(self.command(args).output().unwrap())
     }
 
+    /// Runs `upgradectl --root ROOT --json ARGS` with these environment variables set.
+    pub fn run_env(&self, args: &[&str], env: &[(&str, &str)]) -> Run {
+        let mut c = self.command(args);
+        c.envs(env.iter().copied());
+        from_output(c.output().unwrap())
+    }
+
     /// Runs `upgradectl --root ROOT --json ARGS` with fail points armed (`FAILPOINTS`, see
     /// `sys::faults`). Returns the exit code, `None` when the process was killed.
     pub fn run_faulty(&self, args: &[&str], failpoints: &str) -> (Option<i32>, String) {
