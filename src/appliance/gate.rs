@@ -80,8 +80,11 @@ impl std::fmt::Display for Inhibitor {
 /// mode, uid, pid).
 #[derive(Deserialize)]
 struct Listed {
-    data: (Vec<(String, String, String, String, u32, u32)>,),
+    data: (Vec<Listing>,),
 }
+
+/// One inhibitor as logind lists it: what, who, why, mode, uid, pid.
+type Listing = (String, String, String, String, u32, u32);
 
 /// The inhibitors in `json` that block (`mode` block, not delay) shutdown or sleep.
 pub fn parse_inhibitors(json: &str) -> Result<Vec<Inhibitor>> {

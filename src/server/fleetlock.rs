@@ -49,17 +49,16 @@ fn answer(status: StatusCode, kind: &str, value: String) -> Response {
     (status, axum::Json(body)).into_response()
 }
 
-/// The request's parameters, or the answer refusing it.
-fn params(headers: &HeaderMap, body: &[u8]) -> Result<ClientParams, Response> {
+/// The request's parameters, or why it is a bad request.
+fn params(headers: &HeaderMap, body: &[u8]) -> Result<ClientParams, String> {
     let flagged = headers
         .get(protocol::HEADER)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"));
     if !flagged {
-        let msg = format!("missing header {}: true", protocol::HEADER);
-        return Err(answer(StatusCode::BAD_REQUEST, "bad_request", msg));
+        return Err(format!("missing header {}: true", protocol::HEADER));
     }
-    protocol::parse_request(body).map_err(|m| answer(StatusCode::BAD_REQUEST, "bad_request", m))
+    protocol::parse_request(body)
 }
 
 /// Runs `f` on the database off the runtime and answers its outcome.
@@ -71,7 +70,7 @@ async fn run(
 ) -> Response {
     let p = match params(&headers, &body) {
         Ok(p) => p,
-        Err(resp) => return resp,
+        Err(msg) => return answer(StatusCode::BAD_REQUEST, "bad_request", msg),
     };
     let result = blocking(move || {
         let db = lock
