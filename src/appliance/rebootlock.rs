@@ -97,7 +97,7 @@ pub fn take(ctx: &Ctx) -> Result<()> {
         node_uuid: identity::box_id(ctx)?,
         group: (ctx.config.group.clone()).unwrap_or_else(|| protocol::DEFAULT_GROUP.into()),
     };
-    protocol::check_name("box id", &params.node_uuid).map_err(crate::error::refused)?;
+    crate::core::report::check_label("box id", &params.node_uuid, false)?;
     let held = Held {
         url: url.clone(),
         node_uuid: params.node_uuid.clone(),

@@ -6,6 +6,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::core::report::check_label;
+
 /// The header every FleetLock request carries (value `true`).
 pub const HEADER: &str = "fleet-lock-protocol";
 /// Takes a reboot slot.
@@ -14,9 +16,6 @@ pub const PRE_REBOOT: &str = "/v1/pre-reboot";
 pub const STEADY_STATE: &str = "/v1/steady-state";
 /// The group of a box that names none.
 pub const DEFAULT_GROUP: &str = "default";
-/// Longest node_uuid or group accepted.
-pub const MAX_NAME: usize = 128;
-
 /// Who asks: the node and its group.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClientParams {
@@ -37,33 +36,21 @@ pub struct ErrorBody {
     pub value: String,
 }
 
-/// Why a name (node_uuid, group) is refused, if it is: 1..=`MAX_NAME` bytes of letters,
-/// digits, `.`, `_`, `-` or `:`.
-pub fn check_name(what: &str, name: &str) -> Result<(), String> {
-    let ok = (1..=MAX_NAME).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-:".contains(&b));
-    if ok {
-        return Ok(());
-    }
-    Err(format!(
-        "{what}: {name:?} is not 1..={MAX_NAME} letters, digits, '.', '_', '-' or ':'"
-    ))
-}
-
-/// Parses and checks a request body.
+/// Parses and checks a request body: node_uuid and group are labels as box ids are
+/// (`core::report::check_label`: 1..=`MAX_LABEL` printable ASCII characters).
 pub fn parse_request(body: &[u8]) -> Result<ClientParams, String> {
     let r: Request =
         serde_json::from_slice(body).map_err(|e| format!("not a FleetLock request: {e}"))?;
-    check_name("node_uuid", &r.client_params.node_uuid)?;
-    check_name("group", &r.client_params.group)?;
+    let check = |what, s| check_label(what, s, false).map_err(|e| e.to_string());
+    check("node_uuid", &r.client_params.node_uuid)?;
+    check("group", &r.client_params.group)?;
     Ok(r.client_params)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::report::MAX_LABEL;
 
     #[test]
     fn requests_parse_and_bad_names_are_refused() {
@@ -86,8 +73,10 @@ mod tests {
                 String::from_utf8_lossy(bad)
             );
         }
-        let long = "x".repeat(MAX_NAME + 1);
-        assert!(check_name("group", &long).is_err());
-        assert!(check_name("group", &long[1..]).is_ok());
+        let params =
+            |n: &str| format!(r#"{{"client_params": {{"node_uuid": "{n}", "group": "g"}}}}"#);
+        let long = "x".repeat(MAX_LABEL + 1);
+        assert!(parse_request(params(&long).as_bytes()).is_err());
+        assert!(parse_request(params(&long[1..]).as_bytes()).is_ok());
     }
 }

@@ -45,7 +45,7 @@ pub fn parse_group_slots(s: &str) -> Result<(String, u32), String> {
     let (g, n) = s
         .split_once('=')
         .ok_or_else(|| format!("{s:?} is not GROUP=N"))?;
-    crate::core::fleetlock::check_name("group", g)?;
+    crate::core::report::check_label("group", g, false).map_err(|e| e.to_string())?;
     let n = n
         .parse()
         .map_err(|_| format!("{s:?}: {n:?} is not a number of slots"))?;
@@ -53,7 +53,7 @@ pub fn parse_group_slots(s: &str) -> Result<(String, u32), String> {
 }
 
 /// A slot as stored: who holds it, in which group, until when.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Holder {
     pub node: String,
     pub group: String,

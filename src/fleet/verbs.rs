@@ -1,5 +1,5 @@
 //! The fleet verbs of the server's operator: `fleet enroll` (a box's identity, at the
-//! factory) and `fleet status` (each wave rollout).
+//! factory) and `fleet status` (each wave rollout, and who holds a reboot slot).
 
 use anyhow::{Context, Result};
 use serde::Deserialize;
@@ -8,6 +8,7 @@ use crate::cli::{EnrollArgs, FleetCommand};
 use crate::core::report::check_label;
 use crate::core::sign::{parse_public_key, public_key_string};
 use crate::error::refused;
+use crate::fleet::fleetlock::Holder;
 use crate::fleet::store::{Db, Enrolled};
 use crate::fleet::view;
 use crate::output::Output;
@@ -21,19 +22,27 @@ pub fn fleet(cmd: FleetCommand, out: Output) -> Result<()> {
             let views = (db.rollouts()?.iter())
                 .map(|r| view::view(&db, r))
                 .collect::<Result<Vec<_>>>()?;
-            status(&views, out)
+            status(&views, &db.reboot_slots()?, out)
         }
     }
 }
 
-fn status(views: &[view::RolloutView], mut out: Output) -> Result<()> {
-    out.report(&serde_json::json!({ "rollouts": views }), |_| {
-        let lines: Vec<String> = views.iter().map(view::line).collect();
+fn status(views: &[view::RolloutView], slots: &[Holder], mut out: Output) -> Result<()> {
+    let report = serde_json::json!({ "rollouts": views, "reboot_slots": slots });
+    out.report(&report, |_| {
+        let mut lines: Vec<String> = views.iter().map(view::line).collect();
         if lines.is_empty() {
-            "no wave rollouts".into()
-        } else {
-            lines.join("\n")
+            lines.push("no wave rollouts".into());
         }
+        let now = now();
+        for h in slots {
+            let lease = match h.expires > now {
+                true => format!("lease {}s left", h.expires - now),
+                false => "lease run out: free".into(),
+            };
+            lines.push(format!("reboot slot of {}: {} ({lease})", h.group, h.node));
+        }
+        lines.join("\n")
     })
 }
 
