@@ -17,6 +17,8 @@ use upgradectl::appliance::bootinfo::BootReport;
 use upgradectl::appliance::config::{Config, ConfigError};
 use upgradectl::appliance::grub::{parse_env, render_env, Env};
 use upgradectl::appliance::prepare::fetch;
+use upgradectl::appliance::{gate, window};
+use upgradectl::core::fleetlock;
 use upgradectl::core::manifest::{self, Descriptor, Encoding, Manifest};
 use upgradectl::core::sign::{self, Envelope};
 use upgradectl::core::version::Version;
@@ -263,5 +265,36 @@ proptest! {
         let mut want: Vec<Version> = versions.iter().filter_map(|v| v.parse().ok()).collect();
         want.sort();
         prop_assert_eq!(got, want);
+    }
+
+    #[test]
+    fn fleetlock_request_from_arbitrary_bytes_never_panics(
+        bytes in proptest::collection::vec(any::<u8>(), 0..300),
+        node in ".{0,140}",
+        group in ".{0,140}",
+    ) {
+        let _ = fleetlock::parse_request(&bytes);
+        let body = serde_json::json!({"client_params": {"node_uuid": node, "group": group}});
+        let ok = |s: &str| (1..=128).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_graphic());
+        let parsed = fleetlock::parse_request(body.to_string().as_bytes());
+        prop_assert_eq!(parsed.is_ok(), ok(&node) && ok(&group));
+    }
+
+    #[test]
+    fn window_ranges_never_panic_and_contain_their_start(text in ".{0,20}", a in 0u16..1440, b in 0u16..1440) {
+        let _ = window::Range::parse(&text);
+        let hm = |t: u16| format!("{:02}:{:02}", t / 60, t % 60);
+        let r = window::Range::parse(&format!("{}-{}", hm(a), hm(b)));
+        prop_assert_eq!(r.is_ok(), a != b);
+        if let Ok(r) = r {
+            prop_assert!(r.contains(a));
+            prop_assert!(!r.contains(b));
+            prop_assert_eq!(r.to_string(), format!("{}-{}", hm(a), hm(b)));
+        }
+    }
+
+    #[test]
+    fn inhibitor_listings_never_panic(text in ".{0,300}") {
+        let _ = gate::parse_inhibitors(&text);
     }
 }
