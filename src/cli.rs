@@ -263,7 +263,7 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 1, value_name = "N")]
     pub reboot_slots: u32,
     /// FleetLock: the reboot slots of one group, overriding --reboot-slots (repeatable).
-    #[arg(long, value_name = "GROUP=N", value_parser = crate::fleet::fleetlock::parse_group_slots)]
+    #[arg(long, value_name = "GROUP=N", value_parser = crate::fleet::semaphore::parse_group_slots)]
     pub reboot_group_slots: Vec<(String, u32)>,
     /// FleetLock: seconds a reboot slot stays held when the box never gives it back (it died).
     #[arg(long, default_value_t = 3600, value_name = "SECS",

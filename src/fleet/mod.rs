@@ -6,6 +6,7 @@ pub mod control;
 pub mod fleetlock;
 pub mod intake;
 pub mod rollout;
+pub mod semaphore;
 pub mod store;
 pub mod verbs;
 pub mod view;

@@ -14,8 +14,8 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::core::fleetlock::ClientParams;
 use crate::core::report::{Outcome, Report};
-use crate::fleet::fleetlock::{self, Holder, Take};
 use crate::fleet::rollout::{Counts, Policy, Progress};
+use crate::fleet::semaphore::{self, Holder, Take};
 
 /// The schema, one migration per entry; entry `i` takes `user_version` from `i` to `i + 1`.
 const MIGRATIONS: &[&str] = &[
@@ -218,7 +218,7 @@ impl Db {
         Ok(n == 1)
     }
 
-    /// Takes (`fleetlock::decide`) one of `slots` reboot slots of `p.group` for `p.node_uuid`,
+    /// Takes (`semaphore::decide`) one of `slots` reboot slots of `p.group` for `p.node_uuid`,
     /// held until `expires`, in one immediate transaction: two servers or processes on one
     /// file never hand out the same slot twice.
     pub fn take_reboot_slot(
@@ -240,7 +240,7 @@ impl Db {
             let rows = stmt.query_map([&p.group, &p.node_uuid], holder)?;
             rows.collect::<rusqlite::Result<Vec<_>>>()?
         };
-        let take = fleetlock::decide(&holders, p, slots, now);
+        let take = semaphore::decide(&holders, p, slots, now);
         match take {
             Take::Renew => {
                 tx.execute(

@@ -8,7 +8,7 @@ use crate::cli::{EnrollArgs, FleetCommand};
 use crate::core::report::check_label;
 use crate::core::sign::{parse_public_key, public_key_string};
 use crate::error::refused;
-use crate::fleet::fleetlock::Holder;
+use crate::fleet::semaphore::Holder;
 use crate::fleet::store::{Db, Enrolled};
 use crate::fleet::view;
 use crate::output::Output;

@@ -15,7 +15,8 @@ use axum::Router;
 
 use super::respond::blocking;
 use crate::core::fleetlock::{self as protocol, ClientParams, ErrorBody};
-use crate::fleet::fleetlock::{self, Refusal, Slots};
+use crate::fleet::fleetlock::{self, Refusal};
+use crate::fleet::semaphore::Slots;
 use crate::fleet::store::Db;
 use crate::sys::clock::now;
 

@@ -115,7 +115,7 @@ pub struct Tuning {
     /// Most connections served at once (also bounded by the open-files limit).
     pub max_connections: usize,
     /// Reboot slots per group and their lease (FleetLock, with the fleet database).
-    pub reboot_slots: crate::fleet::fleetlock::Slots,
+    pub reboot_slots: crate::fleet::semaphore::Slots,
 }
 
 impl Default for Tuning {
