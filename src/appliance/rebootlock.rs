@@ -34,13 +34,15 @@ pub struct Held {
     pub since: u64,
 }
 
-/// The slot recorded on the host partition, if any.
+/// The slot recorded on the host partition, if any. A record that does not parse (a torn
+/// write cannot leave one: it is written atomically) is ignored with a warning; the server's
+/// lease frees the slot it named.
 pub fn held(ctx: &Ctx) -> Result<Option<Held>> {
     let path = ctx.layout.reboot_lock();
     match std::fs::read(&path) {
-        Ok(d) => Ok(Some(
-            serde_json::from_slice(&d).with_context(|| format!("reading {}", path.display()))?,
-        )),
+        Ok(d) => Ok(serde_json::from_slice(&d)
+            .map_err(|e| tracing::warn!("ignoring {}: {e}", path.display()))
+            .ok()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
     }
