@@ -43,6 +43,7 @@ pub fn run(cli: Cli, out: Output) -> Result<()> {
         Command::Status => verbs::status::status(&mut box_ctx(out)?),
         Command::Cleanup(a) => verbs::cleanup::cleanup(&mut box_ctx(out)?, a.dry_run),
         Command::Prepare(a) => verbs::prepare::prepare(&mut box_ctx(out)?, a.version, cli.wait),
+        Command::Releases => verbs::releases::releases(&mut box_ctx(out)?),
         Command::Upgrade(a) => {
             verbs::upgrade::upgrade(&mut box_ctx(out)?, a.version, a.dry_run, a.no_reboot)
         }

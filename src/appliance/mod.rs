@@ -19,4 +19,5 @@ pub mod prepare;
 pub mod report;
 pub mod state;
 pub mod status;
+pub mod trust;
 pub mod verbs;
