@@ -152,7 +152,7 @@ pub fn versions(counts: Vec<VersionCount>) -> Vec<VersionView> {
         let parsed = v.version.as_deref().map(|s| s.parse::<Version>().ok());
         (parsed, v.version.clone())
     };
-    out.sort_by(|a, b| key(b).cmp(&key(a)));
+    out.sort_by_key(|v| std::cmp::Reverse(key(v)));
     out
 }
 

@@ -32,8 +32,10 @@ const STYLE: &str = "body{font:15px/1.4 system-ui,sans-serif;margin:2em;color:#2
 h1{font-size:1.5em}h2{font-size:1.2em;margin:0 0 .4em}\
 section{border:1px solid #ccc;border-radius:6px;padding:1em;margin:1em 0}\
 .state{display:inline-block;padding:0 .5em;border-radius:4px;color:#fff;font-size:.85em}\
-.advancing{background:#2a7ab0}.complete{background:#2e8b57}.paused{background:#c0392b}\
-.withdrawn{background:#555}.reason{font-weight:bold;color:#c0392b}\
+.state.advancing{background:#2a7ab0}.state.complete{background:#2e8b57}\
+.state.paused{background:#c0392b}.state.withdrawn{background:#555}\
+section.paused{border:2px solid #c0392b}section.withdrawn{border:2px solid #555}\
+.reason{font-weight:bold;color:#c0392b}\
 table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ddd;padding:.2em .6em;\
 text-align:left}ol.stages li.done{color:#888}ol.stages li.current{font-weight:bold}\
 .muted{color:#777}";
@@ -47,7 +49,7 @@ pub fn router(db: Arc<Mutex<Db>>) -> Router {
 }
 
 async fn get_fleet(State(db): State<Arc<Mutex<Db>>>) -> Response {
-    match with_db(db, |db| view::fleet(db)).await {
+    match with_db(db, view::fleet).await {
         Ok(v) => (
             [
                 (header::CONTENT_TYPE, "text/html; charset=utf-8"),
@@ -216,19 +218,25 @@ fn rollout(h: &mut Html, r: &RolloutView, now: u64) {
     let p = &r.policy;
     h.raw("<p class=\"muted\">Pauses at ")
         .text(format!(
-            "{} failures before {} finished, then above {:.1}%; a stage soaks {} s and needs {} \
-             confirmed boxes.",
+            "{} failures before {} finished, then above {:.1}%; a stage soaks {} s and needs at \
+             least {} boxes that confirmed.",
             p.max_failures,
             p.min_sample,
             p.max_failure_rate * 100.0,
             p.soak_secs,
             p.min_successes
         ))
-        .raw("</p>\n<table><tr><th>outcome</th><th>boxes</th></tr>\n");
+        .raw("</p>\n<table class=\"outcomes\"><tr><th>boxes</th>");
     for o in Outcome::ALL {
-        let n = r.boxes.get(o.as_str()).copied().unwrap_or(0);
-        h.row(&[&o.as_str(), &n]);
+        h.raw("<th>").text(o.as_str()).raw("</th>");
     }
+    h.raw("</tr>\n");
+    let counts: Vec<u32> = (Outcome::ALL.iter())
+        .map(|o| r.boxes.get(o.as_str()).copied().unwrap_or(0))
+        .collect();
+    let mut cells: Vec<&dyn Display> = vec![&"distinct"];
+    cells.extend(counts.iter().map(|n| n as &dyn Display));
+    h.row(&cells);
     h.raw("</table></section>\n");
 }
 
