@@ -106,6 +106,24 @@ fn a_browser_shows_the_paused_release_why_and_the_boxes_by_version() {
     let reason = reason.expect("paused by the reports");
     assert!(reason.contains("2 boxes failed"), "{reason}");
 
+    // The operator's command shows the same.
+    let status = Command::new(env!("CARGO_BIN_EXE_upgradectl"))
+        .args(["fleet", "status", "--store"])
+        .arg(f.root.join("store"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8(status.stdout).unwrap();
+    eprintln!("{text}");
+    assert!(text.contains(&format!("paused: {reason};")), "{text}");
+    assert!(text.contains("2 of 3 failed (66.7%)"), "{text}");
+    for line in [
+        "  2.0: 2 boxes (<script>alert(1)</script> 1, zone-a 1)",
+        "  1.0: 3 boxes (zone-a 3)",
+        "  unknown: 1 boxes (zone-b 1)",
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line} not in\n{text}");
+    }
+
     let client = reqwest::blocking::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()
