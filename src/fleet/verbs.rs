@@ -16,24 +16,26 @@ use crate::sys::clock::now;
 pub fn fleet(cmd: FleetCommand, out: Output) -> Result<()> {
     match cmd {
         FleetCommand::Enroll(a) => enroll(a, out),
-        FleetCommand::Status(a) => {
-            let db = Db::open_in(&a.store)?;
-            let views = (db.rollouts()?.iter())
-                .map(|r| view::view(&db, r))
-                .collect::<Result<Vec<_>>>()?;
-            status(&views, out)
-        }
+        FleetCommand::Status(a) => status(&view::fleet(&Db::open_in(&a.store)?)?, out),
     }
 }
 
-fn status(views: &[view::RolloutView], mut out: Output) -> Result<()> {
-    out.report(&serde_json::json!({ "rollouts": views }), |_| {
-        let lines: Vec<String> = views.iter().map(view::line).collect();
+fn status(v: &view::FleetView, mut out: Output) -> Result<()> {
+    out.report(v, |v| {
+        let mut lines: Vec<String> = v.rollouts.iter().map(view::line).collect();
         if lines.is_empty() {
-            "no wave rollouts".into()
-        } else {
-            lines.join("\n")
+            lines.push("no wave rollouts".into());
         }
+        lines.push("boxes by version:".into());
+        if v.versions.is_empty() {
+            lines.push("  no boxes enrolled".into());
+        }
+        lines.extend(
+            view::version_lines(&v.versions)
+                .iter()
+                .map(|l| format!("  {l}")),
+        );
+        lines.join("\n")
     })
 }
 

@@ -7,6 +7,8 @@
 //!   decides now for the box's group (`fleet::control::apply`);
 //! - `POST /v1/reports`: a box's signed report (`server::reports`), with the fleet database;
 //! - `GET /metrics`: Prometheus metrics (`server::metrics`);
+//! - `GET /fleet` (and `/`, redirected): the operator's dashboard (`server::dashboard`), with
+//!   the fleet database;
 //! - `GET /v1/artifacts/{name}` (`full-V.xz`, `A-to-B.xz`): the artifact, immutable;
 //! - `GET /v1/artifacts/{name}.descriptor`: its signed descriptor, immutable;
 //!   either answers `503` + `Retry-After` (never cached) while the artifact is being built or
@@ -35,9 +37,10 @@ use tower::ServiceExt;
 
 use super::artifacts::{Buildable, Store};
 use super::build;
+use super::dashboard;
 use super::metrics::{self, Counters, Snapshot};
 use super::reports;
-use super::respond::{blocking, error, internal};
+use super::respond::{blocking, error, internal, with_db};
 use super::source::StreamSource;
 use crate::core::manifest::{self, Manifest};
 use crate::core::sign;
@@ -242,7 +245,9 @@ pub fn router(server: Arc<Server>) -> Router {
         .route("/metrics", get(get_metrics))
         .with_state(server);
     let routes = match fleet {
-        Some(db) => routes.merge(reports::router(db)),
+        Some(db) => routes
+            .merge(reports::router(db.clone()))
+            .merge(dashboard::router(db)),
         None => routes,
     };
     routes.layer(middleware::from_fn_with_state(counters, metrics::count))
@@ -258,15 +263,7 @@ async fn get_metrics(State(s): State<Arc<Server>>) -> Response {
         ..Snapshot::default()
     };
     if let Some(db) = s.fleet.clone() {
-        let fleet = blocking(move || {
-            let db = db
-                .lock()
-                .map_err(|_| anyhow::anyhow!("fleet lock poisoned"))?;
-            let views = (db.rollouts()?.iter())
-                .map(|r| view::view(&db, r))
-                .collect::<Result<Vec<_>>>()?;
-            Ok((db.report_totals()?, views))
-        });
+        let fleet = with_db(db, |db| Ok((db.report_totals()?, view::rollouts(db)?)));
         match fleet.await {
             Ok((reports, rollouts)) => (snap.reports, snap.rollouts) = (Some(reports), rollouts),
             Err(e) => return internal("reading the fleet database for metrics", e),
