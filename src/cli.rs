@@ -70,6 +70,9 @@ pub enum Command {
     /// Download the next image (a ZFS diff from the newest local snapshot), receive it and
     /// export it to images/VERSION.img, verified; resumable.
     Prepare(PrepareArgs),
+    /// Show the releases the server offers this box, verified through its TUF repository, and
+    /// which one `prepare` would take.
+    Releases,
     /// Switch to a prepared image: migrate configuration, arm GRUB to try it once, reboot.
     Upgrade(UpgradeArgs),
     /// After a boot: run the health checks; a healthy trial image becomes the default, an

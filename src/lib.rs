@@ -44,6 +44,7 @@ pub fn run(cli: Cli, out: Output) -> Result<()> {
         Command::Status => verbs::status::status(&mut box_ctx(out)?),
         Command::Cleanup(a) => verbs::cleanup::cleanup(&mut box_ctx(out)?, a.dry_run),
         Command::Prepare(a) => verbs::prepare::prepare(&mut box_ctx(out)?, a.version, cli.wait),
+        Command::Releases => verbs::releases::releases(&mut box_ctx(out)?),
         Command::Upgrade(a) => {
             let mode = verbs::upgrade::Mode {
                 dry_run: a.dry_run,

@@ -106,6 +106,26 @@ fn an_operator_runs_a_wave_rollout() {
         status["rollouts"][0]["policy"]["waves"],
         serde_json::json!([1, 10, 100])
     );
+    assert_eq!(status["rollouts"][0]["state"], "advancing");
+    assert_eq!(status["rollouts"][0]["failure_rate"], Value::Null);
+    assert_eq!(
+        status["versions"],
+        serde_json::json!([{"version": null, "boxes": 1, "groups": {"zone-b": 1}}]),
+        "enrolled, never reported"
+    );
+    let text = Command::new(env!("CARGO_BIN_EXE_upgradectl"))
+        .args(["fleet", "status", "--store", s])
+        .output()
+        .unwrap();
+    let text = String::from_utf8(text.stdout).unwrap();
+    assert!(
+        text.starts_with("2.0: stage 1/9 (zone-a at 1%), advancing;"),
+        "{text}"
+    );
+    assert!(
+        text.contains("boxes by version:\n  unknown: 1 boxes (zone-b 1)\n"),
+        "{text}"
+    );
     let (_, r) = rel(&["--withdraw"]);
     assert_eq!(r["waves"]["withdrawn"], true);
     assert_eq!(

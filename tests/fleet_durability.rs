@@ -4,6 +4,8 @@
 //! `synchronous=FULL`; the answer is sent only after the commit). A power cut cannot be
 //! simulated here: this shows that nothing acknowledged waits in the process's memory.
 
+#[path = "common/fleet.rs"]
+mod fleet;
 #[path = "common/serve.rs"]
 mod serve;
 
@@ -15,10 +17,11 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use ed25519_dalek::SigningKey;
+use fleet::client;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serve::free_port;
-use upgradectl::core::report::{new_id, Outcome, Report};
+use upgradectl::core::report::{Outcome, Report};
 use upgradectl::core::sign::{public_key_string, seal};
 use upgradectl::fleet::store::{Db, Enrolled};
 use upgradectl::sys::clock::now;
@@ -31,13 +34,6 @@ fn serve(store: &Path, key: &Path, port: u16) -> Child {
     serve::command(store, key, port)
         .stderr(Stdio::null())
         .spawn()
-        .unwrap()
-}
-
-fn client() -> reqwest::blocking::Client {
-    reqwest::blocking::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
         .unwrap()
 }
 
@@ -54,19 +50,11 @@ fn wait_until_serving(base: &str) {
     }
 }
 
+/// Box `i`'s report, with a boot report to make it weigh something.
 fn report(i: u8) -> Report {
     Report {
-        id: new_id(),
-        box_id: format!("box-{i}"),
-        group: String::new(),
-        sent: now(),
-        from: Some("1.0".parse().unwrap()),
-        to: Some("2.0".parse().unwrap()),
-        outcome: Outcome::Confirmed,
-        failed_check: None,
         boot_report: Some("x".repeat(512)),
-        started: now(),
-        seconds: 1.0,
+        ..fleet::report(i, "2.0", Outcome::Confirmed)
     }
 }
 

@@ -2,17 +2,19 @@
 //! whose rollout follows the waves and pauses by itself. The real server on 127.0.0.1 (see
 //! `common/server.rs`; its stand-in for ZFS plays no part here).
 
+#[path = "common/fleet.rs"]
+mod fleet;
 #[path = "common/server.rs"]
 mod server;
 
 use std::time::{Duration, Instant};
 
 use ed25519_dalek::SigningKey;
-use server::{limits, start_with, Fixture, Setup};
-use upgradectl::appliance::prepare::fetch;
+use fleet::{enroll, report, signed};
+use server::{start_with, Fixture, Setup};
 use upgradectl::core::manifest::Manifest;
-use upgradectl::core::report::{new_id, Outcome, Report};
-use upgradectl::core::sign::{self, public_key_string, seal};
+use upgradectl::core::report::Outcome;
+use upgradectl::core::sign::{self, public_key_string};
 use upgradectl::fleet::control;
 use upgradectl::fleet::rollout::Policy;
 use upgradectl::fleet::store::{Db, Enrolled};
@@ -27,42 +29,8 @@ fn fleet() -> (Fixture, Db) {
     (f, db)
 }
 
-/// Box `i`'s key, enrolled in `group` (or not).
-fn enroll(db: &Db, i: u8, group: &str) -> SigningKey {
-    let key = SigningKey::from_bytes(&[i; 32]);
-    let b = Enrolled {
-        box_id: format!("box-{i}"),
-        public_key: public_key_string(&key.verifying_key()),
-        group: group.into(),
-    };
-    db.enroll(&b, now()).unwrap();
-    key
-}
-
-fn report(i: u8, to: &str, outcome: Outcome) -> Report {
-    Report {
-        id: new_id(),
-        box_id: format!("box-{i}"),
-        group: "zone-a".into(),
-        sent: now(),
-        from: Some("1.0".parse().unwrap()),
-        to: Some(to.parse().unwrap()),
-        outcome,
-        failed_check: outcome.is_failure().then(|| "web".into()),
-        boot_report: None,
-        started: now() - 3,
-        seconds: 3.0,
-    }
-}
-
 fn post(f: &Fixture, body: Vec<u8>) -> u16 {
-    let client = fetch::client(&limits()).unwrap();
-    let resp = client.post(f.url("/v1/reports")).body(body).send().unwrap();
-    resp.status().as_u16()
-}
-
-fn signed(r: &Report, key: &SigningKey) -> Vec<u8> {
-    serde_json::to_vec(&seal(r, key).unwrap()).unwrap()
+    fleet::post(&f.url("/v1/reports"), body)
 }
 
 /// The manifest's 2.0 release as a box of `group` is offered it: (rollout, paused).

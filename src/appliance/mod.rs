@@ -21,5 +21,6 @@ pub mod rebootlock;
 pub mod report;
 pub mod state;
 pub mod status;
+pub mod trust;
 pub mod verbs;
 pub mod window;

@@ -8,4 +8,5 @@ pub mod manifest;
 pub mod plan;
 pub mod report;
 pub mod sign;
+pub mod tuf;
 pub mod version;

@@ -61,6 +61,19 @@ impl Outcome {
         )
     }
 
+    /// Whether a box whose last report is this outcome runs the report's `to` (else its
+    /// `from`). `to`: it confirmed the release, armed its trial (upgraded: it reboots into it
+    /// and a failed trial sends a later report), or reverted to it (a revert's `to` is the
+    /// image it went back to). `from`: it only prepared `to`, or `to` failed on it and it went
+    /// back (failed, trial-failed, fallback). A report that names no such version (a fallback
+    /// of a demoted default names no `from`) leaves the box's version unknown.
+    pub fn runs_target(self) -> bool {
+        matches!(
+            self,
+            Outcome::Confirmed | Outcome::Upgraded | Outcome::Reverted
+        )
+    }
+
     /// The stable text form (as in JSON).
     pub fn as_str(self) -> &'static str {
         match self {
@@ -201,6 +214,10 @@ mod tests {
         }
         assert!(Outcome::Fallback.is_failure() && Outcome::TrialFailed.is_failure());
         assert!(!Outcome::Reverted.is_failure() && !Outcome::Prepared.is_success());
+        for o in Outcome::ALL {
+            assert!(!(o.is_failure() && o.runs_target()), "{o:?}: went back");
+        }
+        assert!(Outcome::Reverted.runs_target() && !Outcome::Prepared.runs_target());
         assert_eq!(Outcome::parse("bogus"), None);
     }
 

@@ -64,6 +64,13 @@ impl Policy {
     pub fn stages(&self) -> usize {
         (self.groups.len() + 1) * self.waves.len()
     }
+
+    /// Stage `i`'s group (None: every box in no listed group) and wave percentage.
+    pub fn stage(&self, i: usize) -> (Option<&str>, u8) {
+        let n = self.waves.len().max(1);
+        let group = self.groups.get(i / n).map(String::as_str);
+        (group, self.waves.get(i % n).copied().unwrap_or(0))
+    }
 }
 
 /// Where a rollout stands (kept in the fleet database).
@@ -262,6 +269,10 @@ mod tests {
         assert_eq!(view(4), [100, 100, 50, 50]);
         assert_eq!(view(5), [100, 100, 100, 100]);
         assert_eq!(p.stages(), 6);
+        assert_eq!(
+            (p.stage(0), p.stage(3), p.stage(5)),
+            ((Some("a"), 50), (Some("b"), 100), (None, 100))
+        );
     }
 
     #[test]

@@ -81,6 +81,16 @@ pub struct Rollout {
     pub progress: Progress,
 }
 
+/// How many enrolled boxes of one group run one version (`Db::boxes_by_version`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VersionCount {
+    /// None: the box has not reported yet, or its latest report names no version it runs.
+    pub version: Option<String>,
+    /// The enrolled group.
+    pub group: String,
+    pub boxes: u32,
+}
+
 /// The open fleet database.
 pub struct Db {
     conn: Connection,
@@ -377,6 +387,51 @@ impl Db {
             .collect()
     }
 
+    /// How many enrolled boxes run each version, per enrolled group, judged by each box's
+    /// latest report (by arrival: `received`, then insertion order): its `to` if the outcome
+    /// leaves the box on it (`Outcome::runs_target`), else its `from`.
+    pub fn boxes_by_version(&self) -> Result<Vec<VersionCount>> {
+        let target = outcomes(Outcome::runs_target);
+        let sql = format!(
+            "SELECT latest.version, b.grp, COUNT(*) FROM boxes b
+             LEFT JOIN (
+               SELECT box_id,
+                 CASE WHEN outcome IN ({target}) THEN to_version ELSE from_version END
+                   AS version,
+                 ROW_NUMBER() OVER (PARTITION BY box_id ORDER BY received DESC, rowid DESC)
+                   AS n
+               FROM reports
+             ) latest ON latest.box_id = b.box_id AND latest.n = 1
+             GROUP BY latest.version, b.grp
+             ORDER BY latest.version, b.grp"
+        );
+        let mut stmt = self.conn.prepare(&sql)?;
+        let rows = stmt.query_map([], |r| {
+            Ok(VersionCount {
+                version: r.get(0)?,
+                group: r.get(1)?,
+                boxes: r.get::<_, i64>(2)? as u32,
+            })
+        })?;
+        rows.collect::<rusqlite::Result<_>>()
+            .context("counting boxes by version")
+    }
+
+    /// When `version`'s rollout was last written (Unix seconds): started, stepped, paused or
+    /// resumed. A paused or withdrawn rollout is never stepped, so for one it is when that
+    /// happened.
+    pub fn rollout_updated(&self, version: &str) -> Result<Option<u64>> {
+        let at: Option<i64> = self
+            .conn
+            .query_row(
+                "SELECT updated FROM rollouts WHERE version = ?1",
+                [version],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(at.map(|t| t as u64))
+    }
+
     /// `version`'s rollout, if it has one.
     pub fn rollout(&self, version: &str) -> Result<Option<Rollout>> {
         Ok(self.rollouts_where("WHERE version = ?1", [version])?.pop())
@@ -563,6 +618,42 @@ mod tests {
     }
 
     #[test]
+    fn boxes_count_on_the_version_their_latest_report_leaves_them_on() {
+        let (_dir, db) = db();
+        let mut hostile = enrolled("b4");
+        hostile.group = "<script>".into();
+        for b in [enrolled("b1"), enrolled("b2"), enrolled("b3"), hostile] {
+            db.enroll(&b, 0).unwrap();
+        }
+        let store = |id: &str, outcome: Outcome, at: u64| {
+            let b = db.box_by_key(&format!("ed25519:{id}")).unwrap().unwrap();
+            db.insert_report(&b, &report(id, "2.0", outcome, at), at)
+                .unwrap();
+        };
+        // b1 took 2.0; b2 tried it and fell back to 1.0; b3 only prepared it (same second as
+        // its upgrade: insertion order decides); b4 never reported.
+        store("b1", Outcome::Upgraded, 10);
+        store("b1", Outcome::Confirmed, 20);
+        store("b2", Outcome::Upgraded, 10);
+        store("b2", Outcome::Fallback, 20);
+        store("b3", Outcome::Upgraded, 30);
+        store("b3", Outcome::Prepared, 30);
+        let count = |version: Option<&str>, group: &str, boxes: u32| VersionCount {
+            version: version.map(Into::into),
+            group: group.into(),
+            boxes,
+        };
+        assert_eq!(
+            db.boxes_by_version().unwrap(),
+            vec![
+                count(None, "<script>", 1),
+                count(Some("1.0"), "zone-a", 2),
+                count(Some("2.0"), "zone-a", 1),
+            ]
+        );
+    }
+
+    #[test]
     fn rollouts_round_trip_and_advance_only_from_what_was_read() {
         let (_dir, db) = db();
         let mut r = Rollout {
@@ -584,5 +675,7 @@ mod tests {
         assert_eq!(db.rollout("2.0").unwrap().unwrap().progress.stage, 1);
         assert_eq!(db.rollouts().unwrap().len(), 1);
         assert!(db.rollout("9.0").unwrap().is_none());
+        assert_eq!(db.rollout_updated("2.0").unwrap(), Some(20));
+        assert_eq!(db.rollout_updated("9.0").unwrap(), None);
     }
 }

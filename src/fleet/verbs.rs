@@ -1,5 +1,5 @@
 //! The fleet verbs of the server's operator: `fleet enroll` (a box's identity, at the
-//! factory) and `fleet status` (each wave rollout, and who holds a reboot slot).
+//! factory) and `fleet status` (each wave rollout).
 
 use anyhow::{Context, Result};
 use serde::Deserialize;
@@ -8,7 +8,6 @@ use crate::cli::{EnrollArgs, FleetCommand};
 use crate::core::report::check_label;
 use crate::core::sign::{parse_public_key, public_key_string};
 use crate::error::refused;
-use crate::fleet::semaphore::Holder;
 use crate::fleet::store::{Db, Enrolled};
 use crate::fleet::view;
 use crate::output::Output;
@@ -17,25 +16,27 @@ use crate::sys::clock::now;
 pub fn fleet(cmd: FleetCommand, out: Output) -> Result<()> {
     match cmd {
         FleetCommand::Enroll(a) => enroll(a, out),
-        FleetCommand::Status(a) => {
-            let db = Db::open_in(&a.store)?;
-            let views = (db.rollouts()?.iter())
-                .map(|r| view::view(&db, r))
-                .collect::<Result<Vec<_>>>()?;
-            status(&views, &db.reboot_slots()?, out)
-        }
+        FleetCommand::Status(a) => status(&view::fleet(&Db::open_in(&a.store)?)?, out),
     }
 }
 
-fn status(views: &[view::RolloutView], slots: &[Holder], mut out: Output) -> Result<()> {
-    let report = serde_json::json!({ "rollouts": views, "reboot_slots": slots });
-    out.report(&report, |_| {
-        let mut lines: Vec<String> = views.iter().map(view::line).collect();
+fn status(v: &view::FleetView, mut out: Output) -> Result<()> {
+    out.report(v, |v| {
+        let mut lines: Vec<String> = v.rollouts.iter().map(view::line).collect();
         if lines.is_empty() {
             lines.push("no wave rollouts".into());
         }
+        lines.push("boxes by version:".into());
+        if v.versions.is_empty() {
+            lines.push("  no boxes enrolled".into());
+        }
+        lines.extend(
+            view::version_lines(&v.versions)
+                .iter()
+                .map(|l| format!("  {l}")),
+        );
         let now = now();
-        for h in slots {
+        for h in &v.reboot_slots {
             let lease = match h.expires > now {
                 true => format!("lease {}s left", h.expires - now),
                 false => "lease run out: free".into(),

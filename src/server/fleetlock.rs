@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
 
-use super::respond::blocking;
+use super::respond::with_db;
 use crate::core::fleetlock::{self as protocol, ClientParams, ErrorBody};
 use crate::fleet::fleetlock::{self, Refusal};
 use crate::fleet::semaphore::Slots;
@@ -73,14 +73,8 @@ async fn run(
         Ok(p) => p,
         Err(msg) => return answer(StatusCode::BAD_REQUEST, "bad_request", msg),
     };
-    let result = blocking(move || {
-        let db = lock
-            .db
-            .lock()
-            .map_err(|_| anyhow::anyhow!("fleet database lock poisoned"))?;
-        Ok(f(&db, &p, &lock.slots))
-    })
-    .await;
+    let slots = lock.slots.clone();
+    let result = with_db(lock.db, move |db| Ok(f(db, &p, &slots))).await;
     match result {
         Ok(Ok(msg)) => answer(StatusCode::OK, "ok", msg),
         Ok(Err(e @ Refusal::NotEnrolled(_))) => {

@@ -9,6 +9,8 @@
 //! - `POST /v1/pre-reboot`, `POST /v1/steady-state`: the FleetLock reboot slots
 //!   (`server::fleetlock`), with the fleet database;
 //! - `GET /metrics`: Prometheus metrics (`server::metrics`);
+//! - `GET /fleet` (and `/`, redirected): the operator's dashboard (`server::dashboard`), with
+//!   the fleet database;
 //! - `GET /v1/artifacts/{name}` (`full-V.xz`, `A-to-B.xz`): the artifact, immutable;
 //! - `GET /v1/artifacts/{name}.descriptor`: its signed descriptor, immutable;
 //!   either answers `503` + `Retry-After` (never cached) while the artifact is being built or
@@ -37,10 +39,11 @@ use tower::ServiceExt;
 
 use super::artifacts::{Buildable, Store};
 use super::build;
+use super::dashboard;
 use super::fleetlock;
 use super::metrics::{self, Counters, Snapshot};
 use super::reports;
-use super::respond::{blocking, error, internal};
+use super::respond::{blocking, error, internal, with_db};
 use super::source::StreamSource;
 use crate::core::manifest::{self, Manifest};
 use crate::core::sign;
@@ -251,6 +254,7 @@ pub fn router(server: Arc<Server>) -> Router {
     let routes = match fleet {
         Some(db) => routes
             .merge(reports::router(db.clone()))
+            .merge(dashboard::router(db.clone()))
             .merge(fleetlock::router(db, slots)),
         None => routes,
     };
@@ -267,15 +271,7 @@ async fn get_metrics(State(s): State<Arc<Server>>) -> Response {
         ..Snapshot::default()
     };
     if let Some(db) = s.fleet.clone() {
-        let fleet = blocking(move || {
-            let db = db
-                .lock()
-                .map_err(|_| anyhow::anyhow!("fleet lock poisoned"))?;
-            let views = (db.rollouts()?.iter())
-                .map(|r| view::view(&db, r))
-                .collect::<Result<Vec<_>>>()?;
-            Ok((db.report_totals()?, views))
-        });
+        let fleet = with_db(db, |db| Ok((db.report_totals()?, view::rollouts(db)?)));
         match fleet.await {
             Ok((reports, rollouts)) => (snap.reports, snap.rollouts) = (Some(reports), rollouts),
             Err(e) => return internal("reading the fleet database for metrics", e),

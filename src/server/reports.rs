@@ -12,7 +12,7 @@ use axum::response::Response;
 use axum::routing::post;
 use axum::Router;
 
-use super::respond::{blocking, error, internal};
+use super::respond::{error, internal, with_db};
 use crate::core::report::MAX_REPORT_BYTES;
 use crate::fleet::intake::{self, Receipt, Refusal};
 use crate::fleet::store::Db;
@@ -27,13 +27,7 @@ pub fn router(db: Arc<Mutex<Db>>) -> Router {
 }
 
 async fn post_report(State(db): State<Arc<Mutex<Db>>>, body: Bytes) -> Response {
-    let result = blocking(move || {
-        let db = db
-            .lock()
-            .map_err(|_| anyhow::anyhow!("fleet database lock poisoned"))?;
-        Ok(intake::receive(&db, &body, now()))
-    })
-    .await;
+    let result = with_db(db, move |db| Ok(intake::receive(db, &body, now()))).await;
     match result {
         Ok(Ok(Receipt::Stored)) => error(StatusCode::CREATED, "stored".into()),
         Ok(Ok(Receipt::Duplicate)) => error(StatusCode::OK, "stored before".into()),

@@ -1,8 +1,12 @@
 //! How every handler of the image server answers a failure, and runs blocking work.
 
+use std::sync::{Arc, Mutex};
+
 use anyhow::{Context, Result};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
+
+use crate::fleet::store::Db;
 
 /// A plain-text answer that no cache keeps.
 pub fn error(status: StatusCode, msg: String) -> Response {
@@ -25,4 +29,18 @@ pub async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f)
         .await
         .context("blocking task")?
+}
+
+/// Runs `f` on the fleet database off the async runtime, holding its lock.
+pub async fn with_db<T: Send + 'static>(
+    db: Arc<Mutex<Db>>,
+    f: impl FnOnce(&Db) -> Result<T> + Send + 'static,
+) -> Result<T> {
+    blocking(move || {
+        let db = db
+            .lock()
+            .map_err(|_| anyhow::anyhow!("fleet database lock poisoned"))?;
+        f(&db)
+    })
+    .await
 }

@@ -7,6 +7,7 @@ pub mod grub_entries;
 pub mod identity;
 pub mod init;
 pub mod prepare;
+pub mod releases;
 pub mod revert;
 pub mod status;
 pub mod upgrade;

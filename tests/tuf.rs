@@ -1,0 +1,458 @@
+//! The box's TUF verification (`appliance::trust`, through `upgradectl releases`) against
+//! repositories written by the Python reference implementation (`tests/tuf/repo.py`, `tuf`
+//! from PyPI in the venv tools/install-deps makes), served over real HTTP: accepted when
+//! right, and every attack class of the TUF specification refused, each on its own; root
+//! rotations followed.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+
+use serde_json::{json, Value};
+
+/// The venv tools/install-deps creates with python-tuf; no silent skip when it is missing.
+const PYTHON: &str = "/opt/upgradectl-tuf/bin/python";
+
+struct Repo {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+    dir: PathBuf,
+}
+
+impl Repo {
+    fn new(dir: &Path) -> Repo {
+        assert!(
+            Path::new(PYTHON).exists(),
+            "{PYTHON} is missing: run tools/install-deps (python-tuf in a venv)"
+        );
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/tuf/repo.py");
+        let mut child = Command::new(PYTHON)
+            .arg(script)
+            .arg(dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("starting tests/tuf/repo.py");
+        let stdin = child.stdin.take().unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        Repo {
+            child,
+            stdin,
+            stdout,
+            dir: dir.to_owned(),
+        }
+    }
+
+    fn cmd(&mut self, c: Value) {
+        writeln!(self.stdin, "{c}").unwrap();
+        self.stdin.flush().unwrap();
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "ok", "repo.py {c}");
+    }
+
+    fn release(&mut self, channel: &str, version: &str) {
+        self.cmd(
+            json!({"op": "release", "channel": channel, "version": version,
+                        "size": 1 << 20, "sha256": digest(version)}),
+        );
+    }
+
+    fn root_v1(&self) -> PathBuf {
+        self.dir.join("metadata/1.root.json")
+    }
+}
+
+impl Drop for Repo {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn digest(seed: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(seed.as_bytes()))
+}
+
+/// Serves `dir` at `/v1/` (real HTTP, axum + tower-http's ServeDir); with `endless`, that path
+/// answers a body that never ends.
+fn serve(dir: &Path, endless: Option<&'static str>) -> SocketAddr {
+    use axum::body::Body;
+    use axum::routing::get;
+    use futures::StreamExt;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let dir = dir.to_owned();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let mut app = axum::Router::new();
+            if let Some(path) = endless {
+                app = app.route(
+                    path,
+                    get(|| async {
+                        let chunk = axum::body::Bytes::from(vec![b' '; 64 << 10]);
+                        let s = futures::stream::repeat(chunk).map(Ok::<_, std::io::Error>);
+                        Body::from_stream(s)
+                    }),
+                );
+            }
+            let app = app.nest_service("/v1", tower_http::services::ServeDir::new(dir));
+            let l = tokio::net::TcpListener::from_std(listener).unwrap();
+            axum::serve(l, app).await.unwrap();
+        });
+    });
+    addr
+}
+
+/// A box (a root directory) trusting `root`, following `channel` of the server at `addr`.
+struct TestBox {
+    root: tempfile::TempDir,
+}
+
+impl TestBox {
+    fn new(addr: SocketAddr, root_json: &Path, channel: &str) -> TestBox {
+        let root = tempfile::tempdir().unwrap();
+        let etc = root.path().join("etc/upgradectl");
+        std::fs::create_dir_all(&etc).unwrap();
+        std::fs::copy(root_json, etc.join("root.json")).unwrap();
+        std::fs::write(
+            etc.join("upgradectl.toml"),
+            format!(
+                "server = \"http://{addr}\"\nchannel = \"{channel}\"\nbox_id = \"box-1\"\n\
+                 [trust]\nroot = \"/etc/upgradectl/root.json\"\n"
+            ),
+        )
+        .unwrap();
+        TestBox { root }
+    }
+
+    /// `upgradectl --json releases`: exit code and the last JSON line.
+    fn releases(&self) -> (i32, Value) {
+        let out = Command::new(env!("CARGO_BIN_EXE_upgradectl"))
+            .arg("--root")
+            .arg(self.root.path())
+            .args(["--json", "releases"])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let last = stdout.lines().last().unwrap_or("null");
+        let v: Value = serde_json::from_str(last).unwrap_or(Value::Null);
+        (out.status.code().unwrap_or(-1), v)
+    }
+
+    fn accepts(&self) -> Value {
+        let (code, v) = self.releases();
+        assert_eq!(code, 0, "refused a good repository: {v}");
+        v
+    }
+
+    fn refuses(&self, what: &str) -> Value {
+        let (code, v) = self.releases();
+        assert_eq!(
+            code, 2,
+            "{what}: expected a refusal (exit 2), got {code}: {v}"
+        );
+        v
+    }
+
+    fn trusted_file(&self, name: &str) -> Vec<u8> {
+        std::fs::read(
+            self.root
+                .path()
+                .join("host/var/lib/upgradectl/tuf")
+                .join(name),
+        )
+        .unwrap()
+    }
+}
+
+fn versions(v: &Value) -> Vec<(String, u64, bool)> {
+    v["releases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["version"].as_str().unwrap().to_owned(),
+                r["rollout"].as_u64().unwrap(),
+                r["paused"].as_bool().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// A repository with stable 1.0 and 2.0, served; a box trusting its first root.
+fn setup(root_keys: u32, threshold: u32) -> (tempfile::TempDir, Repo, TestBox) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut repo = Repo::new(dir.path());
+    repo.cmd(json!({"op": "init", "root_keys": root_keys, "root_threshold": threshold}));
+    repo.release("stable", "1.0");
+    repo.release("stable", "2.0");
+    let addr = serve(dir.path(), None);
+    let b = TestBox::new(addr, &repo.root_v1(), "stable");
+    (dir, repo, b)
+}
+
+#[test]
+fn a_repository_written_by_python_tuf_is_accepted_with_its_rollout() {
+    let (_d, mut repo, b) = setup(1, 1);
+    repo.release("edge", "9.0");
+    repo.release("stable", "3.0");
+    repo.cmd(
+        json!({"op": "rollout", "channel": "stable", "doc": {"releases": {
+        "3.0": {"percent": 100, "paused": "3 of 20 failed"},
+        "2.0": {"percent": 100}}}}),
+    );
+    let v = b.accepts();
+    assert_eq!(
+        versions(&v),
+        [
+            ("1.0".into(), 100, false),
+            ("2.0".into(), 100, false),
+            ("3.0".into(), 100, true)
+        ],
+        "{v}"
+    );
+    assert_eq!(v["next"], "2.0", "the paused 3.0 is not taken: {v}");
+    assert_eq!(v["root_version"], 1);
+}
+
+#[test]
+fn arbitrary_installation_a_release_signed_by_an_unknown_key_is_refused() {
+    let (_d, mut repo, b) = setup(1, 1);
+    b.accepts();
+    repo.cmd(json!({"op": "new_key", "name": "attacker"}));
+    repo.cmd(
+        json!({"op": "release", "channel": "stable", "version": "6.6",
+                    "size": 1, "sha256": digest("evil"), "signers": ["attacker"]}),
+    );
+    let v = b.refuses("a channel role signed by a key root never delegated to");
+    assert!(v.to_string().contains("signature"), "{v}");
+}
+
+#[test]
+fn arbitrary_installation_a_target_that_does_not_match_its_hash_is_refused() {
+    let (d, mut repo, b) = setup(1, 1);
+    repo.cmd(
+        json!({"op": "rollout", "channel": "stable", "doc": {"releases": {"2.0": {"percent": 0}}}}),
+    );
+    b.accepts();
+    // The online role signed percent 0; a mirror serves the same length with 100.
+    for entry in walk(&d.path().join("rollout")) {
+        let text = std::fs::read_to_string(&entry).unwrap();
+        std::fs::write(&entry, text.replace("\"percent\": 0", "\"percent\": 9")).unwrap();
+    }
+    b.refuses("a rollout document whose bytes are not the signed ones");
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect()
+}
+
+#[test]
+fn endless_data_is_cut_at_the_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut repo = Repo::new(dir.path());
+    repo.cmd(json!({"op": "init"}));
+    let addr = serve(dir.path(), Some("/v1/metadata/timestamp.json"));
+    let b = TestBox::new(addr, &repo.root_v1(), "stable");
+    let started = std::time::Instant::now();
+    let v = b.refuses("an endless timestamp.json");
+    assert!(v.to_string().contains("Maximum size"), "{v}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(30),
+        "stopped reading only after {:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn fast_forward_a_stolen_timestamp_key_is_recovered_by_rotating_it() {
+    let (_d, mut repo, b) = setup(1, 1);
+    b.accepts();
+    // The thief signs timestamp version 1000 with the (valid) online key.
+    repo.cmd(json!({"op": "publish", "timestamp_version": 1000}));
+    b.accepts();
+    // The repository owner's next timestamp (version 5) is now a rollback to the box...
+    repo.cmd(json!({"op": "publish", "timestamp_version": 5}));
+    let v = b.refuses("a timestamp older than the one trusted");
+    assert!(
+        v.to_string().contains("previously fetched version 1000"),
+        "{v}"
+    );
+    // ...until root rotates the timestamp key: the box forgets the fast-forwarded version.
+    repo.cmd(json!({"op": "rotate_root", "roles": ["timestamp"]}));
+    repo.cmd(json!({"op": "publish", "timestamp_version": 6}));
+    let v = b.accepts();
+    assert_eq!(v["root_version"], 2);
+}
+
+#[test]
+fn indefinite_freeze_expired_metadata_is_refused() {
+    let (_d, mut repo, b) = setup(1, 1);
+    b.accepts();
+    repo.cmd(json!({"op": "publish", "expires_seconds": -60}));
+    let v = b.refuses("an expired timestamp and snapshot");
+    assert!(v.to_string().to_lowercase().contains("expired"), "{v}");
+}
+
+#[test]
+fn mix_and_match_metadata_of_different_times_is_refused() {
+    let (d, mut repo, b) = setup(1, 1);
+    b.accepts();
+    let old = std::fs::read(d.path().join("metadata/3.stable.json")).unwrap();
+    repo.release("stable", "3.0");
+    // The snapshot names stable version 4; the mirror serves the old role under that name.
+    std::fs::write(d.path().join("metadata/4.stable.json"), old).unwrap();
+    let v = b.refuses("an older channel role served for the version the snapshot names");
+    assert!(v.to_string().contains("version mismatch"), "{v}");
+}
+
+#[test]
+fn rollback_to_an_older_snapshot_is_refused_even_with_a_fresh_timestamp() {
+    let (_d, mut repo, b) = setup(1, 1);
+    let v = b.accepts();
+    assert_eq!(v["next"], "2.0");
+    // Snapshot 3 is the one before 2.0's release; a timestamp thief points at it.
+    repo.cmd(json!({"op": "point_timestamp", "snapshot_version": 2}));
+    let v = b.refuses("a timestamp naming an older snapshot than the trusted one");
+    assert!(v.to_string().contains("Snapshot version 2"), "{v}");
+}
+
+#[test]
+fn a_mirror_serving_stale_metadata_is_refused() {
+    let (d, mut repo, b) = setup(1, 1);
+    let stale = tempfile::tempdir().unwrap();
+    copy_dir(d.path(), stale.path());
+    repo.release("stable", "3.0");
+    assert_eq!(b.accepts()["next"], "3.0");
+    // The mirror goes back to its copy of yesterday's repository (not expired, all signed).
+    let _ = std::fs::remove_dir_all(d.path().join("metadata"));
+    copy_dir(stale.path(), d.path());
+    b.refuses("yesterday's metadata after today's");
+    let trusted: Value = serde_json::from_slice(&b.trusted_file("timestamp.json")).unwrap();
+    assert_eq!(
+        trusted["signed"]["version"], 4,
+        "the box keeps the newest timestamp it accepted"
+    );
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    let ok = Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", from.display()))
+        .arg(to)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+}
+
+#[test]
+fn key_compromise_below_the_root_threshold_cannot_rotate_root() {
+    let (_d, mut repo, b) = setup(3, 2);
+    b.accepts();
+    // One of three root keys stolen: the thief's new root carries one old signature.
+    repo.cmd(
+        json!({"op": "rotate_root", "keys": 1, "threshold": 1, "old_signers": [0],
+                    "roles": ["root", "targets"]}),
+    );
+    let v = b.refuses("a new root signed by one of 2-of-3 old root keys");
+    assert!(
+        v.to_string()
+            .contains("threshold of 2 not met for role root"),
+        "{v}"
+    );
+}
+
+#[test]
+fn wrong_software_another_channels_key_cannot_publish_to_stable() {
+    let (_d, mut repo, b) = setup(1, 1);
+    b.accepts();
+    repo.cmd(json!({"op": "release", "channel": "edge", "version": "9.9",
+                    "size": 1, "sha256": digest("edge"), "path_channel": "stable"}));
+    let v = b.refuses("a stable release target signed by the edge role");
+    assert!(
+        v.to_string()
+            .contains("not delegated: releases/stable/9.9.img"),
+        "{v}"
+    );
+}
+
+#[test]
+fn wrong_software_another_products_repository_is_refused() {
+    let (_d, _repo, b) = setup(1, 1);
+    b.accepts();
+    let other = tempfile::tempdir().unwrap();
+    let mut theirs = Repo::new(other.path());
+    theirs.cmd(json!({"op": "init"}));
+    theirs.release("stable", "99.0");
+    let addr = serve(other.path(), None);
+    // The same box state, pointed at the other product's server.
+    let toml = b.root.path().join("etc/upgradectl/upgradectl.toml");
+    let text = std::fs::read_to_string(&toml).unwrap();
+    let text = text.replace(
+        &text[text.find("http://").unwrap()..text.find("\"\n").unwrap()],
+        &format!("http://{addr}"),
+    );
+    std::fs::write(&toml, text).unwrap();
+    b.refuses("a repository signed by keys this box's root does not know");
+}
+
+#[test]
+fn root_rotation_one_of_one_to_two_of_three() {
+    let (_d, mut repo, b) = setup(1, 1);
+    b.accepts();
+    repo.cmd(json!({"op": "rotate_root", "keys": 3, "threshold": 2, "new_signers": [0, 1]}));
+    repo.release("stable", "3.0");
+    let v = b.accepts();
+    assert_eq!(
+        (v["root_version"].as_u64(), v["next"].as_str()),
+        (Some(2), Some("3.0"))
+    );
+    let root: Value = serde_json::from_slice(&b.trusted_file("root.json")).unwrap();
+    assert_eq!(root["signed"]["roles"]["root"]["threshold"], 2);
+}
+
+#[test]
+fn root_rotation_of_every_key_at_once_and_through_an_intermediate_root() {
+    let (_d, mut repo, b) = setup(1, 1);
+    b.accepts();
+    // Every role's keys replaced in one new root, then root's again: the box, offline for
+    // both, walks 1 -> 2 -> 3.
+    repo.cmd(json!({"op": "rotate_root", "roles": ["root", "targets", "snapshot", "timestamp"]}));
+    repo.cmd(json!({"op": "rotate_root", "roles": ["root"]}));
+    repo.release("stable", "3.0");
+    let v = b.accepts();
+    assert_eq!(
+        (v["root_version"].as_u64(), v["next"].as_str()),
+        (Some(3), Some("3.0"))
+    );
+}
+
+#[test]
+fn a_revoked_keys_signatures_are_refused_after_the_rotation() {
+    let (_d, mut repo, b) = setup(1, 1);
+    b.accepts();
+    repo.cmd(json!({"op": "alias_key", "name": "timestamp", "to": "revoked"}));
+    repo.cmd(json!({"op": "rotate_root", "roles": ["timestamp"]}));
+    b.accepts();
+    repo.cmd(json!({"op": "publish", "timestamp_signers": ["revoked"]}));
+    let v = b.refuses("a timestamp signed by the key root revoked");
+    assert!(
+        v.to_string()
+            .contains("threshold of 1 not met for role timestamp"),
+        "{v}"
+    );
+}
