@@ -21,9 +21,13 @@ pub struct Cli {
     /// upgrade) while the server builds a diff ("come back later").
     #[arg(long, global = true)]
     pub wait: bool,
-    /// More logging on stderr (-v, -vv).
+    /// More logging on stderr: -v adds debug, -vv trace (the default is info).
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
+    /// Less logging on stderr: -q warnings and errors only, -qq errors only. Neither touches
+    /// stdout (the report, `--json`) nor the final error message.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub quiet: u8,
     #[command(subcommand)]
     pub command: Command,
 }

@@ -11,6 +11,7 @@ pub mod cli;
 pub mod core;
 pub mod error;
 pub mod fleet;
+pub mod log;
 pub mod output;
 pub mod server;
 pub mod sys;

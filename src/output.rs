@@ -71,5 +71,6 @@ pub fn print_error(json: bool, err: &anyhow::Error, kind: &str, exit: u8) {
         let v = serde_json::json!({"error": {"kind": kind, "message": format!("{err:#}"), "exit": exit}});
         println!("{v}");
     }
-    eprintln!("error: {err:#}");
+    let prefix = crate::log::prefix(tracing::Level::ERROR);
+    eprintln!("{prefix}error: {err:#}");
 }

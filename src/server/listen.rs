@@ -76,8 +76,7 @@ pub fn run(addr: SocketAddr, server: Server) -> Result<()> {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding {addr}"))?;
-        tracing::info!("serving on {addr}");
-        eprintln!("upgradectl serve: listening on http://{addr}");
+        tracing::info!("listening on http://{addr}");
         serve(listener, Arc::new(server)).await
     })
 }

@@ -57,7 +57,9 @@ impl Cmd {
 
     /// A `std::process::Command` with stdin closed, for callers that stream stdout/stdin
     /// themselves (e.g. `zfs send | ...`). Errors must still be reported with [`Cmd::display`].
+    /// Every tool run goes through here, and is logged at debug.
     pub fn to_command(&self) -> Command {
+        tracing::debug!(cmd = %self.display(), "running");
         let mut c = Command::new(&self.argv[0]);
         c.args(&self.argv[1..]).stdin(Stdio::null());
         c
@@ -65,7 +67,6 @@ impl Cmd {
 
     /// Runs to completion, capturing stdout and stderr, whatever the exit code.
     pub fn capture(&self) -> Result<Output> {
-        tracing::debug!(cmd = %self.display(), "running");
         self.to_command()
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -111,6 +111,11 @@ impl Run {
     }
 }
 
+/// Runs `cmd` (from `HostRoot::command`, say, after changing it).
+pub fn run_command(mut cmd: Command) -> Run {
+    from_output(cmd.output().unwrap())
+}
+
 fn from_output(out: Output) -> Run {
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let lines = stdout
@@ -600,13 +605,16 @@ impl HostRoot {
     pub fn command(&self, args: &[&str]) -> Command {
         let mut c = Command::new(assert_cmd::cargo::cargo_bin("upgradectl"));
         c.arg("--root").arg(self.root()).arg("--json").args(args);
-        c.env_remove("UPGRADECTL_LOG");
+        // The log level is the flags' (and the default), and stderr is never the journal.
+        for var in ["UPGRADECTL_LOG", "RUST_LOG", "JOURNAL_STREAM"] {
+            c.env_remove(var);
+        }
         c
     }
 
     /// Runs `upgradectl --root ROOT --json ARGS`.
     pub fn run(&self, args: &[&str]) -> Run {
-        from_output(self.command(args).output().unwrap())
+        run_command(self.command(args))
     }
 
     /// Runs `upgradectl --root ROOT --json ARGS` with these environment variables set.

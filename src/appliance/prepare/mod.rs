@@ -263,17 +263,19 @@ fn download_with_progress(
 ) -> Result<Fetched> {
     use std::io::IsTerminal;
     let json = ctx.out.is_json();
-    let bar = (!json && std::io::stderr().is_terminal()).then(|| {
-        let b = indicatif::ProgressBar::new(d.size);
-        b.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-            )
-            .expect("template"),
-        );
-        b.set_message(d.name.clone());
-        b
-    });
+    // No bar under -q (info is off then), as with any progress line.
+    let bar = (!json && std::io::stderr().is_terminal() && tracing::enabled!(tracing::Level::INFO))
+        .then(|| {
+            let b = indicatif::ProgressBar::new(d.size);
+            b.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+                )
+                .expect("template"),
+            );
+            b.set_message(d.name.clone());
+            b
+        });
     let mut last_event = Instant::now();
     let out = &mut ctx.out;
     let mut progress = |done: u64, total: u64| {
