@@ -4,7 +4,10 @@
 //! Durability: WAL with `synchronous=FULL`, so a report is on disk (its WAL frame fsync'd)
 //! before `insert_report` returns, and the server acknowledges it only after that; a kill -9
 //! or a power cut loses no acknowledged report. The schema grows by numbered migrations
-//! (`PRAGMA user_version`). Moving to PostgreSQL (see `docs/fleet.md`) replaces this file.
+//! (`PRAGMA user_version`). Moving to PostgreSQL (see `docs/fleet.md`) replaces this module.
+
+mod rollouts;
+mod slots;
 
 use std::path::Path;
 use std::time::Duration;
@@ -12,10 +15,8 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use rusqlite::{params, Connection, OptionalExtension};
 
-use crate::core::fleetlock::ClientParams;
 use crate::core::report::{Outcome, Report};
 use crate::fleet::rollout::{Counts, Policy, Progress};
-use crate::fleet::semaphore::{self, Holder, Take};
 
 /// The schema, one migration per entry; entry `i` takes `user_version` from `i` to `i + 1`.
 const MIGRATIONS: &[&str] = &[
@@ -103,15 +104,6 @@ fn outcomes(pred: fn(Outcome) -> bool) -> String {
         .map(|o| format!("'{}'", o.as_str()))
         .collect();
     names.join(",")
-}
-
-/// A `reboot_slots` row selected as `node, grp, expires`.
-fn holder(r: &rusqlite::Row) -> rusqlite::Result<Holder> {
-    Ok(Holder {
-        node: r.get(0)?,
-        group: r.get(1)?,
-        expires: r.get::<_, i64>(2)? as u64,
-    })
 }
 
 /// The database's file name in the server's store directory.
@@ -226,68 +218,6 @@ impl Db {
             |r| r.get(0),
         )?;
         Ok(n == 1)
-    }
-
-    /// Takes (`semaphore::decide`) one of `slots` reboot slots of `p.group` for `p.node_uuid`,
-    /// held until `expires`, in one immediate transaction: two servers or processes on one
-    /// file never hand out the same slot twice.
-    pub fn take_reboot_slot(
-        &self,
-        p: &ClientParams,
-        slots: u32,
-        expires: u64,
-        now: u64,
-    ) -> Result<Take> {
-        let tx = rusqlite::Transaction::new_unchecked(
-            &self.conn,
-            rusqlite::TransactionBehavior::Immediate,
-        )?;
-        let holders = {
-            let mut stmt = tx.prepare(
-                "SELECT node, grp, expires FROM reboot_slots WHERE grp = ?1 OR node = ?2
-                 ORDER BY acquired, node",
-            )?;
-            let rows = stmt.query_map([&p.group, &p.node_uuid], holder)?;
-            rows.collect::<rusqlite::Result<Vec<_>>>()?
-        };
-        let take = semaphore::decide(&holders, p, slots, now);
-        match take {
-            Take::Renew => {
-                tx.execute(
-                    "UPDATE reboot_slots SET expires = ?2 WHERE node = ?1",
-                    params![p.node_uuid, expires as i64],
-                )?;
-            }
-            Take::Grant => {
-                tx.execute(
-                    "INSERT OR REPLACE INTO reboot_slots (node, grp, acquired, expires)
-                     VALUES (?1, ?2, ?3, ?4)",
-                    params![p.node_uuid, p.group, now as i64, expires as i64],
-                )?;
-            }
-            Take::Full(_) | Take::OtherGroup(_) => {}
-        }
-        tx.commit()
-            .with_context(|| format!("taking a reboot slot for {}", p.node_uuid))?;
-        Ok(take)
-    }
-
-    /// Gives back the reboot slot `node` holds; false if it held none.
-    pub fn release_reboot_slot(&self, node: &str) -> Result<bool> {
-        let n = self
-            .conn
-            .execute("DELETE FROM reboot_slots WHERE node = ?1", [node])
-            .with_context(|| format!("releasing the reboot slot of {node}"))?;
-        Ok(n == 1)
-    }
-
-    /// Every stored reboot slot (expired ones too), by group and age.
-    pub fn reboot_slots(&self) -> Result<Vec<Holder>> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT node, grp, expires FROM reboot_slots ORDER BY grp, acquired, node")?;
-        let rows = stmt.query_map([], holder)?;
-        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
     }
 
     /// Stores a verified report from enrolled box `b`, received at `now`. Returns false if
@@ -415,115 +345,6 @@ impl Db {
         })?;
         rows.collect::<rusqlite::Result<_>>()
             .context("counting boxes by version")
-    }
-
-    /// When `version`'s rollout was last written (Unix seconds): started, stepped, paused or
-    /// resumed. A paused or withdrawn rollout is never stepped, so for one it is when that
-    /// happened.
-    pub fn rollout_updated(&self, version: &str) -> Result<Option<u64>> {
-        let at: Option<i64> = self
-            .conn
-            .query_row(
-                "SELECT updated FROM rollouts WHERE version = ?1",
-                [version],
-                |r| r.get(0),
-            )
-            .optional()?;
-        Ok(at.map(|t| t as u64))
-    }
-
-    /// `version`'s rollout, if it has one.
-    pub fn rollout(&self, version: &str) -> Result<Option<Rollout>> {
-        Ok(self.rollouts_where("WHERE version = ?1", [version])?.pop())
-    }
-
-    /// Every rollout.
-    pub fn rollouts(&self) -> Result<Vec<Rollout>> {
-        self.rollouts_where("", [])
-    }
-
-    fn rollouts_where<P: rusqlite::Params>(&self, filter: &str, p: P) -> Result<Vec<Rollout>> {
-        let sql = format!(
-            "SELECT version, policy, stage, since, failures_since, paused, withdrawn
-             FROM rollouts {filter} ORDER BY version"
-        );
-        let mut stmt = self.conn.prepare(&sql)?;
-        let rows = stmt.query_map(p, |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                Progress {
-                    stage: r.get::<_, i64>(2)? as usize,
-                    since: r.get::<_, i64>(3)? as u64,
-                    failures_since: r.get::<_, i64>(4)? as u64,
-                    paused: r.get(5)?,
-                    withdrawn: r.get(6)?,
-                },
-            ))
-        })?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (version, policy, progress) = row?;
-            let policy = serde_json::from_str(&policy)
-                .with_context(|| format!("rollout policy of {version}"))?;
-            out.push(Rollout {
-                version,
-                policy,
-                progress,
-            });
-        }
-        Ok(out)
-    }
-
-    /// Writes `r` (a new rollout, or a changed one).
-    pub fn save_rollout(&self, r: &Rollout, now: u64) -> Result<()> {
-        let p = &r.progress;
-        self.conn
-            .execute(
-                "INSERT INTO rollouts (version, policy, stage, since, failures_since, paused,
-                   withdrawn, updated)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
-                 ON CONFLICT (version) DO UPDATE SET policy = ?2, stage = ?3, since = ?4,
-                   failures_since = ?5, paused = ?6, withdrawn = ?7, updated = ?8",
-                params![
-                    r.version,
-                    serde_json::to_string(&r.policy)?,
-                    p.stage as i64,
-                    p.since as i64,
-                    p.failures_since as i64,
-                    p.paused,
-                    p.withdrawn,
-                    now as i64,
-                ],
-            )
-            .with_context(|| format!("saving the rollout of {}", r.version))?;
-        Ok(())
-    }
-
-    /// Writes `r`'s progress only if the stored one is still `before` (another process, the
-    /// operator's `release`, may have changed it meanwhile: theirs wins).
-    pub fn advance(&self, r: &Rollout, before: &Progress, now: u64) -> Result<bool> {
-        let (p, b) = (&r.progress, before);
-        let n = self.conn.execute(
-            "UPDATE rollouts SET stage = ?2, since = ?3, failures_since = ?4, paused = ?5,
-               updated = ?6
-             WHERE version = ?1 AND stage = ?7 AND since = ?8 AND failures_since = ?9
-               AND paused IS ?10 AND withdrawn = ?11",
-            params![
-                r.version,
-                p.stage as i64,
-                p.since as i64,
-                p.failures_since as i64,
-                p.paused,
-                now as i64,
-                b.stage as i64,
-                b.since as i64,
-                b.failures_since as i64,
-                b.paused,
-                b.withdrawn,
-            ],
-        )?;
-        Ok(n == 1)
     }
 }
 
