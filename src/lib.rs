@@ -63,6 +63,7 @@ pub fn run(cli: Cli, out: Output) -> Result<()> {
         Command::Release(a) => server::verbs::release(a, out),
         Command::Serve(a) => server::verbs::serve(a),
         Command::Fleet(c) => fleet::verbs::fleet(c, out),
+        Command::Repo(c) => server::verbs::repo(c, out),
         Command::Identity => verbs::identity::identity(&mut box_ctx(out)?),
         Command::Completions(a) => {
             let mut cmd = Cli::command();

@@ -13,6 +13,7 @@ pub mod publish;
 pub mod reports;
 pub mod respond;
 pub mod source;
+pub mod tuf_repo;
 pub mod verbs;
 
 pub use artifacts::Store;

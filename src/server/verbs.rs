@@ -7,7 +7,8 @@ use anyhow::Result;
 
 use serde::Serialize;
 
-use crate::cli::{KeygenArgs, PublishArgs, ReleaseArgs, ServeArgs, WaveArgs};
+use crate::cli::{KeygenArgs, PublishArgs, ReleaseArgs, RepoCommand, ServeArgs, WaveArgs};
+use crate::core::manifest::Blob;
 use crate::error::refused;
 use crate::fleet::control::{self, Command};
 use crate::fleet::rollout::Policy;
@@ -18,6 +19,7 @@ use crate::output::Output;
 use crate::server::artifacts::StoredRelease;
 use crate::server::{keys, publish, source::ZfsSource, Server, Store, Tuning};
 use crate::sys::clock::now;
+use tough::schema::RoleType;
 
 pub fn keygen(a: KeygenArgs, mut out: Output) -> Result<()> {
     let public = keys::keygen(&a.out)?;
@@ -157,4 +159,60 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     let fleet = Db::open_in(&a.store.store)?;
     let server = Server::new(store, key, source, tuning).with_fleet(fleet);
     crate::server::run(a.listen, server)
+}
+
+/// The `repo` verbs: the TUF repository (`server::tuf_repo`).
+pub fn repo(c: RepoCommand, mut out: Output) -> Result<()> {
+    use crate::server::tuf_repo;
+    let (what, r) = match c {
+        RepoCommand::Init(a) => {
+            let o = tuf_repo::InitOptions {
+                root_keys: a.root_keys,
+                root_threshold: a.root_threshold,
+            };
+            tuf_repo::init(&a.repo.repo, &a.repo.keys, &o)?;
+            ("init", a.repo)
+        }
+        RepoCommand::Release(a) => {
+            let image = match (&a.image, a.size, &a.sha256) {
+                (Some(path), _, _) => Blob {
+                    size: std::fs::metadata(path)?.len(),
+                    sha256: crate::core::hashing::sha256_file(path)?,
+                },
+                (None, Some(size), Some(sha256)) => Blob {
+                    size,
+                    sha256: sha256.clone(),
+                },
+                _ => return Err(refused("--image, or --size and --sha256")),
+            };
+            tuf_repo::release(&a.repo.repo, &a.repo.keys, &a.channel, &a.version, &image)
+                .map_err(|e| refused(format!("{e:#}")))?;
+            ("release", a.repo)
+        }
+        RepoCommand::RotateRoot(a) => {
+            let roles = (a.roles.iter())
+                .map(|r| match r.as_str() {
+                    "root" => Ok(RoleType::Root),
+                    "targets" => Ok(RoleType::Targets),
+                    "snapshot" => Ok(RoleType::Snapshot),
+                    "timestamp" => Ok(RoleType::Timestamp),
+                    other => Err(refused(format!("no top-level role {other:?}"))),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            tuf_repo::rotate_root(
+                &a.repo.repo,
+                &a.repo.keys,
+                &roles,
+                a.root_keys,
+                a.root_threshold,
+            )?;
+            ("rotate-root", a.repo)
+        }
+        RepoCommand::Refresh(a) => {
+            tuf_repo::refresh(&a.repo, &a.keys)?;
+            ("refresh", a)
+        }
+    };
+    let report = serde_json::json!({"step": what, "repo": r.repo});
+    out.report(&report, |_| format!("{what}: done ({})", r.repo.display()))
 }
