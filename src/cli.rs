@@ -351,6 +351,17 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 3600, value_name = "SECS",
           value_parser = clap::value_parser!(u64).range(60..=7 * 86400))]
     pub reboot_lease: u64,
+    /// Publish this TUF repository (`repo init`) at /v1/metadata/ and /v1/rollout/: rollout
+    /// documents from the releases and waves, built artifacts, a fresh timestamp.
+    #[arg(long, requires = "repo_keys")]
+    pub repo: Option<PathBuf>,
+    /// The repository's online keys (snapshot, timestamp, rollout, artifacts); never the
+    /// offline ones.
+    #[arg(long, requires = "repo")]
+    pub repo_keys: Option<PathBuf>,
+    /// Seconds between two syncs of the repository (a pause reaches the boxes within this).
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub repo_sync_seconds: u64,
 }
 
 #[derive(Debug, Args)]

@@ -579,3 +579,154 @@ fn a_release_signed_with_a_key_revoked_by_rotation_is_refused() {
     let v = b.refuses("a targets role signed by the key root revoked");
     assert!(v.to_string().contains("targets"), "{v}");
 }
+
+#[path = "common/serve.rs"]
+mod serve_bin;
+
+#[test]
+fn serve_publishes_the_repository_with_online_keys_only_and_a_pause_reaches_the_box() {
+    let d = tempfile::tempdir().unwrap();
+    let (repo, keys, online, store) = (
+        d.path().join("repo"),
+        d.path().join("keys"),
+        d.path().join("online"),
+        d.path().join("store"),
+    );
+    let (repo_s, keys_s) = (repo.to_str().unwrap(), keys.to_str().unwrap());
+    let at = ["--repo", repo_s, "--keys", keys_s];
+    upgradectl(&[&["repo", "init"][..], &at].concat());
+    let sha = digest("2.0");
+    upgradectl(
+        &[
+            &["repo", "release"][..],
+            &at,
+            &["--version", "2.0", "--size", "4096", "--sha256", &sha],
+        ]
+        .concat(),
+    );
+    // The server gets the four online keys, nothing else.
+    std::fs::create_dir_all(&online).unwrap();
+    for role in ["snapshot", "timestamp", "rollout", "artifacts"] {
+        let f = format!("{role}.1.pk8");
+        std::fs::copy(keys.join(&f), online.join(&f)).unwrap();
+    }
+    std::fs::create_dir_all(&store).unwrap();
+    std::fs::write(
+        store.join("releases.json"),
+        json!([{"channel": "stable", "version": "2.0", "rollout": 30, "paused": false,
+                "image": {"size": 4096, "sha256": sha}}])
+        .to_string(),
+    )
+    .unwrap();
+    let port = serve_bin::free_port();
+    let key = serve_bin::server_key(d.path());
+    let _server = serve_bin::Serve::start(
+        &store,
+        &key,
+        port,
+        &[
+            "--repo",
+            repo_s,
+            "--repo-keys",
+            online.to_str().unwrap(),
+            "--repo-sync-seconds",
+            "1",
+        ],
+    );
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let b = TestBox::new(addr, &repo.join("metadata/1.root.json"), "stable");
+    // The release the release manager signed offline is published by the server's first sync,
+    // with the rollout the server signs online.
+    let v = b.accepts();
+    assert_eq!(versions(&v), [("2.0".into(), 30, false)], "{v}");
+    upgradectl(&[
+        "release",
+        "--store",
+        store.to_str().unwrap(),
+        "--version",
+        "2.0",
+        "--pause",
+    ]);
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let v = b.accepts();
+        if versions(&v) == [("2.0".into(), 30, true)] {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < end,
+            "the pause never reached the box: {v}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    // What the server serves carries the cache headers a CDN needs.
+    let get = |path: &str| reqwest::blocking::get(format!("http://{addr}{path}")).unwrap();
+    let ts = get("/v1/metadata/timestamp.json");
+    assert_eq!(ts.headers()["cache-control"], "no-cache");
+    let snap = get("/v1/metadata/1.snapshot.json");
+    assert!(snap.headers()["cache-control"]
+        .to_str()
+        .unwrap()
+        .contains("immutable"));
+}
+
+#[path = "common/server.rs"]
+mod inproc;
+
+#[test]
+fn a_built_artifact_is_listed_by_the_online_role_and_read_at_its_digest_name() {
+    use upgradectl::appliance::config::Config;
+    use upgradectl::appliance::paths::Layout;
+    use upgradectl::appliance::trust::Trusted;
+    let f = inproc::start_with(inproc::Setup {
+        repo: true,
+        ..Default::default()
+    });
+    let boxroot = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(boxroot.path().join("etc")).unwrap();
+    std::fs::copy(
+        f.root.join("repo/metadata/1.root.json"),
+        boxroot.path().join("etc/root.json"),
+    )
+    .unwrap();
+    let mut config = Config::default();
+    config.trust.root = Some("/etc/root.json".into());
+    let layout = Layout::new(boxroot.path(), &config.host_mount);
+    let server = format!("http://{}", f.addr);
+    let listed = || {
+        Trusted::load(&layout, &config, &server)
+            .unwrap()
+            .artifact("1.0-to-2.0.xz")
+            .unwrap()
+    };
+    assert_eq!(listed(), None, "nothing is built yet");
+    // A box asks for the diff: the server builds it, then lists it and its descriptor.
+    let _ = reqwest::blocking::get(format!("{server}/v1/artifacts/1.0-to-2.0.xz.descriptor"));
+    inproc::wait_for(
+        "the diff listed in the artifacts role",
+        std::time::Duration::from_secs(60),
+        || listed().is_some(),
+    );
+    let store = f.root.join("store/artifacts");
+    let blob = listed().unwrap();
+    let artifact = std::fs::read(store.join("1.0-to-2.0.xz")).unwrap();
+    assert_eq!(
+        (blob.size, blob.sha256.as_str()),
+        (artifact.len() as u64, digest_bytes(&artifact).as_str())
+    );
+    // The descriptor as a target, fetched at `artifacts/<sha256>.<name>` and verified.
+    let t = Trusted::load(&layout, &config, &server).unwrap();
+    let got = t
+        .read("artifacts/1.0-to-2.0.xz.descriptor", 8 << 20)
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        got,
+        std::fs::read(store.join("1.0-to-2.0.xz.descriptor")).unwrap()
+    );
+}
+
+fn digest_bytes(b: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(b))
+}

@@ -1,11 +1,12 @@
 //! A release's rollout over time: the operator starts, pauses, resumes or withdraws it; the
 //! server steps it from the reports (`rollout::step`) and applies it to the releases a manifest
-//! carries. Where an online key would sign the rollout state (the trust issue), it hooks in
-//! here: `apply` is the one place the state turns into what boxes are offered.
+//! carries (`apply`) and to the rollout document the online rollout role signs in the TUF
+//! repository (`rollout_doc`): the two places the state turns into what boxes are offered.
 
 use anyhow::Result;
 
 use crate::core::manifest::Release;
+use crate::core::tuf::{ReleaseRollout, RolloutDoc};
 use crate::error::refused;
 use crate::fleet::rollout::{self, Policy, Progress};
 use crate::fleet::store::{Db, Rollout};
@@ -97,6 +98,44 @@ pub fn apply(db: &Db, releases: &mut [Release], group: Option<&str>, now: u64) -
     Ok(())
 }
 
+/// A channel's rollout document (`core::tuf::RolloutDoc`, signed by the online rollout role):
+/// for each of `releases`, the percentage of the boxes outside listed groups, each listed
+/// group's, and why it is paused. A release under a wave rollout takes them from the waves (as
+/// `apply` does for one group); any other from its own `rollout` and `paused`.
+pub fn rollout_doc(db: Option<&Db>, releases: &[Release], now: u64) -> Result<RolloutDoc> {
+    let mut doc = RolloutDoc::default();
+    for rel in releases {
+        let waves = match db {
+            Some(db) => refresh(db, rel.version.as_str(), now)?,
+            None => None,
+        };
+        let r = match waves {
+            Some(r) => {
+                let p = &r.progress;
+                let paused = match (&p.paused, p.withdrawn) {
+                    (_, true) => Some("withdrawn".to_owned()),
+                    (Some(reason), _) => Some(reason.clone()),
+                    (None, false) => rel.paused.then(|| "paused by the operator".to_owned()),
+                };
+                ReleaseRollout {
+                    percent: rollout::rollout_for(&r.policy, p, None),
+                    groups: (r.policy.groups.iter())
+                        .map(|g| (g.clone(), rollout::rollout_for(&r.policy, p, Some(g))))
+                        .collect(),
+                    paused,
+                }
+            }
+            None => ReleaseRollout {
+                percent: rel.rollout,
+                groups: Default::default(),
+                paused: rel.paused.then(|| "paused by the operator".to_owned()),
+            },
+        };
+        doc.releases.insert(rel.version.to_string(), r);
+    }
+    Ok(doc)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -164,6 +203,30 @@ mod tests {
         let mut other = release();
         apply(&db, &mut other, None, 1101).unwrap();
         assert_eq!(other[0].rollout, 100, "the stage is stored");
+    }
+
+    #[test]
+    fn the_rollout_document_carries_each_groups_wave_and_the_pause_reason() {
+        let (_d, db) = setup();
+        let by_zone = Policy {
+            groups: vec!["zone-a".into()],
+            ..policy()
+        };
+        start(&db, "2.0", by_zone, 1000).unwrap();
+        let doc = rollout_doc(Some(&db), &release(), 1000).unwrap();
+        let r = &doc.releases["2.0"];
+        assert_eq!((r.percent, r.groups["zone-a"], &r.paused), (0, 10, &None));
+        for i in 0..3 {
+            post(&db, i, Outcome::Fallback, 1001);
+        }
+        let doc = rollout_doc(Some(&db), &release(), 1002).unwrap();
+        let reason = doc.releases["2.0"].paused.as_deref().unwrap_or_default();
+        assert!(reason.contains("3 boxes failed"), "{reason:?}");
+        let mut manual = release();
+        manual[0].paused = true;
+        let doc = rollout_doc(None, &manual, 1003).unwrap();
+        assert_eq!(doc.releases["2.0"].percent, 100);
+        assert!(doc.releases["2.0"].paused.is_some());
     }
 
     #[test]

@@ -42,6 +42,7 @@ use super::build;
 use super::dashboard;
 use super::fleetlock;
 use super::metrics::{self, Counters, Snapshot};
+use super::repo_sync::{self, Repo};
 use super::reports;
 use super::respond::{blocking, error, internal, with_db};
 use super::source::StreamSource;
@@ -153,6 +154,8 @@ pub struct Server {
     fleet: Option<Arc<Mutex<Db>>>,
     /// Responses and bytes served, for `/metrics`.
     counters: Arc<Counters>,
+    /// The TUF repository published next to the manifests (none: manifests only).
+    repo: Option<Arc<Repo>>,
 }
 
 impl Server {
@@ -172,7 +175,14 @@ impl Server {
             builds: Mutex::new(HashMap::new()),
             fleet: None,
             counters: Arc::default(),
+            repo: None,
         }
+    }
+
+    /// This server publishing the TUF repository `repo` (its routes; built artifacts listed).
+    pub fn with_repo(mut self, repo: Arc<Repo>) -> Server {
+        self.repo = Some(repo);
+        self
     }
 
     /// This server with the fleet database: it takes reports and steers wave rollouts.
@@ -246,6 +256,7 @@ impl Server {
 pub fn router(server: Arc<Server>) -> Router {
     let (fleet, counters) = (server.fleet.clone(), server.counters.clone());
     let slots = server.tuning.reboot_slots.clone();
+    let repo = server.repo.clone();
     let routes = Router::new()
         .route("/v1/channels/:channel/manifest", get(get_manifest))
         .route("/v1/artifacts/:name", get(get_artifact))
@@ -256,6 +267,10 @@ pub fn router(server: Arc<Server>) -> Router {
             .merge(reports::router(db.clone()))
             .merge(dashboard::router(db.clone()))
             .merge(fleetlock::router(db, slots)),
+        None => routes,
+    };
+    let routes = match repo {
+        Some(repo) => routes.merge(repo_sync::router(&repo)),
         None => routes,
     };
     routes.layer(middleware::from_fn_with_state(counters, metrics::count))
@@ -353,6 +368,12 @@ async fn get_artifact(
     UrlPath(name): UrlPath<String>,
     req: Request,
 ) -> Response {
+    // The TUF repository lists artifacts as targets, fetched at their consistent-snapshot
+    // name `<sha256>.<name>`: the same file (the box checks the digest).
+    let name = match name.split_once('.') {
+        Some((digest, rest)) if manifest::is_sha256_hex(digest) => rest.to_owned(),
+        _ => name,
+    };
     let (artifact, descriptor) = match name.strip_suffix(".descriptor") {
         Some(a) => (a.to_owned(), true),
         None => (name.clone(), false),
@@ -436,6 +457,12 @@ fn spawn_build(
             build::build(&s2.store, s2.source.as_ref(), &s2.key, from.as_ref(), &to)?;
             if let Err(e) = s2.store.evict(s2.tuning.cache_cap, &a2) {
                 tracing::error!("evicting after {a2}: {e:#}");
+            }
+            if let Some(repo) = &s2.repo {
+                // A box can still take the artifact by the manifest; it retries the listing.
+                if let Err(e) = repo.artifact_built(&s2.store, &a2) {
+                    tracing::error!("listing {a2} in the TUF repository: {e:#}");
+                }
             }
             Ok(())
         })

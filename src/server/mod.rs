@@ -10,6 +10,7 @@ pub mod keys;
 pub mod listen;
 pub mod metrics;
 pub mod publish;
+pub mod repo_sync;
 pub mod reports;
 pub mod respond;
 pub mod source;

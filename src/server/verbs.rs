@@ -17,6 +17,7 @@ use crate::fleet::store::Db;
 use crate::fleet::view::{self, RolloutView};
 use crate::output::Output;
 use crate::server::artifacts::StoredRelease;
+use crate::server::repo_sync::Repo;
 use crate::server::{keys, publish, source::ZfsSource, Server, Store, Tuning};
 use crate::sys::clock::now;
 use tough::schema::RoleType;
@@ -157,7 +158,26 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         ..Tuning::default()
     };
     let fleet = Db::open_in(&a.store.store)?;
-    let server = Server::new(store, key, source, tuning).with_fleet(fleet);
+    let mut server = Server::new(store, key, source, tuning).with_fleet(fleet);
+    if let (Some(dir), Some(keys)) = (a.repo, a.repo_keys) {
+        let repo = Arc::new(Repo::new(dir, keys));
+        // In step before the first request, then every minute on a thread of its own (with its
+        // own handles on the store and the fleet database).
+        let (store, db) = (Store::open(&a.store.store)?, Db::open_in(&a.store.store)?);
+        let db = std::sync::Mutex::new(db);
+        repo.sync(&store, Some(&db), now())?;
+        let (r, every) = (
+            repo.clone(),
+            std::time::Duration::from_secs(a.repo_sync_seconds),
+        );
+        std::thread::spawn(move || loop {
+            std::thread::sleep(every);
+            if let Err(e) = r.sync(&store, Some(&db), now()) {
+                tracing::error!("bringing the TUF repository in step: {e:#}");
+            }
+        });
+        server = server.with_repo(repo);
+    }
     crate::server::run(a.listen, server)
 }
 

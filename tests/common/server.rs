@@ -22,6 +22,8 @@ use upgradectl::core::version::Version;
 use upgradectl::error::Error;
 use upgradectl::fleet::store::Db;
 use upgradectl::server::artifacts::StoredRelease;
+use upgradectl::server::repo_sync::Repo;
+use upgradectl::server::tuf_repo;
 use upgradectl::server::{Server, Store, StreamSource, Tuning};
 
 /// Stand-in for ZFS (not available on this host): streams are files `full-V` / `A-to-B`.
@@ -72,6 +74,8 @@ pub struct Setup {
     pub tuning: Tuning,
     /// With the fleet database (`<root>/store/fleet.db`): reports and wave rollouts.
     pub fleet: bool,
+    /// Publishing a TUF repository (`<root>/repo`, every key in `<root>/keys`).
+    pub repo: bool,
 }
 
 impl Default for Setup {
@@ -87,6 +91,7 @@ impl Default for Setup {
                 ..Tuning::default()
             },
             fleet: false,
+            repo: false,
         }
     }
 }
@@ -201,6 +206,21 @@ pub fn start_with(setup: Setup) -> Fixture {
     let server = Server::new(store, key.clone(), source.clone(), setup.tuning);
     let server = match setup.fleet {
         true => server.with_fleet(Db::open_in(&root.join("store")).unwrap()),
+        false => server,
+    };
+    let server = match setup.repo {
+        true => {
+            let (repo, keys) = (root.join("repo"), root.join("keys"));
+            let o = tuf_repo::InitOptions {
+                root_keys: 1,
+                root_threshold: 1,
+            };
+            tuf_repo::init(&repo, &keys, &o).unwrap();
+            let repo = Arc::new(Repo::new(repo, keys));
+            repo.sync(&Store::open(&root.join("store")).unwrap(), None, 0)
+                .unwrap();
+            server.with_repo(repo)
+        }
         false => server,
     };
     let server = Arc::new(server);

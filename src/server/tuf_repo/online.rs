@@ -66,6 +66,17 @@ pub fn add_artifact(repo: &Path, keys: &Path, name: &str, blob: &Blob) -> Result
 /// out and its last good version kept), then a new timestamp naming it. The server runs this
 /// on every change and well before the timestamp expires.
 pub fn refresh(repo: &Path, keys: &Path) -> Result<()> {
+    refresh_unless_fresh(repo, keys, None).map(|_| ())
+}
+
+/// `refresh`, but only if a role has a newer verified version than the current snapshot
+/// publishes, or the timestamp expires within `min_left` seconds (never with `None`); whether
+/// it refreshed. A role file that never verifies thus costs nothing after its first refusal.
+pub fn refresh_if_needed(repo: &Path, keys: &Path, min_left: i64) -> Result<bool> {
+    refresh_unless_fresh(repo, keys, Some(min_left))
+}
+
+fn refresh_unless_fresh(repo: &Path, keys: &Path, min_left: Option<i64>) -> Result<bool> {
     let root = root(repo)?.signed;
     let newest = newest_roles(repo)?;
     let previous: Option<Signed<Snapshot>> = read_timestamp(repo).ok().and_then(|ts| {
@@ -98,6 +109,15 @@ pub fn refresh(repo: &Path, keys: &Path) -> Result<()> {
             previous.as_ref(),
         )?;
         meta.insert(format!("{}.json", role.name), metafile(v.0)?);
+    }
+    if let (Some(min_left), Some(prev), Ok(ts)) = (min_left, &previous, read_timestamp(repo)) {
+        let left = ts.signed.expires.as_second() - jiff::Timestamp::now().as_second();
+        let same = prev.signed.meta.len() == meta.len()
+            && (meta.iter())
+                .all(|(k, m)| prev.signed.meta.get(k).map(|p| p.version) == Some(m.version));
+        if same && left >= min_left {
+            return Ok(false);
+        }
     }
     let version = previous.as_ref().map_or(1, |s| s.signed.version.get() + 1);
     let mut snapshot = Snapshot::new(SPEC_VERSION.into(), nz(version)?, expiry(ONLINE_DAYS)?);
@@ -135,7 +155,7 @@ pub fn refresh(repo: &Path, keys: &Path) -> Result<()> {
         &holder,
         &role_keys(keys, "timestamp")?,
     )?;
-    Ok(())
+    Ok(true)
 }
 
 pub(super) fn read_timestamp(repo: &Path) -> Result<Signed<Timestamp>> {
