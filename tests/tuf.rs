@@ -730,3 +730,74 @@ fn digest_bytes(b: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(b))
 }
+
+#[test]
+fn prepare_takes_descriptors_from_the_repository_and_refuses_one_its_artifact_contradicts() {
+    use upgradectl::appliance::config::Config;
+    use upgradectl::appliance::paths::Layout;
+    use upgradectl::appliance::prepare::metadata::Metadata;
+    use upgradectl::appliance::trust::Trusted;
+    use upgradectl::error::Error;
+    let f = inproc::start_with(inproc::Setup {
+        repo: true,
+        ..Default::default()
+    });
+    let boxroot = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(boxroot.path().join("etc")).unwrap();
+    std::fs::copy(
+        f.root.join("repo/metadata/1.root.json"),
+        boxroot.path().join("etc/root.json"),
+    )
+    .unwrap();
+    let mut config = Config::default();
+    config.trust.root = Some("/etc/root.json".into());
+    let layout = Layout::new(boxroot.path(), &config.host_mount);
+    let server = format!("http://{}", f.addr);
+    let client = upgradectl::appliance::prepare::fetch::client(&inproc::limits()).unwrap();
+    let descriptor = || {
+        let meta = Metadata::Tuf(Box::new(Trusted::load(&layout, &config, &server).unwrap()));
+        meta.descriptor(&client, &server, "1.0-to-2.0.xz")
+    };
+    // Not built: come back later (the request has the server build it), until it is listed.
+    let first = descriptor().unwrap_err();
+    assert!(
+        matches!(
+            first.downcast_ref::<Error>(),
+            Some(Error::ComeBackLater { .. })
+        ),
+        "{first:#}"
+    );
+    let mut got = None;
+    inproc::wait_for(
+        "the descriptor from the repository",
+        std::time::Duration::from_secs(60),
+        || {
+            got = descriptor().ok();
+            got.is_some()
+        },
+    );
+    let d = got.unwrap();
+    let artifact = std::fs::read(f.root.join("store/artifacts/1.0-to-2.0.xz")).unwrap();
+    assert_eq!(
+        (d.size, d.sha256),
+        (artifact.len() as u64, digest_bytes(&artifact))
+    );
+    // The online artifacts key lists the artifact with other bytes than its descriptor says:
+    // neither is used.
+    let wrong = upgradectl::core::manifest::Blob {
+        size: 1234,
+        sha256: digest("other"),
+    };
+    upgradectl::server::tuf_repo::add_artifact(
+        &f.root.join("repo"),
+        &f.root.join("keys"),
+        "1.0-to-2.0.xz",
+        &wrong,
+    )
+    .unwrap();
+    let e = descriptor().unwrap_err();
+    assert!(
+        matches!(e.downcast_ref::<Error>(), Some(Error::SignatureInvalid(_))),
+        "{e:#}"
+    );
+}

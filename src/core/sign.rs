@@ -86,8 +86,21 @@ pub fn open<T: DeserializeOwned>(
     if !ok {
         return Err(invalid("not signed by a trusted key".into()));
     }
-    // Signed but unusable (a bad version, a missing field): refused input, like any bad input.
-    serde_json::from_slice(&payload)
+    parse_payload(&payload, what)
+}
+
+/// The payload of an envelope whose bytes were verified some other way (a TUF target's
+/// digest), parsed; its signatures are not looked at.
+pub fn payload<T: DeserializeOwned>(envelope: &Envelope, what: &str) -> Result<T> {
+    let payload = B64.decode(&envelope.payload).map_err(|_| {
+        anyhow::Error::from(Error::Refused(format!("{what}: payload is not base64")))
+    })?;
+    parse_payload(&payload, what)
+}
+
+/// Signed but unusable (a bad version, a missing field): refused input, like any bad input.
+fn parse_payload<T: DeserializeOwned>(payload: &[u8], what: &str) -> Result<T> {
+    serde_json::from_slice(payload)
         .map_err(|e| Error::Refused(format!("{what}: malformed payload: {e}")).into())
 }
 

@@ -9,21 +9,20 @@ use serde::Serialize;
 
 pub mod export;
 pub mod fetch;
+pub mod metadata;
 pub mod receive;
 
 use crate::appliance::ctx::Ctx;
 use crate::appliance::state::State;
 use crate::appliance::{identity, images, pool};
-use crate::core::manifest::{
-    self, artifact_name, Descriptor, MAX_DESCRIPTOR_BYTES, MAX_MANIFEST_BYTES,
-};
+use crate::core::manifest::{artifact_name, Descriptor};
 use crate::core::plan::{self, PlanInput};
-use crate::core::sign;
 use crate::core::version::Version;
 use crate::error::{refused, Error};
 use crate::sys::clock::now;
 use crate::sys::{fsutil, zfs};
 use fetch::{Fetched, Limits};
+use metadata::Metadata;
 use receive::receive;
 
 #[derive(Debug, Serialize)]
@@ -70,17 +69,6 @@ pub fn prepare_locked(
     }
 }
 
-fn trusted_keys(ctx: &Ctx) -> Result<Vec<ed25519_dalek::VerifyingKey>> {
-    ctx.config
-        .trust
-        .public_keys
-        .iter()
-        .map(|k| {
-            sign::parse_public_key(k).map_err(|e| refused(format!("trust.public_keys: {e:#}")))
-        })
-        .collect()
-}
-
 fn prepare_once(ctx: &mut Ctx, pinned: Option<&Version>) -> Result<PrepareReport> {
     let start = Instant::now();
     let server = ctx
@@ -89,7 +77,6 @@ fn prepare_once(ctx: &mut Ctx, pinned: Option<&Version>) -> Result<PrepareReport
         .clone()
         .ok_or_else(|| refused("no `server` is configured"))?;
     let server = server.trim_end_matches('/');
-    let trusted = trusted_keys(ctx)?;
     let limits = Limits {
         stall: Duration::from_secs(ctx.config.download.stall_seconds),
         min_speed: ctx.config.download.min_speed_bytes,
@@ -97,16 +84,8 @@ fn prepare_once(ctx: &mut Ctx, pinned: Option<&Version>) -> Result<PrepareReport
     let client = fetch::client(&limits)?;
     let channel = ctx.config.channel.clone();
 
-    let mut url = format!("{server}/v1/channels/{channel}/manifest");
-    // The group is letters, digits, '.', '_' and '-' (checked with the configuration).
-    if let Some(g) = &ctx.config.group {
-        url += &format!("?group={g}");
-    }
-    let manifest = manifest::open_manifest(
-        &fetch::get_envelope(&client, &url, "the manifest", MAX_MANIFEST_BYTES)?,
-        &trusted,
-        now(),
-    )?;
+    let meta = Metadata::load(ctx, server)?;
+    let manifest = meta.manifest(&client, server, &channel, ctx.config.group.as_deref())?;
     let zvol = pool::zvol(ctx);
     let local = zfs::snapshots(&zvol)?;
     let mut state = ctx.load_state()?;
@@ -151,13 +130,7 @@ fn prepare_once(ctx: &mut Ctx, pinned: Option<&Version>) -> Result<PrepareReport
         report.artifact = "local-snapshot".into();
     } else {
         let descriptor_of = |base: Option<&Version>| -> Result<Descriptor> {
-            let name = artifact_name(base, &target);
-            let durl = format!("{server}/v1/artifacts/{name}.descriptor");
-            manifest::open_descriptor(
-                &fetch::get_envelope(&client, &durl, &name, MAX_DESCRIPTOR_BYTES)?,
-                &trusted,
-                &name,
-            )
+            meta.descriptor(&client, server, &artifact_name(base, &target))
         };
         // A server that builds no diff from this base (outside its window) says 404: take the
         // full stream.
