@@ -673,11 +673,13 @@ fn serve_publishes_the_repository_with_online_keys_only_and_a_pause_reaches_the_
 #[path = "common/server.rs"]
 mod inproc;
 
-#[test]
-fn a_built_artifact_is_listed_by_the_online_role_and_read_at_its_digest_name() {
-    use upgradectl::appliance::config::Config;
-    use upgradectl::appliance::paths::Layout;
-    use upgradectl::appliance::trust::Trusted;
+/// The in-process server publishing a repository, and a box root trusting its first root.
+fn inproc_with_repo() -> (
+    inproc::Fixture,
+    tempfile::TempDir,
+    upgradectl::appliance::config::Config,
+    upgradectl::appliance::paths::Layout,
+) {
     let f = inproc::start_with(inproc::Setup {
         repo: true,
         ..Default::default()
@@ -689,9 +691,16 @@ fn a_built_artifact_is_listed_by_the_online_role_and_read_at_its_digest_name() {
         boxroot.path().join("etc/root.json"),
     )
     .unwrap();
-    let mut config = Config::default();
+    let mut config = upgradectl::appliance::config::Config::default();
     config.trust.root = Some("/etc/root.json".into());
-    let layout = Layout::new(boxroot.path(), &config.host_mount);
+    let layout = upgradectl::appliance::paths::Layout::new(boxroot.path(), &config.host_mount);
+    (f, boxroot, config, layout)
+}
+
+#[test]
+fn a_built_artifact_is_listed_by_the_online_role_and_read_at_its_digest_name() {
+    use upgradectl::appliance::trust::Trusted;
+    let (f, _boxroot, config, layout) = inproc_with_repo();
     let server = format!("http://{}", f.addr);
     let listed = || {
         Trusted::load(&layout, &config, &server)
@@ -733,25 +742,10 @@ fn digest_bytes(b: &[u8]) -> String {
 
 #[test]
 fn prepare_takes_descriptors_from_the_repository_and_refuses_one_its_artifact_contradicts() {
-    use upgradectl::appliance::config::Config;
-    use upgradectl::appliance::paths::Layout;
     use upgradectl::appliance::prepare::metadata::Metadata;
     use upgradectl::appliance::trust::Trusted;
     use upgradectl::error::Error;
-    let f = inproc::start_with(inproc::Setup {
-        repo: true,
-        ..Default::default()
-    });
-    let boxroot = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(boxroot.path().join("etc")).unwrap();
-    std::fs::copy(
-        f.root.join("repo/metadata/1.root.json"),
-        boxroot.path().join("etc/root.json"),
-    )
-    .unwrap();
-    let mut config = Config::default();
-    config.trust.root = Some("/etc/root.json".into());
-    let layout = Layout::new(boxroot.path(), &config.host_mount);
+    let (f, _boxroot, config, layout) = inproc_with_repo();
     let server = format!("http://{}", f.addr);
     let client = upgradectl::appliance::prepare::fetch::client(&inproc::limits()).unwrap();
     let descriptor = || {
