@@ -232,9 +232,14 @@ pub struct RepoReleaseArgs {
     pub channel: String,
     #[arg(long)]
     pub version: Version,
-    /// The exported image file (its size and sha256 are signed); or --size and --sha256.
-    #[arg(long, conflicts_with_all = ["size", "sha256"], required_unless_present = "sha256")]
+    /// The exported image file (its size and sha256 are signed); or --published, or --size
+    /// and --sha256.
+    #[arg(long, conflicts_with_all = ["size", "sha256", "published"],
+          required_unless_present_any = ["sha256", "published"])]
     pub image: Option<PathBuf>,
+    /// The image server's store: sign the image `publish` recorded for this version there.
+    #[arg(long, conflicts_with_all = ["size", "sha256"])]
+    pub published: Option<PathBuf>,
     #[arg(long, requires = "sha256")]
     pub size: Option<u64>,
     #[arg(long, requires = "size")]

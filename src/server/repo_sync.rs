@@ -24,6 +24,9 @@ use crate::server::tuf_repo;
 
 /// A timestamp with less than this left is signed again (it lives a day).
 const REFRESH_BEFORE: i64 = 12 * 3600;
+/// An online role (rollout, artifacts; they live 7 days) with less than this left is signed
+/// again even if nothing changed.
+const RENEW_BEFORE: i64 = 3 * 86400;
 
 /// The repository the server publishes, and its online keys.
 pub struct Repo {
@@ -71,7 +74,11 @@ impl Repo {
                     .with_context(|| format!("publishing the {channel} rollout"))?;
             }
         }
-        tuf_repo::refresh_if_needed(&self.dir, &self.keys, REFRESH_BEFORE)?;
+        if tuf_repo::renew_online_roles(&self.dir, &self.keys, RENEW_BEFORE)? {
+            tuf_repo::refresh(&self.dir, &self.keys)?;
+        } else {
+            tuf_repo::refresh_if_needed(&self.dir, &self.keys, REFRESH_BEFORE)?;
+        }
         Ok(())
     }
 

@@ -194,12 +194,17 @@ pub fn repo(c: RepoCommand, mut out: Output) -> Result<()> {
             ("init", a.repo)
         }
         RepoCommand::Release(a) => {
-            let image = match (&a.image, a.size, &a.sha256) {
-                (Some(path), _, _) => Blob {
+            let image = match (&a.published, &a.image, a.size, &a.sha256) {
+                (Some(store), _, _, _) => {
+                    (Store::open(store)?.release(&a.version)?)
+                        .ok_or_else(|| refused(format!("{} is not published", a.version)))?
+                        .image
+                }
+                (None, Some(path), _, _) => Blob {
                     size: std::fs::metadata(path)?.len(),
                     sha256: crate::core::hashing::sha256_file(path)?,
                 },
-                (None, Some(size), Some(sha256)) => Blob {
+                (None, None, Some(size), Some(sha256)) => Blob {
                     size,
                     sha256: sha256.clone(),
                 },

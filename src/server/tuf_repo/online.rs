@@ -11,8 +11,8 @@ use tough::TargetName;
 
 use super::keys::role_keys;
 use super::{
-    expiry, metadata_dir, newest_roles, nz, read, role_file, root, sign_and_write, target,
-    update_role, ONLINE_DAYS, SPEC_VERSION, TIMESTAMP_DAYS,
+    current_targets, expiry, metadata_dir, newest_roles, nz, read, role_file, root, sign_and_write,
+    target, update_role, ONLINE_DAYS, SPEC_VERSION, TIMESTAMP_DAYS,
 };
 use crate::core::hashing::sha256_hex;
 use crate::core::manifest::Blob;
@@ -50,6 +50,22 @@ pub fn set_rollout(repo: &Path, keys: &Path, channel: &str, doc: &RolloutDoc) ->
     refresh(repo, keys)
 }
 
+/// Signs the online delegated roles (rollout, artifacts) again, unchanged, when they expire
+/// within `min_left` seconds: nothing else re-signs a role whose content stays the same, and
+/// an expired role stops every box. Whether it did; the caller refreshes.
+pub fn renew_online_roles(repo: &Path, keys: &Path, min_left: i64) -> Result<bool> {
+    let mut renewed = false;
+    for role in [ROLLOUT_ROLE, ARTIFACTS_ROLE] {
+        let left = current_targets(repo, role)?.signed.expires.as_second()
+            - jiff::Timestamp::now().as_second();
+        if left < min_left {
+            update_role(repo, keys, role, ONLINE_DAYS, |_| Ok(()))?;
+            renewed = true;
+        }
+    }
+    Ok(renewed)
+}
+
 /// Lists a built artifact (or its descriptor), signed by the online artifacts key, then
 /// refreshes.
 pub fn add_artifact(repo: &Path, keys: &Path, name: &str, blob: &Blob) -> Result<()> {
@@ -70,8 +86,9 @@ pub fn refresh(repo: &Path, keys: &Path) -> Result<()> {
 }
 
 /// `refresh`, but only if a role has a newer verified version than the current snapshot
-/// publishes, or the timestamp expires within `min_left` seconds (never with `None`); whether
-/// it refreshed. A role file that never verifies thus costs nothing after its first refusal.
+/// publishes, the timestamp expires within `min_left` seconds (never with `None`), or root no
+/// longer names the keys that signed the snapshot or timestamp (a rotation); whether it
+/// refreshed. A role file that never verifies thus costs nothing after its first refusal.
 pub fn refresh_if_needed(repo: &Path, keys: &Path, min_left: i64) -> Result<bool> {
     refresh_unless_fresh(repo, keys, Some(min_left))
 }
@@ -115,7 +132,9 @@ fn refresh_unless_fresh(repo: &Path, keys: &Path, min_left: Option<i64>) -> Resu
         let same = prev.signed.meta.len() == meta.len()
             && (meta.iter())
                 .all(|(k, m)| prev.signed.meta.get(k).map(|p| p.version) == Some(m.version));
-        if same && left >= min_left {
+        // Signed by keys the current root still names (a rotation makes them stale).
+        let valid = root.verify_role(&ts).is_ok() && root.verify_role(prev).is_ok();
+        if same && valid && left >= min_left {
             return Ok(false);
         }
     }
@@ -193,4 +212,45 @@ pub(super) fn verified_version(
         }
     }
     bail!("no version of {role} verifies: {}", errors.join("; "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::tuf_repo::{init, InitOptions, DAY};
+    use tough::schema::RoleType;
+
+    #[test]
+    fn online_roles_are_renewed_before_they_expire_and_only_then() {
+        let d = tempfile::tempdir().unwrap();
+        let (repo, keys) = (d.path().join("repo"), d.path().join("keys"));
+        let o = InitOptions {
+            root_keys: 1,
+            root_threshold: 1,
+        };
+        init(&repo, &keys, &o).unwrap();
+        let version = |role| current_targets(&repo, role).unwrap().signed.version.get();
+        assert!(
+            !renew_online_roles(&repo, &keys, DAY).unwrap(),
+            "7 days left"
+        );
+        assert_eq!((version(ROLLOUT_ROLE), version(ARTIFACTS_ROLE)), (1, 1));
+        assert!(renew_online_roles(&repo, &keys, 8 * DAY).unwrap());
+        assert_eq!((version(ROLLOUT_ROLE), version(ARTIFACTS_ROLE)), (2, 2));
+        assert!(
+            refresh_if_needed(&repo, &keys, 0).unwrap(),
+            "the new versions are published"
+        );
+        assert!(
+            !refresh_if_needed(&repo, &keys, 0).unwrap(),
+            "nothing new, timestamp fresh"
+        );
+        // The timestamp key rotates: what the old key signed is stale at once.
+        crate::server::tuf_repo::rotate_root(&repo, &keys, &[RoleType::Timestamp], 1, 0).unwrap();
+        assert!(
+            refresh_if_needed(&repo, &keys, 0).unwrap(),
+            "signed by a revoked key"
+        );
+        assert!(!refresh_if_needed(&repo, &keys, 0).unwrap());
+    }
 }
