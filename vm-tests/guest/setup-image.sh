@@ -21,9 +21,10 @@ systemctl enable upgradectl-confirm.service upgradectl-trial-deadline.timer
 mkdir -p /etc/upgradectl
 echo "$version" > /etc/upgradectl/image-version
 cp /usr/local/share/upgradectl-test/guest/upgradectl.toml /etc/upgradectl/upgradectl.toml
-if [ -f /usr/local/share/upgradectl-test/trusted.pub ]; then
-  printf '\n[trust]\npublic_keys = ["%s"]\n' "$(cat /usr/local/share/upgradectl-test/trusted.pub)" \
-    >> /etc/upgradectl/upgradectl.toml
+# The TUF root the image ships (provisioning puts it there): trust starts from it.
+if [ -f /usr/local/share/upgradectl-test/root.json ]; then
+  install -m 644 /usr/local/share/upgradectl-test/root.json /etc/upgradectl/root.json
+  printf '\n[trust]\nroot = "/etc/upgradectl/root.json"\n' >> /etc/upgradectl/upgradectl.toml
 fi
 
 # The test image server runs in the same guest against its own pool (srv), when provisioned.
@@ -34,7 +35,7 @@ After=zfs-mount.service network.target
 ConditionPathExists=/srv/store/releases.json
 
 [Service]
-ExecStart=/usr/bin/upgradectl serve --store /srv/store --zvol srv/images/image --key /srv/store/upgradectl.key --listen 127.0.0.1:8080
+ExecStart=/usr/bin/upgradectl serve --store /srv/store --zvol srv/images/image --key /srv/store/upgradectl.key --listen 127.0.0.1:8080 --repo /srv/store/repo --repo-keys /srv/store/online-keys --repo-sync-seconds 2
 Restart=on-failure
 
 [Install]

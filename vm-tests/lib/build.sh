@@ -88,8 +88,8 @@ build_image() {
   cp "$deb" "$tree/tmp/upgradectl.deb"
   mkdir -p "$tree/usr/local/share/upgradectl-test"
   cp -a "$VMT_DIR/guest" "$tree/usr/local/share/upgradectl-test/"
-  if [ -n "${TRUSTED_PUB:-}" ]; then
-    cp "$TRUSTED_PUB" "$tree/usr/local/share/upgradectl-test/trusted.pub"
+  if [ -n "${TUF_ROOT:-}" ]; then
+    cp "$TUF_ROOT" "$tree/usr/local/share/upgradectl-test/root.json"
   fi
   mount --bind /proc "$tree/proc"
   mount --bind /dev "$tree/dev"

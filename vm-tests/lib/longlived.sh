@@ -32,7 +32,8 @@ make_release() {
       chmod 755 /mnt/rel/sbin/init
     fi
     umount /mnt/rel" || return 1
-  vm_run "upgradectl publish --store /srv/store --zvol srv/images/image --version $v --from /srv/work/$v.img && rm /srv/work/$v.img"
+  vm_run "upgradectl publish --store /srv/store --zvol srv/images/image --version $v --from /srv/work/$v.img && rm /srv/work/$v.img" || return 1
+  sign_release "$v"
 }
 
 # usage_line : "host_used_mib pool_alloc_mib snapshots" of the box now.

@@ -28,8 +28,15 @@ setup_artefacts() {
     mkdir -p "$SERVER_KEY"
     "$BIN" keygen --out "$SERVER_KEY" >&2
   fi
-  export TRUSTED_PUB=$SERVER_KEY/upgradectl.pub
-  key=$( { cat "$deb" "$VMT_DIR"/guest/* "$TRUSTED_PUB"; echo "$base"; } | sha256sum | cut -c1-16)
+  # The release manager's TUF repository and keys, made once per machine: every image ships
+  # its first root; each run's server starts from a copy (its releases are signed in the run).
+  TUF_DIR=$CACHE_DIR/tuf
+  if [ ! -f "$TUF_DIR/repo/metadata/1.root.json" ]; then
+    rm -rf "$TUF_DIR"
+    "$BIN" repo init --repo "$TUF_DIR/repo" --keys "$TUF_DIR/keys" >&2
+  fi
+  export TUF_ROOT=$TUF_DIR/repo/metadata/1.root.json
+  key=$( { cat "$deb" "$VMT_DIR"/guest/* "$TUF_ROOT"; echo "$base"; } | sha256sum | cut -c1-16)
   IMAGES=$CACHE_DIR/images-$key
   if [ ! -f "$IMAGES/done" ]; then
     # Keep the two newest other image sets (other clones' branches), drop older ones.
@@ -53,7 +60,8 @@ fresh_box() {
   build_box_disk "$BOX_DISK" "$IMAGES/1.0.img" "$BIN"
   build_pool_disk "$BOX_POOL" 3072
   build_pool_disk "$SRV_POOL" 3072
-  build_source_disk "$SOURCE_DISK" "$IMAGES"/*.img "$SERVER_KEY/upgradectl.key"
+  tar -C "$TUF_DIR" -cf "$WORK_DIR/tuf.tar" repo keys
+  build_source_disk "$SOURCE_DISK" "$IMAGES"/*.img "$SERVER_KEY/upgradectl.key" "$WORK_DIR/tuf.tar"
 }
 
 boot_box() {
@@ -185,8 +193,18 @@ provision_delivery() {
     mountpoint -q /srv/source || mount -o ro /dev/vdd /srv/source
     zfs list srv/store >/dev/null 2>&1 || zfs create -o mountpoint=/srv/store srv/store
     [ -f /srv/store/upgradectl.key ] || install -m 600 /srv/source/upgradectl.key /srv/store/
+    # The TUF repository: the offline keys stay in /srv/store/keys (in these tests the release
+    # manager works in the same guest), the server gets the four online ones.
+    if [ ! -d /srv/store/repo ]; then
+      tar -C /srv/store -xf /srv/source/tuf.tar
+      mkdir -p -m 700 /srv/store/online-keys
+      for role in snapshot timestamp rollout artifacts; do
+        cp /srv/store/keys/$role.1.pk8 /srv/store/online-keys/
+      done
+    fi
     if [ ! -f /srv/store/releases.json ]; then
       upgradectl publish --store /srv/store --zvol srv/images/image --version 1.0 --from /srv/source/1.0.img
+      upgradectl repo release --repo /srv/store/repo --keys /srv/store/keys --version 1.0 --published /srv/store
     fi
     if ! zfs list box/upgradectl/image >/dev/null 2>&1; then
       zfs create -p box/upgradectl
@@ -194,7 +212,7 @@ provision_delivery() {
     fi
     systemctl start upgradectl-test-server.service
     for i in $(seq 120); do
-      curl -sf -o /dev/null http://127.0.0.1:8080/v1/channels/stable/manifest && exit 0
+      curl -sf -o /dev/null http://127.0.0.1:8080/v1/metadata/timestamp.json && exit 0
       sleep 0.5
     done
     echo "the image server did not come up" >&2; exit 1'
@@ -202,7 +220,20 @@ provision_delivery() {
 
 publish() {
   vm_run "mkdir -p /srv/source && { mountpoint -q /srv/source || mount -o ro /dev/vdd /srv/source; }" || return 1
-  vm_run "upgradectl publish --store /srv/store --zvol srv/images/image --version $1 --from /srv/source/$1.img"
+  vm_run "upgradectl publish --store /srv/store --zvol srv/images/image --version $1 --from /srv/source/$1.img" || return 1
+  sign_release "$1"
+}
+
+# sign_release VERSION : the release manager signs the published image of VERSION on stable
+# with the channel's offline key; waits until the server has published it (its next sync)
+# and the box sees it, verified, in `upgradectl releases`.
+sign_release() {
+  vm_run "upgradectl repo release --repo /srv/store/repo --keys /srv/store/keys --version $1 --published /srv/store" || return 1
+  vm_run "for i in \$(seq 120); do
+      upgradectl --json releases 2>/dev/null | tail -n1 | grep -q '\"version\":\"$1\"' && exit 0
+      sleep 0.5
+    done
+    echo 'the server never published release $1' >&2; upgradectl releases; exit 1"
 }
 
 # ensure_box : the appliance is running (scenarios continue from the disks a previous one left).
@@ -277,8 +308,23 @@ scenario_broken() {
 
 # A prepare killed in the middle (download or receive) and rerun completes without
 # downloading again what it had.
+# rotate_keys : keys rotate between two releases: a new root (3 keys, 2 needed to sign the
+# next) and a new online timestamp key. Until the operator gives the server the new timestamp
+# key, what it serves is signed by the revoked one: the box refuses it (exit 2). Then the box
+# follows the new root (kept on its host partition: the images it boots ship the first one).
+rotate_keys() {
+  vm_run "upgradectl repo rotate-root --repo /srv/store/repo --keys /srv/store/keys --roles root,timestamp --root-keys 3 --root-threshold 2" || return 1
+  local rc
+  rc=$(vm_ssh "upgradectl --json releases >/tmp/releases.json 2>&1; echo \$?") || return 1
+  log "on the revoked timestamp key: $(vm_ssh "tail -n1 /tmp/releases.json")"
+  assert_eq "$rc" 2 "releases on metadata signed by the revoked timestamp key" || return 1
+  vm_run 'rm -f /srv/store/online-keys/timestamp.*.pk8
+    cp "$(ls /srv/store/keys/timestamp.*.pk8 | sort -V | tail -n1)" /srv/store/online-keys/' || return 1
+}
+
 scenario_resume() {
   ensure_box || return 1
+  rotate_keys || return 1
   publish 4.0 || return 1
   vm_run "upgradectl --wait prepare --version 4.0 --json >/tmp/p1.json 2>&1 & pid=\$!
     d=/host/var/lib/upgradectl/downloads
@@ -300,6 +346,8 @@ scenario_resume() {
   snaps=$(vm_ssh "zfs list -H -t snapshot -o name -d 1 box/upgradectl/image" | sed 's/.*@//' | sort -V | tr '\n' ' ')
   assert_eq "$snaps" "1.0 2.0 4.0 " "snapshots in the box's pool after prepare" || return 1
   assert_eq "$(status_field "s['pool']['name']")" box "pool usage in status" || return 1
+  out=$(vm_ssh "upgradectl --json releases" | tail -n1) || return 1
+  assert_eq "$(json_field "$out" "d['root_version'] >= 2")" True "the box follows the rotated root" || return 1
 }
 
 # install_failpoints_binary : upgradectl built with its fail points (the debug build `cargo
