@@ -12,6 +12,7 @@ use crate::appliance::images;
 use crate::appliance::rebootlock;
 use crate::appliance::report;
 use crate::appliance::state::{ImageState, Operation, Trying};
+use crate::appliance::trust;
 use crate::core::report::Report;
 use crate::core::version::Version;
 use crate::sys::fsutil;
@@ -38,6 +39,9 @@ pub struct Status {
     pub last_boot: Option<BootReport>,
     /// Reports to the fleet server not acknowledged yet (sent at the next run).
     pub pending_reports: Vec<Report>,
+    /// The version of the TUF root this box trusts now (after the rotations it followed);
+    /// null before its first verified load.
+    pub trusted_root: Option<u64>,
     /// Why the prepared image waits for `upgrade` (the timer's): outside the maintenance
     /// window, busy checks, inhibitor locks. Empty when it may switch or nothing is prepared.
     pub waiting: Vec<String>,
@@ -141,6 +145,7 @@ pub fn gather(ctx: &Ctx) -> Result<Status> {
         last_operation: state.last_operation,
         last_boot: BootReport::read(&ctx.layout.boot_report())?,
         pending_reports: report::pending(&ctx.layout)?,
+        trusted_root: trust::followed_root_version(&ctx.layout),
     })
 }
 
@@ -265,6 +270,9 @@ pub fn render(s: &Status) -> String {
             "reports:   {} not yet acknowledged by the server\n",
             s.pending_reports.len()
         );
+    }
+    if let Some(v) = s.trusted_root {
+        o += &format!("trust:     TUF root version {v}\n");
     }
     o
 }
