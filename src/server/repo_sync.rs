@@ -1,8 +1,9 @@
 //! Keeping the TUF repository (`server::tuf_repo`) in step with the server, with the online
 //! keys only: each channel's rollout document from releases.json and the wave rollouts (the
-//! automatic pause included), each built artifact and its descriptor, and a timestamp that
-//! never gets near its expiry. Runs at start, every `serve --repo-sync-seconds`, and after each build; one
-//! at a time. Its routes serve the metadata and the rollout documents.
+//! automatic pause included), each built artifact and its descriptor, online roles and a
+//! timestamp that never get near their expiry. Runs at start, every `serve
+//! --repo-sync-seconds` and after each build, one at a time. Its routes serve the metadata
+//! and the rollout documents.
 
 use std::path::PathBuf;
 use std::sync::Mutex;
@@ -45,9 +46,10 @@ impl Repo {
         }
     }
 
-    /// Publishes each channel's rollout document where it changed, then a new snapshot and
-    /// timestamp if a role has a newer verified version (a release the release manager signed
-    /// offline and copied in) or the timestamp expires within `REFRESH_BEFORE`.
+    /// Publishes each channel's rollout document where it changed, renews the online roles
+    /// that expire within `RENEW_BEFORE`, then a new snapshot and timestamp if a role has a
+    /// newer verified version (a release the release manager signed offline and copied in),
+    /// the timestamp expires within `REFRESH_BEFORE` or a rotation made it stale.
     pub fn sync(&self, store: &Store, fleet: Option<&Mutex<Db>>, now: u64) -> Result<()> {
         let _one = self
             .lock
