@@ -39,6 +39,7 @@ use tower::ServiceExt;
 
 use super::artifacts::{Buildable, Store};
 use super::build;
+use super::builds::{next, next_backoff, Build, Next};
 use super::dashboard;
 use super::fleetlock;
 use super::metrics::{self, Counters, Snapshot};
@@ -57,46 +58,6 @@ use crate::sys::clock::now;
 /// How long a signed manifest stays valid.
 const MANIFEST_LIFETIME: u64 = 24 * 3600;
 const IMMUTABLE: &str = "public, max-age=31536000, immutable";
-
-/// What a build in progress or failed looks like to the next asker.
-#[derive(Debug, Clone, PartialEq)]
-enum Build {
-    /// Running or waiting for a build slot; `backoff` is the one a failure doubles.
-    Running { backoff: Option<Duration> },
-    /// Failed; not tried again before `retry_at`.
-    Failed {
-        retry_at: Instant,
-        backoff: Duration,
-    },
-}
-
-/// What a request for an artifact that is not built leads to.
-#[derive(Debug, PartialEq)]
-enum Next {
-    /// Come back in this many seconds.
-    Wait(u64),
-    /// Start the build; `backoff` is the last failure's, if any.
-    Start { backoff: Option<Duration> },
-}
-
-/// The pure rule: one build at a time per artifact, none while a failure backs off.
-fn next(entry: Option<&Build>, retry_after: u64, now: Instant) -> Next {
-    match entry {
-        Some(Build::Running { .. }) => Next::Wait(retry_after),
-        Some(Build::Failed { retry_at, .. }) if *retry_at > now => {
-            Next::Wait((*retry_at - now).as_secs_f64().ceil() as u64)
-        }
-        Some(Build::Failed { backoff, .. }) => Next::Start {
-            backoff: Some(*backoff),
-        },
-        None => Next::Start { backoff: None },
-    }
-}
-
-/// The backoff after a failure: the first, or the last doubled, at most `max_backoff`.
-fn next_backoff(last: Option<Duration>, t: &Tuning) -> Duration {
-    last.map_or(t.build_backoff, |b| (b * 2).min(t.max_backoff))
-}
 
 /// What an operator tunes on the image server (the `serve` flags).
 #[derive(Debug, Clone)]
@@ -240,7 +201,8 @@ impl Server {
                 builds.remove(artifact);
             }
             Err(e) => {
-                let backoff = next_backoff(backoff, &self.tuning);
+                let backoff =
+                    next_backoff(backoff, self.tuning.build_backoff, self.tuning.max_backoff);
                 tracing::error!(
                     "building {artifact}: {e:#}; not retried for {}s",
                     backoff.as_secs()
@@ -469,38 +431,4 @@ fn spawn_build(
         .await;
         s.finish(&artifact, result, backoff);
     });
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn one_build_at_a_time_and_none_while_a_failure_backs_off() {
-        let now = Instant::now();
-        let running = Build::Running { backoff: None };
-        assert_eq!(next(Some(&running), 5, now), Next::Wait(5));
-        assert_eq!(next(None, 5, now), Next::Start { backoff: None });
-        let backoff = Duration::from_secs(60);
-        let failed = Build::Failed {
-            retry_at: now + Duration::from_millis(30_500),
-            backoff,
-        };
-        assert_eq!(next(Some(&failed), 5, now), Next::Wait(31));
-        let later = now + Duration::from_secs(31);
-        let retry = Next::Start {
-            backoff: Some(backoff),
-        };
-        assert_eq!(next(Some(&failed), 5, later), retry);
-    }
-
-    #[test]
-    fn backoff_doubles_up_to_the_cap() {
-        let t = Tuning::default();
-        assert_eq!(next_backoff(None, &t), Duration::from_secs(60));
-        let b = next_backoff(Some(Duration::from_secs(60)), &t);
-        assert_eq!(b, Duration::from_secs(120));
-        let b = next_backoff(Some(Duration::from_secs(2400)), &t);
-        assert_eq!(b, Duration::from_secs(3600));
-    }
 }

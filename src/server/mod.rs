@@ -3,6 +3,7 @@
 
 pub mod artifacts;
 pub mod build;
+pub mod builds;
 pub mod dashboard;
 pub mod fleetlock;
 pub mod http;

@@ -7,6 +7,9 @@ use clap::{Args, CommandFactory, Parser, Subcommand};
 
 use crate::core::version::Version;
 
+mod repo;
+pub use repo::{RepoArgs, RepoCommand, RepoInitArgs, RepoReleaseArgs, RepoRotateArgs};
+
 /// Image-based OS upgrades: whole ext4 images booted by GRUB loopback, delivered as ZFS diffs.
 #[derive(Debug, Parser)]
 #[command(name = "upgradectl", version, about, long_about = None)]
@@ -185,82 +188,6 @@ pub struct ReleaseArgs {
     pub waves: WaveArgs,
 }
 
-/// The TUF repository's steps (see docs/protocol.md, "The TUF repository").
-#[derive(Debug, Subcommand)]
-pub enum RepoCommand {
-    /// Create a repository and every key: root (offline, --root-keys, --root-threshold),
-    /// targets and one role per channel (offline), snapshot, timestamp, rollout and artifacts
-    /// (online: copy those four to the server).
-    Init(RepoInitArgs),
-    /// Sign a release on a channel with the channel's offline key: the exported image's size
-    /// and sha256. The server publishes it at its next refresh.
-    Release(RepoReleaseArgs),
-    /// Rotate keys: a new root version with new keys for the given roles, signed by the
-    /// current root keys and the new ones; the old key files move to KEYS/revoked/.
-    RotateRoot(RepoRotateArgs),
-    /// Publish the newest verified version of every role: a new snapshot and timestamp,
-    /// signed with the online keys.
-    Refresh(RepoArgs),
-}
-
-#[derive(Debug, Args)]
-pub struct RepoArgs {
-    /// The repository directory (served at /v1/: metadata/ and the data targets).
-    #[arg(long)]
-    pub repo: PathBuf,
-    /// The directory of key files (`<role>.<n>.pk8`) this step signs with.
-    #[arg(long)]
-    pub keys: PathBuf,
-}
-
-#[derive(Debug, Args)]
-pub struct RepoInitArgs {
-    #[command(flatten)]
-    pub repo: RepoArgs,
-    #[arg(long, default_value_t = 1)]
-    pub root_keys: usize,
-    /// Root signatures needed: any new root needs this many of the old keys and of its own.
-    #[arg(long, default_value_t = 1)]
-    pub root_threshold: u64,
-}
-
-#[derive(Debug, Args)]
-pub struct RepoReleaseArgs {
-    #[command(flatten)]
-    pub repo: RepoArgs,
-    #[arg(long, default_value = "stable")]
-    pub channel: String,
-    #[arg(long)]
-    pub version: Version,
-    /// The exported image file (its size and sha256 are signed); or --published, or --size
-    /// and --sha256.
-    #[arg(long, conflicts_with_all = ["size", "sha256", "published"],
-          required_unless_present_any = ["sha256", "published"])]
-    pub image: Option<PathBuf>,
-    /// The image server's store: sign the image `publish` recorded for this version there.
-    #[arg(long, conflicts_with_all = ["size", "sha256"])]
-    pub published: Option<PathBuf>,
-    #[arg(long, requires = "sha256")]
-    pub size: Option<u64>,
-    #[arg(long, requires = "size")]
-    pub sha256: Option<String>,
-}
-
-#[derive(Debug, Args)]
-pub struct RepoRotateArgs {
-    #[command(flatten)]
-    pub repo: RepoArgs,
-    /// The roles that get new keys (root, targets, snapshot, timestamp).
-    #[arg(long, value_delimiter = ',', default_value = "root")]
-    pub roles: Vec<String>,
-    /// How many root keys when root is rotated.
-    #[arg(long, default_value_t = 1)]
-    pub root_keys: usize,
-    /// Root's new threshold (0: unchanged).
-    #[arg(long, default_value_t = 0)]
-    pub root_threshold: u64,
-}
-
 /// A wave rollout, steered by the boxes' reports (see docs/fleet.md).
 #[derive(Debug, Args)]
 pub struct WaveArgs {
@@ -432,7 +359,7 @@ pub struct CompletionsArgs {
 /// links the others (`\%`: names are not hyphenated). Dated with this version's release.
 pub fn man_pages() -> std::io::Result<Vec<(String, Vec<u8>)>> {
     let source = format!("upgradectl {}", env!("CARGO_PKG_VERSION"));
-    let date = release_date(include_str!("../debian/changelog")).unwrap_or_default();
+    let date = release_date(include_str!("../../debian/changelog")).unwrap_or_default();
     // Built once from the top, so that each verb's page is named upgradectl-VERB.
     let mut top = Cli::command().disable_help_subcommand(true);
     top.build();
@@ -507,7 +434,7 @@ mod tests {
         assert_eq!(release_date(changelog).as_deref(), Some("2026-12-07"));
         assert_eq!(release_date("no entries\n"), None);
         // The package's own changelog has a date.
-        assert!(release_date(include_str!("../debian/changelog")).is_some());
+        assert!(release_date(include_str!("../../debian/changelog")).is_some());
     }
 
     #[test]
