@@ -782,13 +782,10 @@ fn prepare_takes_descriptors_from_the_repository_and_refuses_one_its_artifact_co
         size: 1234,
         sha256: digest("other"),
     };
-    upgradectl::server::tuf_repo::add_artifact(
-        &f.root.join("repo"),
-        &f.root.join("keys"),
-        "1.0-to-2.0.xz",
-        &wrong,
-    )
-    .unwrap();
+    let (repo, keys) = (f.root.join("repo"), f.root.join("keys"));
+    let listed = [("1.0-to-2.0.xz".to_owned(), wrong)];
+    upgradectl::server::tuf_repo::add_artifacts(&repo, &keys, &listed).unwrap();
+    upgradectl::server::tuf_repo::refresh(&repo, &keys).unwrap();
     let e = descriptor().unwrap_err();
     assert!(
         matches!(e.downcast_ref::<Error>(), Some(Error::SignatureInvalid(_))),

@@ -56,6 +56,7 @@ impl Repo {
             .lock()
             .map_err(|_| anyhow::anyhow!("repo lock poisoned"))?;
         let releases = store.releases()?;
+        let mut changed = Vec::new();
         for channel in CHANNELS {
             let on_channel: Vec<_> = (releases.iter())
                 .filter(|r| r.channel == channel)
@@ -72,15 +73,16 @@ impl Repo {
             };
             let path = self.dir.join(tuf::rollout_target(channel));
             if std::fs::read(&path).ok() != Some(serde_json::to_vec(&doc)?) {
-                tuf_repo::set_rollout(&self.dir, &self.keys, channel, &doc)
-                    .with_context(|| format!("publishing the {channel} rollout"))?;
+                changed.push((channel, doc));
             }
         }
-        if tuf_repo::renew_online_roles(&self.dir, &self.keys, RENEW_BEFORE)? {
-            tuf_repo::refresh(&self.dir, &self.keys)?;
-        } else {
-            tuf_repo::refresh_if_needed(&self.dir, &self.keys, REFRESH_BEFORE)?;
+        if !changed.is_empty() {
+            tuf_repo::set_rollouts(&self.dir, &self.keys, &changed)
+                .context("publishing the rollout documents")?;
         }
+        tuf_repo::renew_online_roles(&self.dir, &self.keys, RENEW_BEFORE)?;
+        // One new snapshot and timestamp for all of the above (new role versions), if any.
+        tuf_repo::refresh_if_needed(&self.dir, &self.keys, REFRESH_BEFORE)?;
         Ok(())
     }
 
@@ -90,6 +92,7 @@ impl Repo {
             .lock
             .lock()
             .map_err(|_| anyhow::anyhow!("repo lock poisoned"))?;
+        let mut listed = Vec::new();
         for (name, path) in [
             (artifact.to_owned(), store.artifact_path(artifact)),
             (
@@ -103,9 +106,10 @@ impl Repo {
                     .len(),
                 sha256: sha256_file(&path)?,
             };
-            tuf_repo::add_artifact(&self.dir, &self.keys, &name, &blob)?;
+            listed.push((name, blob));
         }
-        Ok(())
+        tuf_repo::add_artifacts(&self.dir, &self.keys, &listed)?;
+        tuf_repo::refresh(&self.dir, &self.keys)
     }
 }
 

@@ -38,7 +38,7 @@ use crate::core::tuf::{ARTIFACTS_ROLE, ROLLOUT_ROLE};
 use crate::sys::fsutil;
 
 pub use offline::{init, release, rotate_root};
-pub use online::{add_artifact, refresh, refresh_if_needed, renew_online_roles, set_rollout};
+pub use online::{add_artifacts, refresh, refresh_if_needed, renew_online_roles, set_rollouts};
 
 pub(super) const SPEC_VERSION: &str = "1.0.0";
 pub(super) const DAY: i64 = 86400;

@@ -38,16 +38,21 @@ pub(super) fn write_target(repo: &Path, name: &str, data: &[u8]) -> Result<Blob>
     })
 }
 
-/// Publishes `channel`'s rollout document, signed by the online rollout key, then refreshes.
-pub fn set_rollout(repo: &Path, keys: &Path, channel: &str, doc: &RolloutDoc) -> Result<()> {
-    let name = tuf::rollout_target(channel);
-    let blob = write_target(repo, &name, &serde_json::to_vec(doc)?)?;
-    let (name, t) = (TargetName::new(name)?, target(&blob)?);
+/// Writes each channel's rollout document of `docs` and lists them in one new version of the
+/// online rollout role. Publishing them is `refresh`'s part (`refresh_if_needed` sees the new
+/// version), so a caller changing several things refreshes once.
+pub fn set_rollouts(repo: &Path, keys: &Path, docs: &[(&str, RolloutDoc)]) -> Result<()> {
+    let mut listed = Vec::new();
+    for (channel, doc) in docs {
+        let name = tuf::rollout_target(channel);
+        let blob = write_target(repo, &name, &serde_json::to_vec(doc)?)?;
+        listed.push((TargetName::new(name)?, target(&blob)?));
+    }
     update_role(repo, keys, ROLLOUT_ROLE, ONLINE_DAYS, |role| {
-        role.targets.insert(name, t);
+        role.targets.extend(listed);
         Ok(())
     })?;
-    refresh(repo, keys)
+    Ok(())
 }
 
 /// Signs the online delegated roles (rollout, artifacts) again, unchanged, when they expire
@@ -66,15 +71,17 @@ pub fn renew_online_roles(repo: &Path, keys: &Path, min_left: i64) -> Result<boo
     Ok(renewed)
 }
 
-/// Lists a built artifact (or its descriptor), signed by the online artifacts key, then
-/// refreshes.
-pub fn add_artifact(repo: &Path, keys: &Path, name: &str, blob: &Blob) -> Result<()> {
-    let (name, t) = (TargetName::new(tuf::artifact_target(name))?, target(blob)?);
+/// Lists built artifacts (an artifact and its descriptor) in one new version of the online
+/// artifacts role; the caller refreshes.
+pub fn add_artifacts(repo: &Path, keys: &Path, artifacts: &[(String, Blob)]) -> Result<()> {
+    let listed = (artifacts.iter())
+        .map(|(name, blob)| Ok((TargetName::new(tuf::artifact_target(name))?, target(blob)?)))
+        .collect::<Result<Vec<_>>>()?;
     update_role(repo, keys, ARTIFACTS_ROLE, ONLINE_DAYS, |role| {
-        role.targets.insert(name, t);
+        role.targets.extend(listed);
         Ok(())
     })?;
-    refresh(repo, keys)
+    Ok(())
 }
 
 /// A new snapshot of the newest version of every role that verifies (targets against root,
