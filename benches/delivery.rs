@@ -152,9 +152,8 @@ fn main() {
             },
         }])
         .unwrap();
-    let key = ed25519_dalek::SigningKey::from_bytes(&[9u8; 32]);
     let build_start = Instant::now();
-    upgradectl::server::build::build(&store, &FileSource(streams.clone()), &key, None, &v).unwrap();
+    upgradectl::server::build::build(&store, &FileSource(streams.clone()), None, &v).unwrap();
     let build_secs = build_start.elapsed().as_secs_f64();
     let artifact = store.artifact_path("full-2.0.xz");
     let xz_size = std::fs::metadata(&artifact).unwrap().len();
@@ -166,7 +165,6 @@ fn main() {
     );
     let server = Arc::new(Server::new(
         store,
-        key.clone(),
         Arc::new(FileSource(streams)),
         upgradectl::server::Tuning::default(),
     ));
@@ -186,12 +184,11 @@ fn main() {
             })
     });
     let url = format!("http://{addr}/v1/artifacts/full-2.0.xz");
-    let env: upgradectl::core::sign::Envelope = serde_json::from_slice(
+    let desc = upgradectl::core::manifest::descriptor_of_verified_target(
         &std::fs::read(d.join("store/artifacts/full-2.0.xz.descriptor")).unwrap(),
+        "full-2.0.xz",
     )
     .unwrap();
-    let desc: upgradectl::core::manifest::Descriptor =
-        upgradectl::core::sign::open(&env, &[key.verifying_key()], "d").unwrap();
     let limits = upgradectl::appliance::prepare::fetch::Limits {
         stall: Duration::from_secs(30),
         min_speed: 1,

@@ -58,7 +58,6 @@ pub fn run(cli: Cli, out: Output) -> Result<()> {
         Command::Revert(a) => verbs::revert::revert(&mut box_ctx(out)?, a.no_reboot),
         Command::Init(a) => verbs::init::init(&mut box_ctx(out)?, &a.version, a.host_uuid),
         Command::GrubEntries => verbs::grub_entries::grub_entries(&mut box_ctx(out)?),
-        Command::Keygen(a) => server::verbs::keygen(a, out),
         Command::Publish(a) => server::verbs::publish(a, out),
         Command::Release(a) => server::verbs::release(a, out),
         Command::Serve(a) => server::verbs::serve(a),

@@ -10,7 +10,7 @@ mod serve;
 
 use common::{HostRoot, CONFIG};
 use serde_json::{json, Value};
-use serve::{free_port, server_key, Serve};
+use serve::{free_port, repository, Serve};
 
 fn config(reboot: &str) -> String {
     format!("box_id = \"serial-1\"\ngroup = \"zone-a\"\n{CONFIG}\n[reboot]\n{reboot}\n")
@@ -40,7 +40,7 @@ fn upgrade_waits_for_a_reboot_slot_and_confirm_gives_it_back() {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let (store, key, port) = (
         dir.path().join("store"),
-        server_key(dir.path()),
+        repository(dir.path()),
         free_port(),
     );
     let server = Serve::start(&store, &key, port, &["--reboot-slots", "1"]);

@@ -1,20 +1,29 @@
 //! The corruption campaign: a real artifact and its descriptor, built by the real server and
-//! signed with its key, then thousands of mutations of each. Every mutated artifact is refused
-//! before a byte reaches `zfs receive` (the download fails and the file never gets its final
-//! name); every mutated descriptor is refused when opened or makes the download fail. Nothing
-//! panics. `CORRUPTION_CASES` sets the number of mutations (default 10000).
+//! listed in its TUF repository, then thousands of mutations of each, taken by the box's own
+//! code (`Metadata::descriptor`, `fetch::download`). Every mutated artifact is refused before a
+//! byte reaches `zfs receive` (the download fails and the file never gets its final name);
+//! every mutated descriptor is refused by the repository's hashes; and every edit the online
+//! artifacts key itself signs (a compromised server) is refused or makes the download fail:
+//! that key can waste bandwidth, never deliver other bytes. Nothing panics.
+//! `CORRUPTION_CASES` sets the number of mutations (default 4000, about a minute: a listed edit
+//! costs a new snapshot and timestamp and a new load, 0.4 s in a debug build).
 
-mod server_fixture;
+#[path = "common/server.rs"]
+mod server;
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use server_fixture::{limits, start, Fixture};
+use server::{limits, start_with, wait_for, Fixture, Setup};
+use upgradectl::appliance::config::Config;
+use upgradectl::appliance::paths::Layout;
 use upgradectl::appliance::prepare::fetch;
+use upgradectl::appliance::prepare::metadata::Metadata;
+use upgradectl::appliance::trust::Trusted;
 use upgradectl::core::hashing::sha256_hex;
-use upgradectl::core::manifest::{self, Descriptor, MIN_CHUNK_SIZE};
-use upgradectl::core::sign::{self, Envelope};
+use upgradectl::core::manifest::{Descriptor, MIN_CHUNK_SIZE};
 
 const NAME: &str = "full-0.5.xz";
 
@@ -25,17 +34,27 @@ struct Campaign {
     good: Vec<u8>,
     descriptors: [Descriptor; 2],
     served: PathBuf,
+    served_descriptor: PathBuf,
     dest: PathBuf,
     /// One client for the whole campaign, as one box would use.
     client: reqwest::blocking::Client,
     url: String,
+    server: String,
+    config: Config,
+    layout: Layout,
 }
 
 impl Campaign {
     fn new() -> Campaign {
-        let f = start(std::time::Duration::ZERO, u64::MAX);
+        let f = start_with(Setup {
+            versions: vec!["0.5"],
+            full_size: 200 << 10,
+            repo: true,
+            ..Setup::default()
+        });
         let server_made = f.descriptor(NAME);
-        let served = f.root.join("store/artifacts").join(NAME);
+        let store = &f.server.store;
+        let (served, served_descriptor) = (store.artifact_path(NAME), store.descriptor_path(NAME));
         let good = std::fs::read(&served).unwrap();
         let mut fine = server_made.clone();
         fine.chunk_size = MIN_CHUNK_SIZE;
@@ -43,21 +62,43 @@ impl Campaign {
             .chunks(MIN_CHUNK_SIZE as usize)
             .map(sha256_hex)
             .collect();
-        let fine =
-            manifest::open_descriptor(&sign::seal(&fine, &f.key).unwrap(), &trusted(&f), NAME)
-                .expect("the re-chunked descriptor is valid");
+        fine.validate().expect("the re-chunked descriptor is valid");
         assert!(fine.chunks.len() >= 3, "chunks to swap");
-        let dest = f.root.join("box").join(NAME);
+        let dest = f.root.join("box/var/download").join(NAME);
         std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
-        Campaign {
+        let mut config = Config::default();
+        config.trust.root = Some("/etc/root.json".into());
+        let layout = Layout::new(&f.root.join("box"), &config.host_mount);
+        let c = Campaign {
             client: fetch::client(&limits()).unwrap(),
             url: f.url(&format!("/v1/artifacts/{NAME}")),
+            server: format!("http://{}", f.addr),
             f,
             good,
             descriptors: [server_made, fine],
             served,
+            served_descriptor,
             dest,
-        }
+            config,
+            layout,
+        };
+        wait_for("the artifact listed", Duration::from_secs(60), || {
+            c.metadata().descriptor(&c.client, &c.server, NAME).is_ok()
+        });
+        c
+    }
+
+    /// The repository as a box verifies it now.
+    fn metadata(&self) -> Metadata {
+        Metadata::from(Trusted::load(&self.layout, &self.config, &self.server).unwrap())
+    }
+
+    /// Serves `bytes` as the descriptor and has the online artifacts key list it (what a
+    /// compromised server can do).
+    fn list_descriptor(&self, bytes: &[u8]) {
+        std::fs::write(&self.served_descriptor, bytes).unwrap();
+        let repo = self.f.repo.as_ref().unwrap();
+        repo.artifact_built(&self.f.server.store, NAME).unwrap();
     }
 
     fn download(&self, d: &Descriptor) -> anyhow::Result<fetch::Fetched> {
@@ -93,9 +134,9 @@ impl Campaign {
         self.download(d).is_ok() && std::fs::read(&self.dest).unwrap() == self.good
     }
 
-    /// A descriptor envelope is refused when opened, or the download it allows fails.
-    fn descriptor_refused(&self, env: &Envelope) -> bool {
-        match manifest::open_descriptor(env, &trusted(&self.f), NAME) {
+    /// The descriptor `meta` gives the box is refused, or the download it allows fails.
+    fn descriptor_refused(&self, meta: &Metadata) -> bool {
+        match meta.descriptor(&self.client, &self.server, NAME) {
             Err(_) => true,
             Ok(d) => {
                 std::fs::write(&self.served, &self.good).unwrap();
@@ -103,10 +144,6 @@ impl Campaign {
             }
         }
     }
-}
-
-fn trusted(f: &Fixture) -> [ed25519_dalek::VerifyingKey; 1] {
-    [f.key.verifying_key()]
 }
 
 fn clean(dest: &Path) {
@@ -205,32 +242,41 @@ fn every_mutated_artifact_and_descriptor_is_refused() {
     let cases: usize = std::env::var("CORRUPTION_CASES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(10_000);
+        .unwrap_or(4_000);
     let seed: u64 = rand::random();
     eprintln!("corruption campaign: seed {seed}");
     let mut rng = StdRng::seed_from_u64(seed);
     let c = Campaign::new();
-    // The controls: the good artifact downloads with both descriptors.
+    // The controls: the good artifact downloads with both descriptors, each as listed.
+    let fine = &c.descriptors[1];
+    let listed = |d: &Descriptor| {
+        let bytes = serde_json::to_vec(d).unwrap();
+        c.list_descriptor(&bytes);
+        (bytes, c.metadata())
+    };
     for d in &c.descriptors {
+        let (_, meta) = listed(d);
+        assert_eq!(&meta.descriptor(&c.client, &c.server, NAME).unwrap(), d);
         clean(&c.dest);
         c.download(d).unwrap();
         assert_eq!(std::fs::read(&c.dest).unwrap(), c.good);
     }
-    let fine = &c.descriptors[1];
-    let envelope = serde_json::to_vec(&sign::seal(fine, &c.f.key).unwrap()).unwrap();
+    // `fine` is listed now: the box's view of the repository, as verified once.
+    let (fine_bytes, meta) = listed(fine);
     let mut refused = 0;
     let mut failures = Vec::new();
     let mut seconds = std::collections::BTreeMap::<&str, f64>::new();
     for case in 0..cases {
         let started = std::time::Instant::now();
         let d = &c.descriptors[case % 2];
-        // Mostly what is cheap to check (descriptor bytes), with thousands of downloads.
-        let (kind, ok) = match case % 20 {
-            0..=5 => {
+        // Mostly what is cheap to check, with thousands of downloads; one case in 50 the
+        // online key signs an edit (a new snapshot and timestamp, a new load on the box).
+        let (kind, ok) = match case % 50 {
+            0..=37 => {
                 let bad = mutate_artifact(&c.good, MIN_CHUNK_SIZE as usize, &mut rng);
                 ("served artifact", c.serve_and_refuse(&bad, d))
             }
-            6 => {
+            38..=41 => {
                 let mut bad = mutate_artifact(&c.good, MIN_CHUNK_SIZE as usize, &mut rng);
                 bad.resize(c.good.len(), 0);
                 if bad == c.good {
@@ -241,19 +287,18 @@ fn every_mutated_artifact_and_descriptor_is_refused() {
                     c.rotten_file_is_replaced(&bad, d),
                 )
             }
-            7..=13 => {
-                let mut bytes = envelope.clone();
+            42..=48 => {
+                // The served descriptor changes under the listed one: its hash is wrong.
+                let mut bytes = fine_bytes.clone();
                 flip_truncate_or_extend(&mut bytes, 16, &mut rng);
-                let ok = match serde_json::from_slice::<Envelope>(&bytes) {
-                    Err(_) => true,
-                    Ok(env) => c.descriptor_refused(&env),
-                };
-                ("descriptor bytes", ok)
+                std::fs::write(&c.served_descriptor, &bytes).unwrap();
+                ("descriptor bytes", c.descriptor_refused(&meta))
             }
             _ => {
-                let edited = edit_descriptor(fine, &mut rng);
-                let env = sign::seal(&edited, &c.f.key).unwrap();
-                ("re-signed descriptor edit", c.descriptor_refused(&env))
+                let edited = serde_json::to_vec(&edit_descriptor(fine, &mut rng)).unwrap();
+                c.list_descriptor(&edited);
+                let ok = c.descriptor_refused(&c.metadata());
+                ("edit listed by the online key", ok)
             }
         };
         *seconds.entry(kind).or_default() += started.elapsed().as_secs_f64();

@@ -5,32 +5,9 @@ mod server_fixture;
 
 use std::time::Duration;
 
-use ed25519_dalek::SigningKey;
 use server_fixture::{limits, noise, start, v};
 use upgradectl::appliance::prepare::fetch;
-use upgradectl::core::manifest::Manifest;
-use upgradectl::core::sign;
 use upgradectl::error::Error;
-
-#[test]
-fn manifest_is_signed_fresh_and_per_channel() {
-    let f = start(Duration::ZERO, u64::MAX);
-    let env = f.manifest_envelope("stable").unwrap();
-    let m: Manifest = sign::open(&env, &[f.key.verifying_key()], "manifest").unwrap();
-    assert_eq!(m.channel, "stable");
-    assert_eq!(m.releases.len(), 2);
-    assert!(m.expires > m.issued);
-    let other = SigningKey::from_bytes(&[8u8; 32]);
-    let err = sign::open::<Manifest>(&env, &[other.verifying_key()], "manifest").unwrap_err();
-    assert!(matches!(
-        err.downcast_ref::<Error>(),
-        Some(Error::SignatureInvalid(_))
-    ));
-    let edge = f.manifest_envelope("edge").unwrap();
-    let m: Manifest = sign::open(&edge, &[f.key.verifying_key()], "manifest").unwrap();
-    assert!(m.releases.is_empty());
-    assert!(f.manifest_envelope("nightly").is_err());
-}
 
 #[test]
 fn missing_diff_says_come_back_later_and_is_built_once_for_many_boxes() {

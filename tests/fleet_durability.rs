@@ -15,7 +15,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use base64::Engine;
 use ed25519_dalek::SigningKey;
 use fleet::client;
 use nix::sys::signal::{kill, Signal};
@@ -30,8 +29,8 @@ const BOXES: u8 = 8;
 /// Each box posts at most this many reports (the load stops by itself).
 const MAX_PER_BOX: usize = 3000;
 
-fn serve(store: &Path, key: &Path, port: u16) -> Child {
-    serve::command(store, key, port)
+fn serve(store: &Path, repo: &Path, port: u16) -> Child {
+    serve::command(store, repo, port)
         .stderr(Stdio::null())
         .spawn()
         .unwrap()
@@ -41,7 +40,7 @@ fn wait_until_serving(base: &str) {
     let end = Instant::now() + Duration::from_secs(30);
     let c = client();
     while c
-        .get(format!("{base}/v1/channels/stable/manifest"))
+        .get(format!("{base}/v1/metadata/timestamp.json"))
         .send()
         .is_err()
     {
@@ -62,10 +61,7 @@ fn report(i: u8) -> Report {
 fn every_acknowledged_report_survives_a_kill_9() {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let store = dir.path().join("store");
-    let key_file = dir.path().join("upgradectl.key");
-    let server_key = SigningKey::from_bytes(&[7; 32]);
-    let b64 = base64::engine::general_purpose::STANDARD.encode(server_key.to_bytes());
-    std::fs::write(&key_file, b64).unwrap();
+    let repo = serve::repository(dir.path());
     let keys: Vec<SigningKey> = (0..BOXES)
         .map(|i| SigningKey::from_bytes(&[i + 1; 32]))
         .collect();
@@ -82,7 +78,7 @@ fn every_acknowledged_report_survives_a_kill_9() {
     }
     let port = free_port();
     let base = format!("http://127.0.0.1:{port}");
-    let mut child = serve(&store, &key_file, port);
+    let mut child = serve(&store, &repo, port);
     wait_until_serving(&base);
 
     let acked = Arc::new(Mutex::new(Vec::<(String, String)>::new()));
@@ -157,7 +153,7 @@ fn every_acknowledged_report_survives_a_kill_9() {
     assert!(stored >= acked.len() as u64);
 
     // The server comes back on the same database and takes reports again.
-    let mut again = serve(&store, &key_file, port);
+    let mut again = serve(&store, &repo, port);
     wait_until_serving(&base);
     let r = report(0);
     let body = serde_json::to_vec(&seal(&r, &keys[0]).unwrap()).unwrap();

@@ -9,7 +9,7 @@ mod serve;
 use std::sync::{Arc, Barrier};
 
 use serde_json::{json, Value};
-use serve::{free_port, server_key, Serve};
+use serve::{free_port, repository, Serve};
 use upgradectl::fleet::store::{Db, Enrolled};
 
 fn client() -> reqwest::blocking::Client {
@@ -46,7 +46,7 @@ fn give(base: &str, node: &str, group: &str) -> u16 {
 fn slots_are_a_semaphore_under_concurrency_idempotent_and_kept_across_a_restart() {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let store = dir.path().join("store");
-    let key = server_key(dir.path());
+    let key = repository(dir.path());
     let port = free_port();
     let opts = ["--reboot-slots", "3", "--reboot-group-slots", "solo=1"];
     let s = Serve::start(&store, &key, port, &opts);
@@ -149,7 +149,7 @@ fn slots_are_a_semaphore_under_concurrency_idempotent_and_kept_across_a_restart(
 fn once_boxes_are_enrolled_only_they_may_take_slots() {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let store = dir.path().join("store");
-    let key = server_key(dir.path());
+    let key = repository(dir.path());
     {
         let db = Db::open_in(&store).unwrap();
         let b = Enrolled {

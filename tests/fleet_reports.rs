@@ -12,9 +12,8 @@ use std::time::{Duration, Instant};
 use ed25519_dalek::SigningKey;
 use fleet::{enroll, report, signed};
 use server::{start_with, Fixture, Setup};
-use upgradectl::core::manifest::Manifest;
 use upgradectl::core::report::Outcome;
-use upgradectl::core::sign::{self, public_key_string};
+use upgradectl::core::sign::public_key_string;
 use upgradectl::fleet::control;
 use upgradectl::fleet::rollout::Policy;
 use upgradectl::fleet::store::{Db, Enrolled};
@@ -23,6 +22,7 @@ use upgradectl::sys::clock::now;
 fn fleet() -> (Fixture, Db) {
     let f = start_with(Setup {
         fleet: true,
+        repo: true,
         ..Setup::default()
     });
     let db = Db::open_in(&f.root.join("store")).unwrap();
@@ -33,16 +33,9 @@ fn post(f: &Fixture, body: Vec<u8>) -> u16 {
     fleet::post(&f.url("/v1/reports"), body)
 }
 
-/// The manifest's 2.0 release as a box of `group` is offered it: (rollout, paused).
+/// Release 2.0 as a box of `group` is offered it from the repository: (rollout, paused).
 fn offered(f: &Fixture, group: Option<&str>) -> (u8, bool) {
-    let path = match group {
-        Some(g) => format!("/v1/channels/stable/manifest?group={g}"),
-        None => "/v1/channels/stable/manifest".into(),
-    };
-    let (status, _, body) = f.get(&path);
-    assert_eq!(status, 200, "{body}");
-    let env = serde_json::from_str(&body).unwrap();
-    let m: Manifest = sign::open(&env, &[f.key.verifying_key()], "manifest").unwrap();
+    let m = f.offered("stable", group);
     let r = m.releases.iter().find(|r| r.version.as_str() == "2.0");
     let r = r.unwrap();
     (r.rollout, r.paused)
@@ -132,10 +125,23 @@ fn failures_pause_the_release_for_everyone_not_yet_on_it() {
         "one zone at a time"
     );
     let stranger = SigningKey::from_bytes(&[99; 32]);
+    let client_errors = || {
+        let (_, _, metrics) = f.get("/metrics");
+        let line = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("upgradectl_http_responses_total{class=\"4xx\"} "));
+        line.unwrap().parse::<u64>().unwrap()
+    };
+    let before = client_errors();
     for _ in 0..20 {
         let forged = report(1, "2.0", Outcome::Fallback);
         assert_eq!(post(&f, signed(&forged, &stranger)), 403);
     }
+    assert_eq!(
+        client_errors() - before,
+        20,
+        "forged reports in the metrics"
+    );
     let one = report(1, "2.0", Outcome::Fallback);
     assert_eq!(post(&f, signed(&one, &keys[0])), 201);
     assert_eq!(
@@ -156,7 +162,6 @@ fn failures_pause_the_release_for_everyone_not_yet_on_it() {
         "upgradectl_rollout_percent{version=\"2.0\"} 50",
         "upgradectl_reports{outcome=\"fallback\"} 1",
         "upgradectl_reports{outcome=\"trial-failed\"} 1",
-        "upgradectl_http_responses_total{class=\"4xx\"} 20",
     ] {
         assert!(
             metrics.lines().any(|l| l == line),

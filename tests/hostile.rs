@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use upgradectl::appliance::prepare::fetch::{self, Limits};
-use upgradectl::core::manifest::MAX_MANIFEST_BYTES;
+use upgradectl::core::manifest::MAX_DESCRIPTOR_BYTES;
 
 /// Serves `response` (status line, headers, then `body`) to every connection; returns the
 /// base URL.
@@ -43,6 +43,7 @@ fn limits() -> Limits {
 
 #[test]
 fn absurd_retry_after_does_not_crash_prepare_wait() {
+    // The repository's server says "come back later" with a Retry-After no sleep can take.
     let url = stub(
         "HTTP/1.1 503 Service Unavailable\r\nRetry-After: 18446744073709551615",
         Vec::new(),
@@ -51,9 +52,19 @@ fn absurd_retry_after_does_not_crash_prepare_wait() {
     let etc = root.path().join("etc/upgradectl");
     std::fs::create_dir_all(&etc).unwrap();
     std::fs::create_dir_all(root.path().join("host")).unwrap();
+    let (repo, keys) = (root.path().join("repo"), root.path().join("keys"));
+    let o = upgradectl::server::tuf_repo::InitOptions {
+        root_keys: 1,
+        root_threshold: 1,
+    };
+    upgradectl::server::tuf_repo::init(&repo, &keys, &o).unwrap();
+    std::fs::copy(repo.join("metadata/1.root.json"), etc.join("root.json")).unwrap();
     std::fs::write(
         etc.join("upgradectl.toml"),
-        format!("server = \"{url}\"\nbox_id = \"b\"\n[download]\nmax_wait_seconds = 60\n"),
+        format!(
+            "server = \"{url}\"\nbox_id = \"b\"\n[trust]\nroot = \"/etc/upgradectl/root.json\"\n\
+             [download]\nmax_wait_seconds = 60\n"
+        ),
     )
     .unwrap();
     let out = Command::new(assert_cmd::cargo::cargo_bin("upgradectl"))
@@ -70,6 +81,7 @@ fn absurd_retry_after_does_not_crash_prepare_wait() {
         String::from_utf8_lossy(&out.stdout)
     );
     assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(stderr.contains("metadata"), "{stderr}");
 }
 
 #[test]
@@ -79,7 +91,7 @@ fn retry_after_is_clamped() {
         Vec::new(),
     );
     let client = fetch::client(&limits()).unwrap();
-    let err = fetch::get_envelope(&client, &url, "m", MAX_MANIFEST_BYTES).unwrap_err();
+    let err = fetch::get_capped(&client, &url, "m", MAX_DESCRIPTOR_BYTES).unwrap_err();
     match err.downcast_ref::<upgradectl::error::Error>() {
         Some(upgradectl::error::Error::ComeBackLater { retry_after, .. }) => {
             assert_eq!(retry_after.as_secs(), fetch::MAX_RETRY_AFTER)
@@ -89,14 +101,18 @@ fn retry_after_is_clamped() {
 }
 
 #[test]
-fn oversized_manifest_is_refused_before_parsing() {
-    // A valid-looking envelope padded past the cap: without a cap it would be read whole.
-    let mut body = br#"{"payload": "", "signatures": []}"#.to_vec();
-    body.resize(body.len() + MAX_MANIFEST_BYTES as usize + 1, b' ');
+fn oversized_descriptor_is_refused_before_parsing() {
+    // A valid-looking descriptor padded past the cap: without a cap it would be read whole.
+    let mut body = br#"{"name": "full-1.0.xz"}"#.to_vec();
+    body.resize(body.len() + MAX_DESCRIPTOR_BYTES as usize + 1, b' ');
     let url = stub("HTTP/1.1 200 OK", body);
     let client = fetch::client(&limits()).unwrap();
-    let err = fetch::get_envelope(&client, &url, "the manifest", MAX_MANIFEST_BYTES).unwrap_err();
+    let err = fetch::get_capped(&client, &url, "the descriptor", MAX_DESCRIPTOR_BYTES).unwrap_err();
     assert!(format!("{err:#}").contains("larger than"), "{err:#}");
+    assert_eq!(
+        upgradectl::error::classify(&err).0,
+        upgradectl::error::Exit::Refused
+    );
 }
 
 #[test]
@@ -105,7 +121,7 @@ fn huge_error_body_is_cut_to_a_short_utf8_line() {
     let body = "é".repeat(1 << 20).into_bytes();
     let url = stub("HTTP/1.1 404 Not Found", body);
     let client = fetch::client(&limits()).unwrap();
-    let err = fetch::get_envelope(&client, &url, "m", MAX_MANIFEST_BYTES).unwrap_err();
+    let err = fetch::get_capped(&client, &url, "m", MAX_DESCRIPTOR_BYTES).unwrap_err();
     let msg = format!("{err:#}");
     assert!(msg.len() < 1024, "{} bytes of error", msg.len());
     assert!(msg.contains("404") && msg.contains('é'), "{msg}");

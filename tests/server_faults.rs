@@ -39,6 +39,7 @@ fn slow_source(delay: Duration, has_delay: Duration) -> Fixture {
     start_with(Setup {
         delay,
         has_delay,
+        repo: true,
         ..Setup::default()
     })
 }
@@ -78,14 +79,14 @@ fn polling_during_a_build_never_starts_a_second_build() {
 fn a_build_never_replaces_a_complete_artifact() {
     let f = start_with(Setup::default());
     let store = &f.server.store;
-    build::build(store, f.source.as_ref(), &f.key, None, &v("1.0")).unwrap();
+    build::build(store, f.source.as_ref(), None, &v("1.0")).unwrap();
     let inode = |p| std::fs::metadata(p).unwrap().ino();
     let (artifact, descriptor) = (
         store.artifact_path("full-1.0.xz"),
         store.descriptor_path("full-1.0.xz"),
     );
     let before = (inode(&artifact), inode(&descriptor));
-    let err = build::build(store, f.source.as_ref(), &f.key, None, &v("1.0")).unwrap_err();
+    let err = build::build(store, f.source.as_ref(), None, &v("1.0")).unwrap_err();
     assert!(format!("{err:#}").contains("already built"), "{err:#}");
     assert_eq!(before, (inode(&artifact), inode(&descriptor)));
 }
@@ -98,7 +99,7 @@ fn diffs_from_outside_the_window_are_refused_naming_the_full_stream() {
     assert!(body.contains("full-3.0.xz"), "{body}");
     // The box's client sees that 404 as "no such artifact", which sends it to the full stream.
     let client = upgradectl::appliance::prepare::fetch::client(&server::limits()).unwrap();
-    let err = upgradectl::appliance::prepare::fetch::get_envelope(
+    let err = upgradectl::appliance::prepare::fetch::get_capped(
         &client,
         &f.url("/v1/artifacts/1.0-to-3.0.xz.descriptor"),
         "1.0-to-3.0.xz",
@@ -152,11 +153,11 @@ fn slow_source_checks_do_not_stall_other_requests() {
             f.source.has_calls.load(Ordering::SeqCst) >= 2
         });
         let started = Instant::now();
-        let (status, _, _) = f.get("/v1/channels/stable/manifest");
+        let (status, _, _) = f.get("/v1/metadata/timestamp.json");
         assert_eq!(status, 200);
         let took = started.elapsed();
-        eprintln!("manifest while source checks block: {took:?}");
-        assert!(took < Duration::from_secs(1), "manifest took {took:?}");
+        eprintln!("the timestamp while source checks block: {took:?}");
+        assert!(took < Duration::from_secs(1), "the timestamp took {took:?}");
     });
 }
 
@@ -174,7 +175,7 @@ fn closed_by(mut conn: &TcpStream, deadline: Instant) -> bool {
 }
 
 /// A server closing idle connections after 1 s with `max_connections` slots, `idle` idle
-/// connections to it, and how long a manifest took then.
+/// connections to it, and how long the repository's timestamp took then.
 fn with_idle_connections(max_connections: usize, idle: usize) -> (Vec<TcpStream>, Duration) {
     let f = start_with(Setup {
         tuning: Tuning {
@@ -182,17 +183,18 @@ fn with_idle_connections(max_connections: usize, idle: usize) -> (Vec<TcpStream>
             max_connections,
             ..Tuning::default()
         },
+        repo: true,
         ..Setup::default()
     });
     let idle: Vec<TcpStream> = (0..idle)
         .map(|_| TcpStream::connect(f.addr).unwrap())
         .collect();
     let started = Instant::now();
-    let (status, _, _) = f.get("/v1/channels/stable/manifest");
+    let (status, _, _) = f.get("/v1/metadata/timestamp.json");
     assert_eq!(status, 200);
     let took = started.elapsed();
     eprintln!(
-        "manifest with {} idle connections open: {took:?}",
+        "the timestamp with {} idle connections open: {took:?}",
         idle.len()
     );
     (idle, took)
@@ -210,7 +212,7 @@ fn idle_connections_are_closed_and_do_not_starve_others() {
     let hard = upgradectl::sys::rlimit::raise_nofile().unwrap();
     assert!(hard >= 4500, "RLIMIT_NOFILE hard limit {hard} is too low");
     let (idle, took) = with_idle_connections(Tuning::default().max_connections, 2000);
-    assert!(took < Duration::from_secs(2), "manifest took {took:?}");
+    assert!(took < Duration::from_secs(2), "the timestamp took {took:?}");
     assert_eq!(
         left_open(&idle),
         0,
@@ -234,7 +236,7 @@ fn internal_errors_answer_a_short_message_without_details() {
     let releases = f.root.join("store/releases.json");
     std::fs::remove_file(&releases).unwrap();
     std::fs::create_dir(&releases).unwrap();
-    let (status, _, body) = f.get("/v1/channels/stable/manifest");
+    let (status, _, body) = f.get("/v1/artifacts/1.0-to-2.0.xz.descriptor");
     assert_eq!(status, 500);
     assert_eq!(body, "internal server error\n");
 }

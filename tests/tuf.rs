@@ -589,7 +589,7 @@ fn serve_publishes_the_repository_with_online_keys_only_and_a_pause_reaches_the_
     let (repo, keys, online, store) = (
         d.path().join("repo"),
         d.path().join("keys"),
-        d.path().join("online"),
+        d.path().join("online-keys"),
         d.path().join("store"),
     );
     let (repo_s, keys_s) = (repo.to_str().unwrap(), keys.to_str().unwrap());
@@ -619,20 +619,8 @@ fn serve_publishes_the_repository_with_online_keys_only_and_a_pause_reaches_the_
     )
     .unwrap();
     let port = serve_bin::free_port();
-    let key = serve_bin::server_key(d.path());
-    let _server = serve_bin::Serve::start(
-        &store,
-        &key,
-        port,
-        &[
-            "--repo",
-            repo_s,
-            "--repo-keys",
-            online.to_str().unwrap(),
-            "--repo-sync-seconds",
-            "1",
-        ],
-    );
+    // `serve --repo D/repo --repo-keys D/online-keys`.
+    let _server = serve_bin::Serve::start(&store, d.path(), port, &["--repo-sync-seconds", "1"]);
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let b = TestBox::new(addr, &repo.join("metadata/1.root.json"), "stable");
     // The release the release manager signed offline is published by the server's first sync,
@@ -749,7 +737,7 @@ fn prepare_takes_descriptors_from_the_repository_and_refuses_one_its_artifact_co
     let server = format!("http://{}", f.addr);
     let client = upgradectl::appliance::prepare::fetch::client(&inproc::limits()).unwrap();
     let descriptor = || {
-        let meta = Metadata::Tuf(Box::new(Trusted::load(&layout, &config, &server).unwrap()));
+        let meta = Metadata::from(Trusted::load(&layout, &config, &server).unwrap());
         meta.descriptor(&client, &server, "1.0-to-2.0.xz")
     };
     // Not built: come back later (the request has the server build it), until it is listed.

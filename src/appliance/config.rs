@@ -72,8 +72,6 @@ pub struct HealthCheck {
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrustConfig {
-    /// ed25519 public keys (as printed by `upgradectl keygen`) whose signatures are accepted.
-    pub public_keys: Vec<String>,
     /// The TUF root metadata the image ships (`root.json`), where trust starts on a box that
     /// has not followed a newer root yet (see `appliance::trust`).
     pub root: Option<PathBuf>,

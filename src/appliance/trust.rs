@@ -21,6 +21,7 @@ use url::Url;
 
 use crate::appliance::config::Config;
 use crate::appliance::paths::{under, Layout};
+use crate::appliance::prepare::fetch;
 use crate::core::hashing;
 use crate::core::manifest::{Blob, Manifest, Release};
 use crate::core::tuf::{self, RolloutDoc};
@@ -265,13 +266,21 @@ fn blob(name: &str, t: &tough::schema::Target) -> Result<Blob> {
     Ok(b)
 }
 
-/// A tough error as the box reports it: the server out of reach or answering an error is a
-/// failure (exit 1); anything it served that does not verify or exceeds a limit is refused
-/// (exit 2), whatever the reason.
+/// A tough error as the box reports it: a server that says "come back later" (503 or 429,
+/// Retry-After clamped as for artifacts) is that (exit 4); one out of reach or answering
+/// another error is a failure (exit 1); anything it served that does not verify or exceeds a
+/// limit is refused (exit 2), whatever the reason.
 fn classify(e: tough::error::Error) -> anyhow::Error {
     let mut unreachable = false;
     let mut src: Option<&(dyn std::error::Error + 'static)> = Some(&e);
     while let Some(s) = src {
+        if let Some(HttpStatus(_, Some(secs))) = s.downcast_ref::<HttpStatus>() {
+            return Error::ComeBackLater {
+                what: "the repository's metadata".into(),
+                retry_after: Duration::from_secs(*secs),
+            }
+            .into();
+        }
         if s.is::<reqwest::Error>() || s.is::<HttpStatus>() {
             unreachable = true;
         }
@@ -285,10 +294,11 @@ fn classify(e: tough::error::Error) -> anyhow::Error {
     }
 }
 
-/// A server's answer that is neither a success nor "not found".
+/// A server's answer that is neither a success nor "not found", with the seconds it asks the
+/// box to come back after (503 and 429 only).
 #[derive(Debug, thiserror::Error)]
 #[error("HTTP {0}")]
-struct HttpStatus(reqwest::StatusCode);
+struct HttpStatus(reqwest::StatusCode, Option<u64>);
 
 fn error_chain(e: &dyn std::error::Error) -> String {
     let mut parts = vec![e.to_string()];
@@ -338,10 +348,18 @@ impl Transport for HttpTransport {
             ));
         }
         if !status.is_success() {
+            let later = matches!(
+                status,
+                reqwest::StatusCode::SERVICE_UNAVAILABLE | reqwest::StatusCode::TOO_MANY_REQUESTS
+            );
+            let retry = later.then(|| {
+                let header = resp.headers().get(reqwest::header::RETRY_AFTER);
+                fetch::retry_after_secs(header.and_then(|h| h.to_str().ok()))
+            });
             return Err(TransportError::new_with_cause(
                 TransportErrorKind::Other,
                 url.as_str(),
-                HttpStatus(status),
+                HttpStatus(status, retry),
             ));
         }
         let shown = url.to_string();

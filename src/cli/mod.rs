@@ -95,13 +95,11 @@ pub enum Command {
     /// Print the GRUB menu entries (used by /etc/grub.d/09_upgradectl).
     #[command(hide = true)]
     GrubEntries,
-    /// Server: write a new key pair (upgradectl.key, upgradectl.pub) into a directory.
-    Keygen(KeygenArgs),
     /// Server: publish an image version from an ext4 image, a directory or a tarball.
     Publish(PublishArgs),
     /// Server: change a published release's channel, rollout percentage or pause.
     Release(ReleaseArgs),
-    /// Server: serve signed manifests and artifacts over HTTP, building diffs on demand.
+    /// Server: serve the TUF repository and artifacts over HTTP, building diffs on demand.
     Serve(ServeArgs),
     /// Server: the fleet (enrolled boxes, their reports, wave rollouts).
     #[command(subcommand)]
@@ -139,13 +137,6 @@ pub struct StoreArgs {
     /// The ZFS volume holding the published images, one snapshot per version.
     #[arg(long, default_value = "tank/upgradectl/image")]
     pub zvol: String,
-}
-
-#[derive(Debug, Args)]
-pub struct KeygenArgs {
-    /// Directory for upgradectl.key (secret) and upgradectl.pub.
-    #[arg(long)]
-    pub out: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -254,9 +245,6 @@ pub struct ServeArgs {
     pub store: StoreArgs,
     #[arg(long, default_value = "0.0.0.0:8080")]
     pub listen: std::net::SocketAddr,
-    /// The secret key (from `upgradectl keygen`) that signs manifests and descriptors.
-    #[arg(long)]
-    pub key: PathBuf,
     /// Disk the artifact cache may use, MiB; least recently used artifacts are evicted.
     #[arg(long, default_value_t = 10240)]
     pub cache_mib: u64,
@@ -283,14 +271,15 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 3600, value_name = "SECS",
           value_parser = clap::value_parser!(u64).range(60..=7 * 86400))]
     pub reboot_lease: u64,
-    /// Publish this TUF repository (`repo init`) at /v1/metadata/ and /v1/rollout/: rollout
-    /// documents from the releases and waves, built artifacts, a fresh timestamp.
-    #[arg(long, requires = "repo_keys")]
-    pub repo: Option<PathBuf>,
+    /// The TUF repository (`repo init`) to publish at /v1/metadata/: boxes learn releases,
+    /// rollouts and artifacts only from it. The server keeps its rollout documents, built
+    /// artifacts and timestamp up to date.
+    #[arg(long)]
+    pub repo: PathBuf,
     /// The repository's online keys (snapshot, timestamp, rollout, artifacts); never the
     /// offline ones.
-    #[arg(long, requires = "repo")]
-    pub repo_keys: Option<PathBuf>,
+    #[arg(long)]
+    pub repo_keys: PathBuf,
     /// Seconds between two syncs of the repository (a pause reaches the boxes within this).
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub repo_sync_seconds: u64,

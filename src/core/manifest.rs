@@ -1,10 +1,10 @@
-//! What the server publishes and the box trusts: the signed channel manifest, the signed
-//! descriptor of each built artifact, and the pure planning of what a box fetches.
+//! What the box learns from the repository, as documents it validates: the manifest of a
+//! channel (its releases as the box is offered them), the descriptor of each built artifact,
+//! and the names of artifacts. Their signatures are TUF's (`appliance::trust`).
 
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
-use crate::core::sign::{self, Envelope};
 use crate::core::version::Version;
 use crate::error::refused;
 
@@ -26,22 +26,13 @@ pub const MAX_CLOCK_SKEW: u64 = 300;
 /// Longest artifact name in a descriptor.
 const MAX_NAME_LEN: usize = 160;
 
-/// Bytes of a signed envelope beyond its payload: the base64 growth of the payload is counted
-/// separately; this covers the JSON around it and a few signatures.
-const ENVELOPE_SLACK: u64 = 16 << 10;
+/// Largest manifest accepted: `MAX_RELEASES` releases of at most 512 bytes of JSON each (a
+/// 64-byte version, a 64-hex digest and the field names) and 16 KiB for the rest.
+pub const MAX_MANIFEST_BYTES: u64 = MAX_RELEASES as u64 * 512 + (16 << 10);
 
-/// Largest envelope holding `payload` bytes of JSON (base64 grows it by 4/3).
-const fn envelope_bytes(payload: u64) -> u64 {
-    payload.div_ceil(3) * 4 + ENVELOPE_SLACK
-}
-
-/// Largest manifest response accepted: `MAX_RELEASES` releases of at most 512 bytes of JSON
-/// each (a 64-byte version, a 64-hex digest and the field names), in an envelope.
-pub const MAX_MANIFEST_BYTES: u64 = envelope_bytes(MAX_RELEASES as u64 * 512);
-
-/// Largest descriptor response accepted: `MAX_CHUNKS` digests of 67 bytes of JSON each (64 hex,
-/// quotes and a comma) plus 1 KiB of other fields, in an envelope (about 5.6 MiB).
-pub const MAX_DESCRIPTOR_BYTES: u64 = envelope_bytes(MAX_CHUNKS * 67 + 1024);
+/// Largest descriptor accepted: `MAX_CHUNKS` digests of 67 bytes of JSON each (64 hex, quotes
+/// and a comma) plus 16 KiB of other fields (about 4.2 MiB).
+pub const MAX_DESCRIPTOR_BYTES: u64 = MAX_CHUNKS * 67 + (16 << 10);
 
 /// Size and sha256 of a blob.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -61,7 +52,7 @@ pub struct Release {
     pub image: Blob,
 }
 
-/// The signed manifest of a channel.
+/// A channel's releases as a box is offered them, built from the TUF repository.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
     pub channel: String,
@@ -79,8 +70,8 @@ pub enum Encoding {
     Xz,
 }
 
-/// The signed descriptor of a built artifact (a full stream or an incremental diff). Signed
-/// when the server builds it, since diffs are built on demand.
+/// The descriptor of a built artifact (a full stream or an incremental diff), written when
+/// the server builds it and listed as a target of the online artifacts role.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Descriptor {
     pub name: String,
@@ -228,34 +219,12 @@ impl Descriptor {
     }
 }
 
-/// Verifies a manifest envelope with the trusted keys, parses it and validates it at `now`.
-pub fn open_manifest(
-    envelope: &Envelope,
-    trusted: &[ed25519_dalek::VerifyingKey],
-    now: u64,
-) -> Result<Manifest> {
-    let m: Manifest = sign::open(envelope, trusted, "manifest")?;
-    m.validate(now)?;
-    Ok(m)
-}
-
-/// Verifies the envelope of artifact `name`'s descriptor with the trusted keys, parses it,
-/// validates it, and refuses a descriptor of another artifact (its name also fixes `from`
-/// and `to`).
-pub fn open_descriptor(
-    envelope: &Envelope,
-    trusted: &[ed25519_dalek::VerifyingKey],
-    name: &str,
-) -> Result<Descriptor> {
-    let d: Descriptor = sign::open(envelope, trusted, name)?;
-    checked_descriptor(d, name)
-}
-
-/// The descriptor in `envelope` whose bytes a TUF target's signed length and sha256 already
-/// verified (the online artifacts role listed them): its own signature adds nothing, so it is
-/// not checked; the document is validated as any descriptor.
-pub fn descriptor_of_verified_target(envelope: &Envelope, name: &str) -> Result<Descriptor> {
-    let d: Descriptor = sign::payload(envelope, name)?;
+/// The descriptor of artifact `name` from `bytes` that a TUF target's signed length and sha256
+/// already verified (the online artifacts role listed them): parsed, validated, and refused
+/// when it describes another artifact (its name also fixes `from` and `to`).
+pub fn descriptor_of_verified_target(bytes: &[u8], name: &str) -> Result<Descriptor> {
+    let d: Descriptor = serde_json::from_slice(bytes)
+        .map_err(|e| refused(format!("the descriptor of {name}: {e}")))?;
     checked_descriptor(d, name)
 }
 
@@ -427,14 +396,13 @@ mod tests {
 
     #[test]
     fn body_caps_hold_the_largest_valid_documents() {
-        let key = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
         let mut d = descriptor();
         d.chunk_size = MIN_CHUNK_SIZE;
         d.size = MAX_CHUNKS * MIN_CHUNK_SIZE;
         d.chunks = vec!["f".repeat(64); MAX_CHUNKS as usize];
         d.validate().unwrap();
-        let env = serde_json::to_vec(&sign::seal(&d, &key).unwrap()).unwrap();
-        assert!(env.len() as u64 <= MAX_DESCRIPTOR_BYTES, "{}", env.len());
+        let json = serde_json::to_vec(&d).unwrap();
+        assert!(json.len() as u64 <= MAX_DESCRIPTOR_BYTES, "{}", json.len());
         let long = v(&["9999999999"; 5].join("."));
         let mut m = manifest();
         m.releases = (0..MAX_RELEASES)
@@ -449,7 +417,7 @@ mod tests {
             })
             .collect();
         m.validate(500).unwrap();
-        let env = serde_json::to_vec(&sign::seal(&m, &key).unwrap()).unwrap();
-        assert!(env.len() as u64 <= MAX_MANIFEST_BYTES, "{}", env.len());
+        let json = serde_json::to_vec(&m).unwrap();
+        assert!(json.len() as u64 <= MAX_MANIFEST_BYTES, "{}", json.len());
     }
 }

@@ -1,5 +1,5 @@
 //! The upgrade plan, pure: which release a box fetches, from which local base, given the
-//! signed manifest, its rollout bucket, what it accepted before and what its pool holds.
+//! manifest (from the TUF repository), its rollout bucket, what it accepted before and what its pool holds.
 
 use anyhow::Result;
 use sha2::{Digest, Sha256};

@@ -1,4 +1,6 @@
-//! ed25519 signing: public keys, and the signed envelope every manifest and descriptor travels in.
+//! ed25519 signing of box reports: a box's identity key signs each report it sends in an
+//! envelope, which the server opens with the key it enrolled (`fleet::intake`). Releases and
+//! artifacts are signed with TUF instead (`core::tuf`).
 
 use anyhow::{Context, Result};
 use base64::engine::general_purpose::STANDARD as B64;
@@ -25,7 +27,7 @@ pub struct SignatureEntry {
     pub sig: String,
 }
 
-/// Formats a public key as `trust.public_keys` expects it.
+/// Formats a public key as `fleet enroll` takes it: `ed25519:<base64>`.
 pub fn public_key_string(key: &VerifyingKey) -> String {
     format!("{PUBLIC_PREFIX}{}", B64.encode(key.as_bytes()))
 }
@@ -63,9 +65,7 @@ pub fn open<T: DeserializeOwned>(
 ) -> Result<T> {
     let invalid = |m: String| anyhow::Error::from(Error::SignatureInvalid(format!("{what}: {m}")));
     if trusted.is_empty() {
-        return Err(invalid(
-            "no trusted public keys are configured (trust.public_keys)".into(),
-        ));
+        return Err(invalid("no trusted public key".into()));
     }
     let payload = B64
         .decode(&envelope.payload)
@@ -86,15 +86,6 @@ pub fn open<T: DeserializeOwned>(
     if !ok {
         return Err(invalid("not signed by a trusted key".into()));
     }
-    parse_payload(&payload, what)
-}
-
-/// The payload of an envelope whose bytes were verified some other way (a TUF target's
-/// digest), parsed; its signatures are not looked at.
-pub fn payload<T: DeserializeOwned>(envelope: &Envelope, what: &str) -> Result<T> {
-    let payload = B64.decode(&envelope.payload).map_err(|_| {
-        anyhow::Error::from(Error::Refused(format!("{what}: payload is not base64")))
-    })?;
     parse_payload(&payload, what)
 }
 

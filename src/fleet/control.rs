@@ -1,7 +1,6 @@
 //! A release's rollout over time: the operator starts, pauses, resumes or withdraws it; the
-//! server steps it from the reports (`rollout::step`) and applies it to the releases a manifest
-//! carries (`apply`) and to the rollout document the online rollout role signs in the TUF
-//! repository (`rollout_doc`): the two places the state turns into what boxes are offered.
+//! server steps it from the reports (`rollout::step`) and turns it into the rollout document the
+//! online rollout role signs in the TUF repository (`rollout_doc`): what boxes are offered.
 
 use anyhow::Result;
 
@@ -85,23 +84,10 @@ pub fn refresh(db: &Db, version: &str, now: u64) -> Result<Option<Rollout>> {
     db.rollout(version)
 }
 
-/// Sets each release's rollout percentage (for boxes of `group`) and pause from its wave
-/// rollout, stepping it first; releases without one keep what the operator set by hand.
-pub fn apply(db: &Db, releases: &mut [Release], group: Option<&str>, now: u64) -> Result<()> {
-    for rel in releases {
-        if let Some(r) = refresh(db, rel.version.as_str(), now)? {
-            let p = &r.progress;
-            rel.rollout = rollout::rollout_for(&r.policy, p, group);
-            rel.paused |= p.paused.is_some() || p.withdrawn;
-        }
-    }
-    Ok(())
-}
-
 /// A channel's rollout document (`core::tuf::RolloutDoc`, signed by the online rollout role):
 /// for each of `releases`, the percentage of the boxes outside listed groups, each listed
 /// group's, and why it is paused. A release under a wave rollout takes them from the waves (as
-/// `apply` does for one group); any other from its own `rollout` and `paused`.
+/// a box reads it with `RolloutDoc::for_box`); any other from its own `rollout` and `paused`.
 pub fn rollout_doc(db: Option<&Db>, releases: &[Release], now: u64) -> Result<RolloutDoc> {
     let mut doc = RolloutDoc::default();
     for rel in releases {
@@ -185,6 +171,16 @@ mod tests {
             max_failures: 3,
             ..Policy::default()
         }
+    }
+
+    /// Each release's percentage and pause as a box of `group` reads them from the rollout
+    /// document of `now`.
+    fn apply(db: &Db, releases: &mut [Release], group: Option<&str>, now: u64) -> Result<()> {
+        let doc = rollout_doc(Some(db), releases, now)?;
+        for rel in releases.iter_mut() {
+            (rel.rollout, rel.paused) = doc.for_box(&rel.version, group);
+        }
+        Ok(())
     }
 
     #[test]

@@ -1,10 +1,10 @@
-//! The image server's HTTP side: signed manifests per channel, immutable artifacts (full streams and
-//! diffs) with Range support, diffs built on demand once, and a size-capped artifact cache.
+//! The image server's HTTP side: immutable artifacts (full streams and diffs) with Range
+//! support, diffs built on demand once, a size-capped artifact cache, and the TUF repository
+//! that tells boxes what to fetch (`server::repo_sync`).
 //!
 //! Routes:
-//! - `GET /v1/channels/{channel}/manifest[?group=G]`: a freshly signed manifest (cacheable
-//!   30 s); a release under a wave rollout carries the percentage and pause the fleet database
-//!   decides now for the box's group (`fleet::control::apply`);
+//! - `GET /v1/metadata/...`, `GET /v1/rollout/...`: the TUF repository's metadata and rollout
+//!   documents (`server::repo_sync`); artifacts are its targets too, at `<sha256>.<name>`;
 //! - `POST /v1/reports`: a box's signed report (`server::reports`), with the fleet database;
 //! - `POST /v1/pre-reboot`, `POST /v1/steady-state`: the FleetLock reboot slots
 //!   (`server::fleetlock`), with the fleet database;
@@ -12,7 +12,8 @@
 //! - `GET /fleet` (and `/`, redirected): the operator's dashboard (`server::dashboard`), with
 //!   the fleet database;
 //! - `GET /v1/artifacts/{name}` (`full-V.xz`, `A-to-B.xz`): the artifact, immutable;
-//! - `GET /v1/artifacts/{name}.descriptor`: its signed descriptor, immutable;
+//! - `GET /v1/artifacts/{name}.descriptor`: its descriptor, immutable (the box trusts the copy
+//!   the repository lists, not this answer);
 //!   either answers `503` + `Retry-After` (never cached) while the artifact is being built or
 //!   while a failed build backs off, and `404` for a diff nobody should build.
 //!
@@ -27,13 +28,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use axum::body::Body;
-use axum::extract::{Path as UrlPath, Query, Request, State};
+use axum::extract::{Path as UrlPath, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{middleware, Router};
-use ed25519_dalek::SigningKey;
-use serde::Deserialize;
 use tokio::sync::Semaphore;
 use tower::ServiceExt;
 
@@ -47,16 +46,11 @@ use super::repo_sync::{self, Repo};
 use super::reports;
 use super::respond::{blocking, error, internal, with_db};
 use super::source::StreamSource;
-use crate::core::manifest::{self, Manifest};
-use crate::core::sign;
+use crate::core::manifest;
 use crate::core::version::Version;
-use crate::fleet::control;
 use crate::fleet::store::Db;
 use crate::fleet::view;
-use crate::sys::clock::now;
 
-/// How long a signed manifest stays valid.
-const MANIFEST_LIFETIME: u64 = 24 * 3600;
 const IMMUTABLE: &str = "public, max-age=31536000, immutable";
 
 /// What an operator tunes on the image server (the `serve` flags).
@@ -99,12 +93,10 @@ impl Default for Tuning {
     }
 }
 
-/// The image server's state: the store, the signing key, the stream source and the builds.
+/// The image server's state: the store, the stream source, the builds and the repository.
 pub struct Server {
     /// Releases and built artifacts.
     pub store: Store,
-    /// Signs manifests and descriptors.
-    pub key: SigningKey,
     /// Where builds get send streams.
     pub source: Arc<dyn StreamSource>,
     /// The operator's settings.
@@ -115,21 +107,16 @@ pub struct Server {
     fleet: Option<Arc<Mutex<Db>>>,
     /// Responses and bytes served, for `/metrics`.
     counters: Arc<Counters>,
-    /// The TUF repository published next to the manifests (none: manifests only).
+    /// The TUF repository (none only in tests of the artifact routes: boxes learn nothing
+    /// without it).
     repo: Option<Arc<Repo>>,
 }
 
 impl Server {
-    /// A server over `store` signing with `key`, building from `source`.
-    pub fn new(
-        store: Store,
-        key: SigningKey,
-        source: Arc<dyn StreamSource>,
-        tuning: Tuning,
-    ) -> Server {
+    /// A server over `store`, building from `source`.
+    pub fn new(store: Store, source: Arc<dyn StreamSource>, tuning: Tuning) -> Server {
         Server {
             store,
-            key,
             source,
             build_slots: Arc::new(Semaphore::new(tuning.max_builds.max(1))),
             tuning,
@@ -220,7 +207,6 @@ pub fn router(server: Arc<Server>) -> Router {
     let slots = server.tuning.reboot_slots.clone();
     let repo = server.repo.clone();
     let routes = Router::new()
-        .route("/v1/channels/:channel/manifest", get(get_manifest))
         .route("/v1/artifacts/:name", get(get_artifact))
         .route("/metrics", get(get_metrics))
         .with_state(server);
@@ -265,12 +251,6 @@ async fn get_metrics(State(s): State<Arc<Server>>) -> Response {
         .into_response()
 }
 
-/// The manifest's query: the asking box's group, for rollouts that go group by group.
-#[derive(Debug, Deserialize)]
-struct ManifestQuery {
-    group: Option<String>,
-}
-
 /// 503 + Retry-After: the artifact is being built, or its failed build backs off.
 fn come_back_later(artifact: &str, secs: u64) -> Response {
     let mut resp = error(
@@ -280,49 +260,6 @@ fn come_back_later(artifact: &str, secs: u64) -> Response {
     resp.headers_mut()
         .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
     resp
-}
-
-async fn get_manifest(
-    State(s): State<Arc<Server>>,
-    UrlPath(channel): UrlPath<String>,
-    Query(q): Query<ManifestQuery>,
-) -> Response {
-    if !manifest::CHANNELS.contains(&channel.as_str()) {
-        return error(StatusCode::NOT_FOUND, format!("no channel {channel:?}"));
-    }
-    let (store, ch) = (s.clone(), channel.clone());
-    let now = now();
-    let releases = blocking(move || {
-        let mut releases: Vec<_> = (store.store.releases()?.into_iter())
-            .filter(|r| r.channel == ch)
-            .map(|r| r.release)
-            .collect();
-        if let Some(db) = &store.fleet {
-            let db = db
-                .lock()
-                .map_err(|_| anyhow::anyhow!("fleet lock poisoned"))?;
-            control::apply(&db, &mut releases, q.group.as_deref(), now)?;
-        }
-        Ok(releases)
-    });
-    let releases = match releases.await {
-        Ok(r) => r,
-        Err(e) => return internal("reading releases", e),
-    };
-    let m = Manifest {
-        channel: channel.clone(),
-        issued: now,
-        expires: now + MANIFEST_LIFETIME,
-        releases,
-    };
-    match sign::seal(&m, &s.key) {
-        Ok(env) => (
-            [(header::CACHE_CONTROL, "public, max-age=30")],
-            axum::Json(env),
-        )
-            .into_response(),
-        Err(e) => internal("signing a manifest", e),
-    }
 }
 
 async fn get_artifact(
@@ -416,7 +353,7 @@ fn spawn_build(
         let _slot = s.build_slots.clone().acquire_owned().await;
         let (s2, a2) = (s.clone(), artifact.clone());
         let result = blocking(move || {
-            build::build(&s2.store, s2.source.as_ref(), &s2.key, from.as_ref(), &to)?;
+            build::build(&s2.store, s2.source.as_ref(), from.as_ref(), &to)?;
             if let Err(e) = s2.store.evict(s2.tuning.cache_cap, &a2) {
                 tracing::error!("evicting after {a2}: {e:#}");
             }

@@ -1,5 +1,5 @@
 //! The server side: the image server (HTTP handlers, the artifact store, builds on demand from
-//! stream sources) and the release manager's verbs (publish, release, keygen).
+//! stream sources) and the release manager's verbs (publish, release, repo).
 
 pub mod artifacts;
 pub mod build;
@@ -7,7 +7,6 @@ pub mod builds;
 pub mod dashboard;
 pub mod fleetlock;
 pub mod http;
-pub mod keys;
 pub mod listen;
 pub mod metrics;
 pub mod publish;

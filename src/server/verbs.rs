@@ -1,4 +1,4 @@
-//! The server side's verbs: `keygen`, `publish`, `release` (the release manager's, with wave
+//! The server side's verbs: `publish`, `release` (the release manager's, with wave
 //! rollouts in the fleet database) and `serve` (the image server, with the fleet database).
 
 use std::sync::Arc;
@@ -7,7 +7,7 @@ use anyhow::Result;
 
 use serde::Serialize;
 
-use crate::cli::{KeygenArgs, PublishArgs, ReleaseArgs, RepoCommand, ServeArgs, WaveArgs};
+use crate::cli::{PublishArgs, ReleaseArgs, RepoCommand, ServeArgs, WaveArgs};
 use crate::core::manifest::Blob;
 use crate::error::refused;
 use crate::fleet::control::{self, Command};
@@ -18,16 +18,9 @@ use crate::fleet::view::{self, RolloutView};
 use crate::output::Output;
 use crate::server::artifacts::StoredRelease;
 use crate::server::repo_sync::Repo;
-use crate::server::{keys, publish, source::ZfsSource, Server, Store, Tuning};
+use crate::server::{publish, source::ZfsSource, Server, Store, Tuning};
 use crate::sys::clock::now;
 use tough::schema::RoleType;
-
-pub fn keygen(a: KeygenArgs, mut out: Output) -> Result<()> {
-    let public = keys::keygen(&a.out)?;
-    out.report(&serde_json::json!({ "public_key": public }), |_| {
-        public.clone()
-    })
-}
 
 pub fn publish(a: PublishArgs, mut out: Output) -> Result<()> {
     let store = Store::open(&a.store.store)?;
@@ -137,10 +130,9 @@ fn policy(a: &WaveArgs, waves: &[u8]) -> Policy {
     }
 }
 
-/// The `serve` verb: the image server over the store, signing with the key, streams from ZFS.
+/// The `serve` verb: the image server over the store and its TUF repository, streams from ZFS.
 pub fn serve(a: ServeArgs) -> Result<()> {
     let store = Store::open(&a.store.store)?;
-    let key = keys::load_secret(&a.key)?;
     let source = Arc::new(ZfsSource {
         zvol: a.store.zvol.clone(),
     });
@@ -158,26 +150,25 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         ..Tuning::default()
     };
     let fleet = Db::open_in(&a.store.store)?;
-    let mut server = Server::new(store, key, source, tuning).with_fleet(fleet);
-    if let (Some(dir), Some(keys)) = (a.repo, a.repo_keys) {
-        let repo = Arc::new(Repo::new(dir, keys));
-        // In step before the first request, then every minute on a thread of its own (with its
-        // own handles on the store and the fleet database).
-        let (store, db) = (Store::open(&a.store.store)?, Db::open_in(&a.store.store)?);
-        let db = std::sync::Mutex::new(db);
-        repo.sync(&store, Some(&db), now())?;
-        let (r, every) = (
-            repo.clone(),
-            std::time::Duration::from_secs(a.repo_sync_seconds),
-        );
-        std::thread::spawn(move || loop {
-            std::thread::sleep(every);
-            if let Err(e) = r.sync(&store, Some(&db), now()) {
-                tracing::error!("bringing the TUF repository in step: {e:#}");
-            }
-        });
-        server = server.with_repo(repo);
-    }
+    let repo = Arc::new(Repo::new(a.repo, a.repo_keys));
+    // In step before the first request, then every --repo-sync-seconds on a thread of its own
+    // (with its own handles on the store and the fleet database).
+    let (store2, db) = (Store::open(&a.store.store)?, Db::open_in(&a.store.store)?);
+    let db = std::sync::Mutex::new(db);
+    repo.sync(&store2, Some(&db), now())?;
+    let (r, every) = (
+        repo.clone(),
+        std::time::Duration::from_secs(a.repo_sync_seconds),
+    );
+    std::thread::spawn(move || loop {
+        std::thread::sleep(every);
+        if let Err(e) = r.sync(&store2, Some(&db), now()) {
+            tracing::error!("bringing the TUF repository in step: {e:#}");
+        }
+    });
+    let server = Server::new(store, source, tuning)
+        .with_fleet(fleet)
+        .with_repo(repo);
     crate::server::run(a.listen, server)
 }
 

@@ -20,35 +20,48 @@ pub fn free_port() -> u16 {
     l.local_addr().unwrap().port()
 }
 
-/// Writes a server signing key into `dir` (as `keygen` would) and returns its path.
-pub fn server_key(dir: &Path) -> PathBuf {
-    use base64::Engine;
-    let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
-    let path = dir.join("upgradectl.key");
-    let b64 = base64::engine::general_purpose::STANDARD.encode(key.to_bytes());
-    std::fs::write(&path, b64).unwrap();
-    path
+/// A TUF repository as the release manager makes it (`DIR/repo`, the offline keys in
+/// `DIR/keys`) and the server's share of its keys (`DIR/online-keys`); returns `dir`.
+pub fn repository(dir: &Path) -> PathBuf {
+    let o = upgradectl::server::tuf_repo::InitOptions {
+        root_keys: 1,
+        root_threshold: 1,
+    };
+    upgradectl::server::tuf_repo::init(&dir.join("repo"), &dir.join("keys"), &o).unwrap();
+    std::fs::create_dir_all(dir.join("online-keys")).unwrap();
+    for role in ["snapshot", "timestamp", "rollout", "artifacts"] {
+        let key = format!("{role}.1.pk8");
+        std::fs::copy(
+            dir.join("keys").join(&key),
+            dir.join("online-keys").join(&key),
+        )
+        .unwrap();
+    }
+    dir.to_owned()
 }
 
-/// `upgradectl serve --store STORE --key KEY` on 127.0.0.1:`port`, no stdin or stdout.
-pub fn command(store: &Path, key: &Path, port: u16) -> Command {
+/// `upgradectl serve --store STORE` publishing the repository of `repository(dir)` on
+/// 127.0.0.1:`port`, no stdin or stdout.
+pub fn command(store: &Path, repo: &Path, port: u16) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_upgradectl"));
     c.args(["serve", "--zvol", "none/image", "--listen"])
         .arg(format!("127.0.0.1:{port}"))
         .arg("--store")
         .arg(store)
-        .arg("--key")
-        .arg(key)
+        .arg("--repo")
+        .arg(repo.join("repo"))
+        .arg("--repo-keys")
+        .arg(repo.join("online-keys"))
         .stdin(Stdio::null())
         .stdout(Stdio::null());
     c
 }
 
 impl Serve {
-    /// Starts `upgradectl serve --store STORE --key KEY` on `port` with `extra` options and
-    /// waits until it accepts connections.
-    pub fn start(store: &Path, key: &Path, port: u16, extra: &[&str]) -> Serve {
-        let child = command(store, key, port)
+    /// Starts `upgradectl serve --store STORE` with the repository of `repository(dir)` on
+    /// `port` with `extra` options and waits until it accepts connections.
+    pub fn start(store: &Path, repo: &Path, port: u16, extra: &[&str]) -> Serve {
+        let child = command(store, repo, port)
             .args(extra)
             .stderr(Stdio::inherit())
             .spawn()

@@ -14,10 +14,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use ed25519_dalek::SigningKey;
+use upgradectl::appliance::config::Config;
+use upgradectl::appliance::paths::Layout;
 use upgradectl::appliance::prepare::fetch::{self, Limits};
-use upgradectl::core::manifest::{Blob, Descriptor, Release};
-use upgradectl::core::sign;
+use upgradectl::appliance::trust::Trusted;
+use upgradectl::core::manifest::{self, Blob, Descriptor, Manifest, Release};
 use upgradectl::core::version::Version;
 use upgradectl::error::Error;
 use upgradectl::fleet::store::Db;
@@ -74,7 +75,8 @@ pub struct Setup {
     pub tuning: Tuning,
     /// With the fleet database (`<root>/store/fleet.db`): reports and wave rollouts.
     pub fleet: bool,
-    /// Publishing a TUF repository (`<root>/repo`, every key in `<root>/keys`).
+    /// Publishing a TUF repository (`<root>/repo`, every key in `<root>/keys`) with every
+    /// release signed, and a box root trusting its first root (`<root>/box`): `offered`.
     pub repo: bool,
 }
 
@@ -99,10 +101,11 @@ impl Default for Setup {
 pub struct Fixture {
     _dir: tempfile::TempDir,
     pub root: PathBuf,
-    pub key: SigningKey,
     pub server: Arc<Server>,
     pub source: Arc<FileSource>,
     pub addr: SocketAddr,
+    /// The repository the server publishes (`Setup::repo`).
+    pub repo: Option<Arc<Repo>>,
 }
 
 pub fn v(s: &str) -> Version {
@@ -149,7 +152,7 @@ fn stored_release(ver: &str, n: u8) -> StoredRelease {
             paused: false,
             image: Blob {
                 size: 1,
-                sha256: format!("{n:02x}"),
+                sha256: format!("{n:064x}"),
             },
         },
     }
@@ -194,7 +197,6 @@ pub fn start_with(setup: Setup) -> Fixture {
         .map(|(i, ver)| stored_release(ver, i as u8 + 1))
         .collect();
     store.save_releases(&releases).unwrap();
-    let key = SigningKey::from_bytes(&[7u8; 32]);
     let source = Arc::new(FileSource {
         dir: streams,
         delay: setup.delay,
@@ -203,35 +205,43 @@ pub fn start_with(setup: Setup) -> Fixture {
         max_running: AtomicUsize::new(0),
         has_calls: AtomicUsize::new(0),
     });
-    let server = Server::new(store, key.clone(), source.clone(), setup.tuning);
+    let server = Server::new(store, source.clone(), setup.tuning);
     let server = match setup.fleet {
         true => server.with_fleet(Db::open_in(&root.join("store")).unwrap()),
         false => server,
     };
-    let server = match setup.repo {
-        true => {
-            let (repo, keys) = (root.join("repo"), root.join("keys"));
-            let o = tuf_repo::InitOptions {
-                root_keys: 1,
-                root_threshold: 1,
-            };
-            tuf_repo::init(&repo, &keys, &o).unwrap();
-            let repo = Arc::new(Repo::new(repo, keys));
-            repo.sync(&Store::open(&root.join("store")).unwrap(), None, 0)
-                .unwrap();
-            server.with_repo(repo)
+    let repo = setup.repo.then(|| {
+        let (repo, keys) = (root.join("repo"), root.join("keys"));
+        let o = tuf_repo::InitOptions {
+            root_keys: 1,
+            root_threshold: 1,
+        };
+        tuf_repo::init(&repo, &keys, &o).unwrap();
+        for r in &releases {
+            let (version, image) = (&r.release.version, &r.release.image);
+            tuf_repo::release(&repo, &keys, &r.channel, version, image).unwrap();
         }
-        false => server,
+        let boxroot = root.join("box/etc");
+        std::fs::create_dir_all(&boxroot).unwrap();
+        std::fs::copy(repo.join("metadata/1.root.json"), boxroot.join("root.json")).unwrap();
+        let repo = Arc::new(Repo::new(repo, keys));
+        let store = Store::open(&root.join("store")).unwrap();
+        repo.sync(&store, None, 0).unwrap();
+        repo
+    });
+    let server = match &repo {
+        Some(r) => server.with_repo(r.clone()),
+        None => server,
     };
     let server = Arc::new(server);
     let addr = spawn_server(server.clone());
     Fixture {
         _dir: dir,
         root,
-        key,
         server,
         source,
         addr,
+        repo,
     }
 }
 
@@ -286,17 +296,18 @@ impl Fixture {
         (status, retry, resp.text().unwrap())
     }
 
-    /// Polls the descriptor until built; returns it verified.
+    /// Polls the descriptor until built; returns it validated (its bytes as served: what the
+    /// repository lists is checked in `tests/tuf.rs`).
     pub fn descriptor(&self, name: &str) -> Descriptor {
         let client = fetch::client(&limits()).unwrap();
         for _ in 0..1200 {
-            match fetch::get_envelope(
+            match fetch::get_capped(
                 &client,
                 &self.url(&format!("/v1/artifacts/{name}.descriptor")),
                 name,
-                upgradectl::core::manifest::MAX_DESCRIPTOR_BYTES,
+                manifest::MAX_DESCRIPTOR_BYTES,
             ) {
-                Ok(env) => return sign::open(&env, &[self.key.verifying_key()], name).unwrap(),
+                Ok(bytes) => return manifest::descriptor_of_verified_target(&bytes, name).unwrap(),
                 Err(e) => match e.downcast_ref::<Error>() {
                     Some(Error::ComeBackLater { .. }) => {
                         std::thread::sleep(Duration::from_millis(50))
@@ -310,5 +321,36 @@ impl Fixture {
 
     pub fn download(&self, name: &str, dest: &Path, d: &Descriptor) -> Result<fetch::Fetched> {
         download_from(self.addr, name, dest, d)
+    }
+
+    /// What a box of `group` on `channel` is offered now, as the box reads it: the server
+    /// brings its repository in step (rollout documents from the waves and reports), then the
+    /// box verifies the repository from its trusted root. Needs `Setup::repo`.
+    pub fn offered(&self, channel: &str, group: Option<&str>) -> Manifest {
+        self.sync();
+        self.offered_at(&format!("http://{}", self.addr), channel, group)
+    }
+
+    /// What a box reading the repository from `server` (this one, or a cache in front of it)
+    /// is offered, without a sync first.
+    pub fn offered_at(&self, server: &str, channel: &str, group: Option<&str>) -> Manifest {
+        let mut config = Config::default();
+        config.trust.root = Some("/etc/root.json".into());
+        let layout = Layout::new(&self.root.join("box"), &config.host_mount);
+        let now = upgradectl::sys::clock::now();
+        Trusted::load(&layout, &config, server)
+            .and_then(|t| t.manifest(channel, group, now))
+            .unwrap()
+    }
+
+    /// One step of the server's repository sync, as `serve` runs it every few seconds.
+    pub fn sync(&self) {
+        let repo = self.repo.as_ref().expect("a server without a repository");
+        let store_dir = self.root.join("store");
+        let store = Store::open(&store_dir).unwrap();
+        let db = (store_dir.join("fleet.db").exists())
+            .then(|| std::sync::Mutex::new(Db::open_in(&store_dir).unwrap()));
+        repo.sync(&store, db.as_ref(), upgradectl::sys::clock::now())
+            .unwrap();
     }
 }

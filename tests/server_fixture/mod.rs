@@ -11,12 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
-use ed25519_dalek::SigningKey;
 use upgradectl::appliance::prepare::fetch;
-use upgradectl::core::manifest::{
-    self, Blob, Descriptor, Release, MAX_DESCRIPTOR_BYTES, MAX_MANIFEST_BYTES,
-};
-use upgradectl::core::sign::Envelope;
+use upgradectl::core::manifest::{self, Blob, Descriptor, Release, MAX_DESCRIPTOR_BYTES};
 use upgradectl::core::version::Version;
 use upgradectl::error::Error;
 use upgradectl::server::artifacts::StoredRelease;
@@ -50,7 +46,6 @@ impl StreamSource for FileSource {
 pub struct Fixture {
     _dir: tempfile::TempDir,
     pub root: PathBuf,
-    pub key: SigningKey,
     pub server: Arc<Server>,
     pub addr: SocketAddr,
 }
@@ -110,10 +105,8 @@ pub fn start(delay: Duration, cache_cap: u64) -> Fixture {
             },
         ])
         .unwrap();
-    let key = SigningKey::from_bytes(&[7u8; 32]);
     let server = Arc::new(Server::new(
         store,
-        key.clone(),
         Arc::new(FileSource {
             dir: streams,
             delay,
@@ -138,7 +131,6 @@ pub fn start(delay: Duration, cache_cap: u64) -> Fixture {
     Fixture {
         _dir: dir,
         root,
-        key,
         server,
         addr,
     }
@@ -149,20 +141,17 @@ impl Fixture {
         format!("http://{}{path}", self.addr)
     }
 
-    /// Polls the descriptor until built; returns it verified and validated.
+    /// Polls the descriptor until built; returns it validated.
     pub fn descriptor(&self, name: &str) -> Descriptor {
         let client = fetch::client(&limits()).unwrap();
         for _ in 0..1200 {
-            match fetch::get_envelope(
+            match fetch::get_capped(
                 &client,
                 &self.url(&format!("/v1/artifacts/{name}.descriptor")),
                 name,
                 MAX_DESCRIPTOR_BYTES,
             ) {
-                Ok(env) => {
-                    return manifest::open_descriptor(&env, &[self.key.verifying_key()], name)
-                        .unwrap()
-                }
+                Ok(bytes) => return manifest::descriptor_of_verified_target(&bytes, name).unwrap(),
                 Err(e) => match e.downcast_ref::<Error>() {
                     Some(Error::ComeBackLater { .. }) => {
                         std::thread::sleep(Duration::from_millis(50))
@@ -172,13 +161,6 @@ impl Fixture {
             }
         }
         panic!("{name} was never built");
-    }
-
-    /// The channel's manifest envelope, as the box fetches it.
-    pub fn manifest_envelope(&self, channel: &str) -> Result<Envelope> {
-        let client = fetch::client(&limits()).unwrap();
-        let url = self.url(&format!("/v1/channels/{channel}/manifest"));
-        fetch::get_envelope(&client, &url, "manifest", MAX_MANIFEST_BYTES)
     }
 
     /// Downloads artifact `name` to `dest` as the box does.

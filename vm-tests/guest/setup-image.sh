@@ -35,7 +35,7 @@ After=zfs-mount.service network.target
 ConditionPathExists=/srv/store/releases.json
 
 [Service]
-ExecStart=/usr/bin/upgradectl serve --store /srv/store --zvol srv/images/image --key /srv/store/upgradectl.key --listen 127.0.0.1:8080 --repo /srv/store/repo --repo-keys /srv/store/online-keys --repo-sync-seconds 2
+ExecStart=/usr/bin/upgradectl serve --store /srv/store --zvol srv/images/image --listen 127.0.0.1:8080 --repo /srv/store/repo --repo-keys /srv/store/online-keys --repo-sync-seconds 2
 Restart=on-failure
 
 [Install]

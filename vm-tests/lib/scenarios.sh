@@ -23,11 +23,6 @@ setup_artefacts() {
   base=$(build_base)
   BIN=$REPO_DIR/target/release/upgradectl
   [ -x "$BIN" ] || die "no $BIN after cargo deb"
-  SERVER_KEY=$CACHE_DIR/server-key
-  if [ ! -f "$SERVER_KEY/upgradectl.key" ]; then
-    mkdir -p "$SERVER_KEY"
-    "$BIN" keygen --out "$SERVER_KEY" >&2
-  fi
   # The release manager's TUF repository and keys, made once per machine: every image ships
   # its first root; each run's server starts from a copy (its releases are signed in the run).
   TUF_DIR=$CACHE_DIR/tuf
@@ -61,7 +56,7 @@ fresh_box() {
   build_pool_disk "$BOX_POOL" 3072
   build_pool_disk "$SRV_POOL" 3072
   tar -C "$TUF_DIR" -cf "$WORK_DIR/tuf.tar" repo keys
-  build_source_disk "$SOURCE_DISK" "$IMAGES"/*.img "$SERVER_KEY/upgradectl.key" "$WORK_DIR/tuf.tar"
+  build_source_disk "$SOURCE_DISK" "$IMAGES"/*.img "$WORK_DIR/tuf.tar"
 }
 
 boot_box() {
@@ -192,7 +187,6 @@ provision_delivery() {
     mkdir -p /srv/source
     mountpoint -q /srv/source || mount -o ro /dev/vdd /srv/source
     zfs list srv/store >/dev/null 2>&1 || zfs create -o mountpoint=/srv/store srv/store
-    [ -f /srv/store/upgradectl.key ] || install -m 600 /srv/source/upgradectl.key /srv/store/
     # The TUF repository: the offline keys stay in /srv/store/keys (in these tests the release
     # manager works in the same guest), the server gets the four online ones.
     if [ ! -d /srv/store/repo ]; then

@@ -1,4 +1,4 @@
-//! HTTP for the box: the signed manifest, descriptors, and artifact downloads that resume
+//! HTTP for the box: asking for descriptors (the server builds on demand), and artifact downloads that resume
 //! (Range into a `.partial`), verify every chunk as it arrives, and give up on a stalled server.
 
 use std::fs::{File, OpenOptions};
@@ -13,7 +13,6 @@ use reqwest::StatusCode;
 
 use crate::core::hashing::{sha256_file, sha256_hex, ChunkHasher};
 use crate::core::manifest::Descriptor;
-use crate::core::sign::Envelope;
 use crate::error::Error;
 
 /// Limits of a download.
@@ -141,17 +140,15 @@ fn read_capped(resp: Response, cap: u64) -> std::result::Result<Vec<u8>, Capped>
     Ok(body)
 }
 
-/// A signed JSON envelope (manifest or descriptor) of at most `max_bytes`.
-pub fn get_envelope(client: &Client, url: &str, what: &str, max_bytes: u64) -> Result<Envelope> {
+/// The body of `url`, at most `max_bytes` of it: a larger one is refused unread (hostile or
+/// broken server). What the body says is trusted only once verified elsewhere.
+pub fn get_capped(client: &Client, url: &str, what: &str, max_bytes: u64) -> Result<Vec<u8>> {
     let resp = get(client, url, what)?;
-    let bytes = read_capped(resp, max_bytes).map_err(|e| match e {
-        Capped::TooLarge(_) => anyhow::Error::from(Error::SignatureInvalid(format!(
+    read_capped(resp, max_bytes).map_err(|e| match e {
+        Capped::TooLarge(_) => anyhow::Error::from(Error::Refused(format!(
             "{what} from {url} is larger than {max_bytes} bytes; refusing it"
         ))),
         Capped::Io(e) => anyhow::Error::from(e).context(format!("reading {url}")),
-    })?;
-    serde_json::from_slice(&bytes).map_err(|e| {
-        Error::SignatureInvalid(format!("{what} from {url} is not a signed envelope: {e}")).into()
     })
 }
 

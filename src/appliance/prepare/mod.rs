@@ -85,7 +85,7 @@ fn prepare_once(ctx: &mut Ctx, pinned: Option<&Version>) -> Result<PrepareReport
     let channel = ctx.config.channel.clone();
 
     let meta = Metadata::load(ctx, server)?;
-    let manifest = meta.manifest(&client, server, &channel, ctx.config.group.as_deref())?;
+    let manifest = meta.manifest(&channel, ctx.config.group.as_deref())?;
     let zvol = pool::zvol(ctx);
     let local = zfs::snapshots(&zvol)?;
     let mut state = ctx.load_state()?;
