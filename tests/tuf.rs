@@ -780,3 +780,90 @@ fn prepare_takes_descriptors_from_the_repository_and_refuses_one_its_artifact_co
         "{e:#}"
     );
 }
+
+#[test]
+fn a_channel_key_rotated_twice_is_followed_and_the_revoked_key_signs_nothing() {
+    let d = tempfile::tempdir().unwrap();
+    let (repo, keys) = (d.path().join("repo"), d.path().join("keys"));
+    let (repo_s, keys_s) = (repo.to_str().unwrap(), keys.to_str().unwrap());
+    let at = ["--repo", repo_s, "--keys", keys_s];
+    let release = |keys: &str, v: &str| {
+        let sha = digest(v);
+        let args = [
+            "--repo",
+            repo_s,
+            "--keys",
+            keys,
+            "--version",
+            v,
+            "--size",
+            "4096",
+        ];
+        upgradectl(&[&["repo", "release"][..], &args, &["--sha256", &sha]].concat());
+    };
+    upgradectl(&[&["repo", "init"][..], &at].concat());
+    release(keys_s, "1.0");
+    upgradectl(&[&["repo", "refresh"][..], &at].concat());
+    let root_v1 = repo.join("metadata/1.root.json");
+    let addr = serve(&repo, None);
+    let b = TestBox::new(addr, &root_v1, "stable");
+    b.accepts();
+    for n in 1..=2 {
+        upgradectl(
+            &[
+                &["repo", "rotate-delegation"][..],
+                &at,
+                &["--role", "stable"],
+            ]
+            .concat(),
+        );
+        upgradectl(&[&["repo", "refresh"][..], &at].concat());
+        let v = b.accepts();
+        assert_eq!(versions(&v), [("1.0".into(), 100, false)], "{v}");
+        assert!(keys.join(format!("revoked/stable.{n}.pk8")).exists());
+        assert!(keys.join(format!("stable.{}.pk8", n + 1)).exists());
+    }
+    release(keys_s, "2.0");
+    upgradectl(&[&["repo", "refresh"][..], &at].concat());
+    assert_eq!(b.accepts()["next"], "2.0");
+    // The first, revoked key cannot sign 3.0: the repository no longer delegates to it.
+    let stolen = d.path().join("stolen");
+    std::fs::create_dir_all(&stolen).unwrap();
+    std::fs::copy(
+        keys.join("revoked/stable.1.pk8"),
+        stolen.join("stable.1.pk8"),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_upgradectl"))
+        .args(["repo", "release", "--repo", repo_s, "--keys"])
+        .arg(&stolen)
+        .args([
+            "--version",
+            "3.0",
+            "--size",
+            "4096",
+            "--sha256",
+            &digest("3.0"),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(!b.accepts().to_string().contains("3.0"));
+    // The reference implementation agrees the rotated repository is sound.
+    let py = tempfile::tempdir().unwrap();
+    let got = python_client(addr, &root_v1, py.path(), &["releases/stable/2.0.img"]);
+    assert_eq!(got["releases/stable/2.0.img"]["length"], 4096);
+    // And the verb refuses a role that is not delegated.
+    let out = Command::new(env!("CARGO_BIN_EXE_upgradectl"))
+        .args(
+            [
+                &["repo", "rotate-delegation"][..],
+                &at,
+                &["--role", "timestamp"],
+            ]
+            .concat(),
+        )
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}

@@ -19,6 +19,9 @@ pub enum RepoCommand {
     /// Rotate keys: a new root version with new keys for the given roles, signed by the
     /// current root keys and the new ones; the old key files move to KEYS/revoked/.
     RotateRoot(RepoRotateArgs),
+    /// Offline: a new key for a delegated role (a channel, rollout or artifacts), the old one
+    /// revoked; the targets role is signed again.
+    RotateDelegation(RepoRotateDelegationArgs),
     /// Publish the newest verified version of every role: a new snapshot and timestamp,
     /// signed with the online keys.
     Refresh(RepoArgs),
@@ -80,4 +83,14 @@ pub struct RepoRotateArgs {
     /// Root's new threshold (0: unchanged).
     #[arg(long, default_value_t = 0)]
     pub root_threshold: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct RepoRotateDelegationArgs {
+    #[command(flatten)]
+    pub repo: RepoArgs,
+    /// The delegated role that gets a new key: stable, candidate, beta, edge, rollout or
+    /// artifacts.
+    #[arg(long)]
+    pub role: String,
 }

@@ -212,7 +212,10 @@ pub fn repo(c: RepoCommand, mut out: Output) -> Result<()> {
                     "targets" => Ok(RoleType::Targets),
                     "snapshot" => Ok(RoleType::Snapshot),
                     "timestamp" => Ok(RoleType::Timestamp),
-                    other => Err(refused(format!("no top-level role {other:?}"))),
+                    other => Err(refused(format!(
+                        "no top-level role {other:?} (a delegated role's key is rotated with \
+                         `repo rotate-delegation --role {other}`)"
+                    ))),
                 })
                 .collect::<Result<Vec<_>>>()?;
             tuf_repo::rotate_root(
@@ -223,6 +226,11 @@ pub fn repo(c: RepoCommand, mut out: Output) -> Result<()> {
                 a.root_threshold,
             )?;
             ("rotate-root", a.repo)
+        }
+        RepoCommand::RotateDelegation(a) => {
+            tuf_repo::rotate_delegation(&a.repo.repo, &a.repo.keys, &a.role)
+                .map_err(|e| refused(format!("{e:#}")))?;
+            ("rotate-delegation", a.repo)
         }
         RepoCommand::Refresh(a) => {
             tuf_repo::refresh(&a.repo, &a.keys)?;

@@ -15,10 +15,13 @@ pub(super) fn key_path(keys: &Path, role: &str, n: usize) -> PathBuf {
     keys.join(format!("{role}.{n}.pk8"))
 }
 
-/// Creates `count` new keys for `role` (numbered after the existing ones), 0600.
+/// Creates `count` new keys for `role`, 0600, numbered after every key the role ever had (the
+/// revoked ones in `keys/revoked/` too, so a number never names two keys).
 pub(super) fn generate(keys: &Path, role: &str, count: usize) -> Result<Vec<PathBuf>> {
     std::fs::create_dir_all(keys).with_context(|| format!("creating {}", keys.display()))?;
-    let first = key_files(keys, role)?.len() + 1;
+    let mut ever = key_files(keys, role)?;
+    ever.extend(key_files(&revoked_dir(keys), role)?);
+    let first = ever.iter().filter_map(|p| key_number(p)).max().unwrap_or(0) + 1;
     (first..first + count)
         .map(|n| {
             let key = ed25519_dalek::SigningKey::generate(&mut rand::rngs::OsRng);
@@ -28,6 +31,32 @@ pub(super) fn generate(keys: &Path, role: &str, count: usize) -> Result<Vec<Path
             Ok(path)
         })
         .collect()
+}
+
+/// Where replaced keys are set aside (never deleted: the release manager decides whether to
+/// destroy them).
+pub(super) fn revoked_dir(keys: &Path) -> PathBuf {
+    keys.join("revoked")
+}
+
+/// Moves key files to `keys/revoked/`: they sign nothing from now on.
+pub(super) fn revoke(keys: &Path, files: &[PathBuf]) -> Result<()> {
+    let revoked = revoked_dir(keys);
+    std::fs::create_dir_all(&revoked)?;
+    for f in files {
+        let to = revoked.join(f.file_name().context("a key file name")?);
+        if to.exists() {
+            bail!("{} is already revoked", to.display());
+        }
+        std::fs::rename(f, &to).with_context(|| format!("revoking {}", f.display()))?;
+    }
+    Ok(())
+}
+
+/// `n` of `<role>.<n>.pk8`.
+fn key_number(path: &Path) -> Option<usize> {
+    let name = path.file_name()?.to_str()?.strip_suffix(".pk8")?;
+    name.rsplit_once('.')?.1.parse().ok()
 }
 
 /// `role`'s key files in `keys`, in order.

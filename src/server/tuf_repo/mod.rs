@@ -37,7 +37,7 @@ use crate::core::manifest::Blob;
 use crate::core::tuf::{ARTIFACTS_ROLE, ROLLOUT_ROLE};
 use crate::sys::fsutil;
 
-pub use offline::{init, release, rotate_root};
+pub use offline::{init, release, rotate_delegation, rotate_root};
 pub use online::{add_artifacts, refresh, refresh_if_needed, renew_online_roles, set_rollouts};
 
 pub(super) const SPEC_VERSION: &str = "1.0.0";

@@ -1,5 +1,5 @@
 //! The release manager's steps, with offline keys: create the repository, sign a release on a
-//! channel, rotate root.
+//! channel, rotate root's keys, rotate a delegated role's key.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -12,7 +12,7 @@ use tough::schema::{
 };
 use tough::TargetName;
 
-use super::keys::{generate, key_files, public_keys, role_keys};
+use super::keys::{generate, key_files, public_keys, revoke, role_keys};
 use super::online::refresh;
 use super::{
     block, current_targets, expiry, metadata_dir, nz, root, sign_and_write, target, update_role,
@@ -224,14 +224,7 @@ pub fn rotate_root(
     let both = by_new
         .add_old_signatures(by_old.signed().signatures.clone())
         .map_err(|e| anyhow::anyhow!("combining root signatures: {e}"))?;
-    // The replaced keys sign nothing from now on: set aside (not deleted: the release
-    // manager decides whether to destroy them).
-    let revoked = keys.join("revoked");
-    std::fs::create_dir_all(&revoked)?;
-    for f in replaced {
-        let to = revoked.join(f.file_name().context("a key file name")?);
-        std::fs::rename(&f, &to).with_context(|| format!("revoking {}", f.display()))?;
-    }
+    revoke(keys, &replaced)?;
     let v = new.version.get();
     let dir = metadata_dir(repo);
     fsutil::atomic_write(&dir.join(format!("{v}.root.json")), both.buffer(), 0o644)?;
@@ -256,4 +249,63 @@ pub fn rotate_root(
         )?;
     }
     Ok(v)
+}
+
+/// A new key for delegated role `role` (a channel, `rollout` or `artifacts`): the targets role
+/// (offline key) delegates to it instead of the old one, and the role's own metadata is signed
+/// again with it, its targets unchanged. The old key file moves to `keys/revoked/`: whatever it
+/// signs from now on is refused by boxes. Returns the new targets version; the server publishes
+/// both at its next refresh (for an online role, once it holds the new key).
+pub fn rotate_delegation(repo: &Path, keys: &Path, role: &str) -> Result<u64> {
+    let top = current_targets(repo, "targets")?.signed;
+    let mut delegations = top
+        .delegations
+        .clone()
+        .context("the targets role delegates nothing")?;
+    let Some(at) = delegations.roles.iter().position(|r| r.name == role) else {
+        bail!("{role:?} is not a delegated role (one of the channels, rollout, artifacts)");
+    };
+    let old_files = key_files(keys, role)?;
+    if old_files.is_empty() {
+        bail!(
+            "no key of the {role} role in {}: rotating needs it in hand",
+            keys.display()
+        );
+    }
+    let new_files = generate(keys, role, 1)?;
+    let old_ids = std::mem::take(&mut delegations.roles[at].keyids);
+    for (id, key) in public_keys(&new_files)? {
+        delegations.keys.insert(id.clone(), key);
+        delegations.roles[at].keyids.push(id);
+    }
+    for id in old_ids {
+        if !delegations.roles.iter().any(|r| r.keyids.contains(&id)) {
+            delegations.keys.remove(&id);
+        }
+    }
+    let mut top = top;
+    let version = top.version.get() + 1;
+    top.version = nz(version)?;
+    top.expires = expiry(OFFLINE_DAYS)?;
+    top.delegations = Some(delegations);
+    let holder = KeyHolder::Root(root(repo)?.signed);
+    let top = DelegatedTargets {
+        name: "targets".into(),
+        targets: top,
+    };
+    sign_and_write(
+        repo,
+        &format!("{version}.targets.json"),
+        top,
+        &holder,
+        &role_keys(keys, "targets")?,
+    )?;
+    revoke(keys, &old_files)?;
+    let days = if ONLINE_ROLES.contains(&role) {
+        ONLINE_DAYS
+    } else {
+        OFFLINE_DAYS
+    };
+    update_role(repo, keys, role, days, |_| Ok(()))?;
+    Ok(version)
 }
