@@ -204,6 +204,10 @@ provision_delivery() {
       zfs create -p box/upgradectl
       zfs send srv/images/image@1.0 | zfs receive box/upgradectl/image
     fi
+    # The factory enrolls the box (its identity key is made on the host partition at the first
+    # call): the server then keeps its reports.
+    upgradectl --json identity > /tmp/identity.json
+    upgradectl fleet enroll --store /srv/store --identity /tmp/identity.json >/dev/null
     systemctl start upgradectl-test-server.service
     for i in $(seq 120); do
       curl -sf -o /dev/null http://127.0.0.1:8080/v1/metadata/timestamp.json && exit 0
@@ -288,6 +292,8 @@ scenario_revert() {
 scenario_broken() {
   ensure_box || return 1
   publish 3.0 || return 1
+  # One wave that pauses at the first failure (one box here).
+  vm_run "upgradectl release --store /srv/store --version 3.0 --waves 100 --max-failures 1 --min-sample 1" || return 1
   upgrade_and_reboot
   vm_wait 'broken init of image 3.0' 900 || return 1
   log "image 3.0's init failed; waiting for the box to come back on its own"
@@ -298,6 +304,41 @@ scenario_broken() {
   vm_ssh "upgradectl upgrade --version 3.0 --no-reboot" || rc=$?
   assert_eq "$rc" 2 "upgrading to a bad image is refused" || return 1
   vm_run "upgradectl status"
+  fleet_paused 3.0 || return 1
+}
+
+# fleet_paused VERSION : the box's failure report reaches the server (the prepare timer's runs
+# send what is spooled), which pauses VERSION's rollout by itself; the box reads the pause in
+# the rollout document the online key signed.
+fleet_paused() {
+  local i paused
+  vm_ssh "upgradectl prepare >/dev/null 2>&1" || true
+  for i in $(seq 120); do
+    paused=$(vm_ssh "upgradectl --json releases" | python3 -c "import json,sys
+r = json.loads(sys.stdin.readlines()[-1])
+print(any(x['version'] == '$1' and x['paused'] for x in r['releases']))") || return 1
+    [ "$paused" = True ] && break
+    sleep 0.5
+  done
+  vm_run "upgradectl fleet status --store /srv/store"
+  assert_eq "$paused" True "$1 paused for the boxes by the server, from this box's report" || return 1
+  local reason
+  reason=$(vm_ssh "upgradectl --json fleet status --store /srv/store" | python3 -c "import json,sys
+f = json.loads(sys.stdin.readlines()[-1])
+print(next(r['paused'] for r in f['rollouts'] if r['version'] == '$1'))") || return 1
+  log "the server paused $1: $reason"
+  case "$reason" in *failed*) ;; *) log "no failure in the pause reason"; return 1 ;; esac
+  # A second box (another identity, its own trust state, the same shipped root) is no longer
+  # offered it.
+  local second
+  second=$(vm_ssh 'set -e; r=/tmp/second-box; mkdir -p $r/etc/upgradectl $r/host
+    printf "server = \"http://127.0.0.1:8080\"\nchannel = \"stable\"\nbox_id = \"second-box\"\n[trust]\nroot = \"/etc/upgradectl/root.json\"\n" >$r/etc/upgradectl/upgradectl.toml
+    cp /etc/upgradectl/root.json $r/etc/upgradectl/
+    upgradectl --root $r --json releases' | python3 -c "import json,sys
+r = json.loads(sys.stdin.readlines()[-1])
+print(r['next'], [x['paused'] for x in r['releases'] if x['version'] == '$1'])") || return 1
+  log "a second box: next ${second% *}, $1 paused: ${second#* }"
+  case "$second" in "$1 "*) log "the second box is offered $1"; return 1 ;; *"[True]") ;; *) return 1 ;; esac
 }
 
 # A prepare killed in the middle (download or receive) and rerun completes without
