@@ -205,9 +205,11 @@ fn main() {
             &mut |_, _| {},
         )
         .unwrap();
-        let mut xz =
-            upgradectl::appliance::prepare::receive::xz_reader(std::fs::File::open(&dest).unwrap())
-                .unwrap();
+        let mut xz = upgradectl::appliance::prepare::receive::xz_reader(
+            std::fs::File::open(&dest).unwrap(),
+            256 << 20,
+        )
+        .unwrap();
         std::io::copy(&mut xz, &mut std::io::sink()).unwrap();
     });
     let t_sh = sh(&format!("curl -sf {url} | xz -dc > /dev/null"));

@@ -85,6 +85,10 @@ pub struct DownloadConfig {
     pub min_speed_bytes: u64,
     /// Longest `--wait` sleeps for "come back later", in total.
     pub max_wait_seconds: u64,
+    /// Most memory decompressing an artifact may take, MiB (fewer decoder threads first, then
+    /// the artifact is refused): an artifact the online artifacts key listed cannot make the
+    /// box allocate more.
+    pub max_decoder_mib: u64,
 }
 
 /// When `upgrade` may switch and reboot (see `appliance::gate`, `appliance::rebootlock`).
@@ -172,6 +176,7 @@ impl Default for DownloadConfig {
             stall_seconds: 60,
             min_speed_bytes: 1024,
             max_wait_seconds: 3600,
+            max_decoder_mib: 256,
         }
     }
 }
@@ -293,6 +298,7 @@ impl Config {
             d.max_wait_seconds,
             0..=7 * 86400,
         )?;
+        within("download.max_decoder_mib", d.max_decoder_mib, 16..=1 << 16)?;
         within(
             "grub.panic_seconds",
             self.grub.panic_seconds.into(),

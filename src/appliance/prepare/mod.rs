@@ -171,8 +171,14 @@ fn prepare_once(ctx: &mut Ctx, pinned: Option<&Version>) -> Result<PrepareReport
             &serde_json::json!({"artifact": name}),
             &format!("receiving {name} into {zvol}"),
         )?;
-        receive(&file, &zvol, base.as_ref(), &target)
-            .with_context(|| format!("receiving {name} into {zvol}"))?;
+        receive(
+            &file,
+            &zvol,
+            base.as_ref(),
+            &target,
+            ctx.config.download.max_decoder_mib << 20,
+        )
+        .with_context(|| format!("receiving {name} into {zvol}"))?;
         crate::fail_point!("prepare::received");
         report.artifact = name;
         report.artifact_bytes = descriptor.size;
