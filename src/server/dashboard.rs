@@ -1,5 +1,6 @@
 //! The operator's dashboard, `GET /fleet` (`/` redirects there): one server-rendered HTML page
-//! of `fleet::view` (each release's rollout, why it is paused, boxes by version), with inline
+//! of `fleet::view` (each release's rollout, why it is paused, boxes by version, who holds a
+//! reboot slot), with inline
 //! CSS, no script and no external asset, never cached. `render` is pure. Markup is written only
 //! from `&'static str`; everything else (versions, group labels that boxes chose, pause
 //! reasons) goes through `Html::text`, which escapes it.
@@ -147,8 +148,37 @@ pub fn render(v: &FleetView, now: u64) -> String {
         }
         h.raw("</table>\n");
     }
+    h.raw("</section>\n<section id=\"reboot-slots\"><h2>Reboot slots</h2>\n")
+        .raw("<p class=\"muted\">FleetLock: the boxes that may reboot into a new image now, ")
+        .raw("until they report steady state or their lease runs out.</p>\n");
+    if v.reboot_slots.is_empty() {
+        h.raw("<p class=\"muted\">No box holds a reboot slot.</p>\n");
+    } else {
+        h.raw("<table><tr><th>box</th><th>group</th><th>lease</th></tr>\n");
+        for s in &v.reboot_slots {
+            let group = if s.group.is_empty() {
+                "(none)"
+            } else {
+                &s.group
+            };
+            let lease = match s.expires > now {
+                true => format!("runs out {}", when_ahead(s.expires, now)),
+                false => format!("ran out {} (the slot is free)", when(s.expires, now)),
+            };
+            h.row(&[&s.node, &group, &lease]);
+        }
+        h.raw("</table>\n");
+    }
     h.raw("</section>\n</body></html>\n");
     h.0
+}
+
+/// Unix seconds `t` (after `now`) as UTC date and time, and how long from `now`.
+fn when_ahead(t: u64, now: u64) -> String {
+    let at = when(t, t);
+    let at = at.split(" (").next().unwrap_or_default();
+    let s = t.saturating_sub(now);
+    format!("{at} (in {} min)", s.div_ceil(60))
 }
 
 fn rollout(h: &mut Html, r: &RolloutView, now: u64) {
@@ -294,6 +324,30 @@ mod tests {
     }
 
     #[test]
+    fn reboot_slots_show_who_holds_them_and_leases_that_ran_out() {
+        use crate::fleet::semaphore::Holder;
+        let v = FleetView {
+            rollouts: vec![],
+            versions: vec![],
+            reboot_slots: vec![
+                Holder {
+                    node: "box-<7>".into(),
+                    group: "zone-a".into(),
+                    expires: 5000,
+                },
+                Holder {
+                    node: "box-8".into(),
+                    group: String::new(),
+                    expires: 1000,
+                },
+            ],
+        };
+        let html = render(&v, 1600);
+        assert!(html.contains("<td>box-&lt;7&gt;</td><td>zone-a</td><td>runs out 1970-01-01T01:23:20Z (in 57 min)</td>"), "{html}");
+        assert!(html.contains("<td>box-8</td><td>(none)</td><td>ran out 1970-01-01T00:16:40Z (10 min ago) (the slot is free)</td>"), "{html}");
+    }
+
+    #[test]
     fn an_empty_fleet_says_so() {
         let html = render(
             &FleetView {
@@ -304,5 +358,6 @@ mod tests {
             0,
         );
         assert!(html.contains("No wave rollouts.") && html.contains("No boxes enrolled."));
+        assert!(html.contains("No box holds a reboot slot."));
     }
 }

@@ -50,6 +50,7 @@ use crate::core::manifest;
 use crate::core::version::Version;
 use crate::fleet::store::Db;
 use crate::fleet::view;
+use crate::sys::clock::now;
 
 const IMMUTABLE: &str = "public, max-age=31536000, immutable";
 
@@ -234,9 +235,14 @@ async fn get_metrics(State(s): State<Arc<Server>>) -> Response {
         ..Snapshot::default()
     };
     if let Some(db) = s.fleet.clone() {
-        let fleet = with_db(db, |db| Ok((db.report_totals()?, view::rollouts(db)?)));
+        let fleet = with_db(db, |db| {
+            Ok((db.report_totals()?, view::rollouts(db)?, db.reboot_slots()?))
+        });
         match fleet.await {
-            Ok((reports, rollouts)) => (snap.reports, snap.rollouts) = (Some(reports), rollouts),
+            Ok((reports, rollouts, slots)) => {
+                (snap.reports, snap.rollouts) = (Some(reports), rollouts);
+                snap.reboot_slots = Some(metrics::held_slots(&slots, now()));
+            }
             Err(e) => return internal("reading the fleet database for metrics", e),
         }
     }

@@ -1,5 +1,6 @@
 //! Prometheus metrics (`GET /metrics`, text format 0.0.4): requests by status class and bytes
-//! served (counted by a middleware), builds, reports by outcome and each wave rollout's state.
+//! served (counted by a middleware), builds, reports by outcome, each wave rollout's state and
+//! the reboot slots held per group.
 //! `render` is pure: it formats a `Snapshot` the handler gathers.
 
 use std::fmt::Write;
@@ -57,6 +58,17 @@ pub struct Snapshot {
     /// None: the server runs without the fleet database.
     pub reports: Option<Vec<(Outcome, u64)>>,
     pub rollouts: Vec<RolloutView>,
+    /// Reboot slots held now (lease not run out), by group (None: no fleet database).
+    pub reboot_slots: Option<Vec<(String, u64)>>,
+}
+
+/// Slots held at `now` by group, from the stored holders (a lease that ran out is free).
+pub fn held_slots(holders: &[crate::fleet::semaphore::Holder], now: u64) -> Vec<(String, u64)> {
+    let mut by_group = std::collections::BTreeMap::<String, u64>::new();
+    for h in holders.iter().filter(|h| h.expires > now) {
+        *by_group.entry(h.group.clone()).or_default() += 1;
+    }
+    by_group.into_iter().collect()
 }
 
 fn family(o: &mut String, name: &str, kind: &str, help: &str) {
@@ -111,6 +123,17 @@ pub fn render(s: &Snapshot) -> String {
                 .find(|(x, _)| *x == o_)
                 .map_or(0, |(_, n)| *n);
             let _ = writeln!(o, "upgradectl_reports{{outcome=\"{}\"}} {n}", o_.as_str());
+        }
+    }
+    if let Some(slots) = &s.reboot_slots {
+        family(
+            &mut o,
+            "reboot_slots_held",
+            "gauge",
+            "FleetLock reboot slots held now, by group.",
+        );
+        for (group, n) in slots {
+            let _ = writeln!(o, "upgradectl_reboot_slots_held{{group=\"{group}\"}} {n}");
         }
     }
     if s.rollouts.is_empty() {
@@ -172,10 +195,17 @@ mod tests {
         c.record(206, 50);
         let (responses, bytes) = c.read();
         assert_eq!((responses, bytes), ([0, 2, 0, 0, 1], 150));
+        let holder = |group: &str, expires| crate::fleet::semaphore::Holder {
+            node: "n".into(),
+            group: group.into(),
+            expires,
+        };
+        let holders = [holder("a", 20), holder("a", 30), holder("b", 5)];
         let s = Snapshot {
             responses,
             bytes,
             reports: Some(vec![(Outcome::Fallback, 3)]),
+            reboot_slots: Some(held_slots(&holders, 10)),
             ..Snapshot::default()
         };
         let text = render(&s);
@@ -183,6 +213,11 @@ mod tests {
         assert!(text.contains("upgradectl_http_response_bytes_total 150\n"));
         assert!(text.contains("upgradectl_reports{outcome=\"fallback\"} 3\n"));
         assert!(text.contains("upgradectl_reports{outcome=\"confirmed\"} 0\n"));
+        assert!(text.contains("upgradectl_reboot_slots_held{group=\"a\"} 2\n"));
+        assert!(
+            !text.contains("group=\"b\""),
+            "a lease that ran out is a free slot"
+        );
         assert!(
             !text.contains("rollout"),
             "no rollouts, no rollout families"

@@ -3,7 +3,8 @@
 # the ZFS module for the guest kernel, the base root filesystem, image files, the box's disks.
 # Sourced after common.sh.
 
-BASE_PACKAGES=linux-image-amd64,grub-common,systemd-sysv,udev,initramfs-tools,busybox,e2fsprogs,kmod,zfsutils-linux,openssh-server,iproute2,procps,curl,xz-utils,rsync,util-linux,zstd,dmsetup
+# dbus: logind runs (as on an Ubuntu appliance), so inhibitor locks are real.
+BASE_PACKAGES=linux-image-amd64,grub-common,systemd-sysv,udev,initramfs-tools,busybox,e2fsprogs,kmod,zfsutils-linux,openssh-server,iproute2,procps,curl,xz-utils,rsync,util-linux,zstd,dmsetup,dbus
 
 # The ZFS module, built by DKMS in a build chroot for the exact guest kernel.
 # Prints the path of a tarball holding lib/modules/<kver>/updates/dkms/*.ko.
