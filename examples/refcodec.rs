@@ -1,9 +1,12 @@
-//! `core::refcodec` from the shell, for bench/delta-encodings: stdin to stdout.
+//! `core::refcodec` from the shell, for bench/delta-encodings: stdin to stdout (a regular
+//! file on stdin is encoded with its length stated in the frame).
 //!
 //!   refcodec encode REFERENCE [LEVEL]           (level default 19)
 //!   refcodec decode REFERENCE [MAX_WINDOW_LOG]  (default 31)
 
+use std::fs::File;
 use std::io::{stdin, stdout, BufWriter};
+use std::os::fd::AsFd;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
@@ -21,7 +24,13 @@ fn main() -> Result<()> {
     match verb {
         "encode" => {
             let level = number.map_or(Ok(19), |n| n.parse()).context("level")?;
-            refcodec::encode(stdin().lock(), reference, out, level)
+            // A regular file on stdin has a length: the frame states it (see encode_sized).
+            let len = File::from(stdin().as_fd().try_clone_to_owned()?)
+                .metadata()
+                .ok()
+                .filter(|m| m.is_file())
+                .map(|m| m.len());
+            refcodec::encode_sized(stdin().lock(), len, reference, out, level)
         }
         "decode" => {
             let max = number

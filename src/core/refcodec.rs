@@ -12,9 +12,9 @@
 //!
 //! Memory on the decoding side: the frame states its window, and [`decode`] refuses a frame
 //! whose window exceeds `max_window_log` before allocating anything. Otherwise the decoder
-//! allocates a buffer of the window's size (the encoder does not know the stream's size, so the
-//! frame does not carry it) and fills it with the decoded output, up to the window; the
-//! reference is mapped, its pages read on demand from the page cache.
+//! allocates a buffer of the window's size, or of the stream's length when the frame states it
+//! ([`encode_sized`]) and that is smaller, and fills it with the decoded output; the reference
+//! is mapped, its pages read on demand from the page cache.
 
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -86,10 +86,29 @@ impl Reference {
 
 /// Compresses `input` into `out` as one zstd frame at `level`, with `reference`'s content as
 /// the prefix. Long-distance matching, frame checksum, all cores (zstd's worker threads).
+/// The input's length is unknown: the window covers twice the reference, and the decoder will
+/// allocate a buffer of the whole window; prefer [`encode_sized`] when the length is known.
 pub fn encode(input: impl Read, reference: &Path, out: impl Write, level: i32) -> Result<()> {
+    encode_sized(input, None, reference, out, level)
+}
+
+/// [`encode`] for an input of exactly `input_len` bytes (when `Some`; a different length fails
+/// at the end). The frame then states the length, the window covers exactly reference plus
+/// input, and the decoder's buffer is the input's length when that is below the window: on a
+/// 505 MB stream against a 1.3 GB image, 505 MB instead of 2 GiB of address space.
+pub fn encode_sized(
+    input: impl Read,
+    input_len: Option<u64>,
+    reference: &Path,
+    out: impl Write,
+    level: i32,
+) -> Result<()> {
     let reference = Reference::open(reference)?;
     let prefix = reference.bytes();
-    let window_log = encode_window_log(prefix.len() as u64);
+    let window_log = match input_len {
+        Some(len) => window_log_for((prefix.len() as u64).saturating_add(len)),
+        None => encode_window_log(prefix.len() as u64),
+    };
     let threads = std::thread::available_parallelism()
         .map(|n| n.get() as u32)
         .unwrap_or(1);
@@ -105,6 +124,8 @@ pub fn encode(input: impl Read, reference: &Path, out: impl Write, level: i32) -
         raw.set_parameter(param)
             .with_context(|| format!("setting zstd parameter {param:?}"))?;
     }
+    raw.set_pledged_src_size(input_len)
+        .context("stating the input's length to zstd")?;
     let mut encoder = zstd::stream::write::Encoder::with_encoder(out, raw);
     copy(input, &mut encoder).context("compressing against the reference")?;
     let mut out = encoder.finish().context("finishing the zstd frame")?;
@@ -322,6 +343,35 @@ mod tests {
     }
 
     #[test]
+    fn a_sized_frame_states_its_length_and_a_wrong_length_fails() {
+        let c = case(1 << 20, 30, 13, 3);
+        let len = c.new.len() as u64;
+        let mut sized = Vec::new();
+        encode_sized(Cursor::new(&c.new), Some(len), &c.reference, &mut sized, 3).unwrap();
+        assert_eq!(
+            zstd_safe::get_frame_content_size(&sized).ok(),
+            Some(Some(len))
+        );
+        assert_eq!(zstd_safe::get_frame_content_size(&c.frame).ok(), Some(None));
+        // Reference plus input, 2 MiB: a window of 2^21, where the unsized frame needs 2^23.
+        assert_eq!(dec(&sized, &c.reference, 21).unwrap(), c.new);
+        assert!(dec(&c.frame, &c.reference, 21).is_err());
+
+        let err = encode_sized(
+            Cursor::new(&c.new),
+            Some(len + 1),
+            &c.reference,
+            Vec::new(),
+            3,
+        )
+        .unwrap_err();
+        assert!(
+            format!("{err:#}").contains("finishing the zstd frame"),
+            "{err:#}"
+        );
+    }
+
+    #[test]
     fn a_truncated_frame_fails() {
         let c = case(1 << 18, 20, 9, 3);
         let err = dec(&c.frame[..c.frame.len() - 3], &c.reference, 31).unwrap_err();
@@ -375,7 +425,12 @@ mod tests {
             new.extend_from_slice(&tail);
             let frame = enc(&new, &reference, level);
             let window_log = encode_window_log(base.len() as u64);
-            prop_assert_eq!(dec(&frame, &reference, window_log).unwrap(), new);
+            prop_assert_eq!(&dec(&frame, &reference, window_log).unwrap(), &new);
+            let mut sized = Vec::new();
+            encode_sized(Cursor::new(&new), Some(new.len() as u64), &reference, &mut sized, level)
+                .unwrap();
+            let window_log = window_log_for((base.len() + new.len()) as u64);
+            prop_assert_eq!(dec(&sized, &reference, window_log).unwrap(), new);
         }
     }
 }
