@@ -14,7 +14,10 @@
 //! whose window exceeds `max_window_log` before allocating anything. Otherwise the decoder
 //! allocates a buffer of the window's size, or of the stream's length when the frame states it
 //! ([`encode_sized`]) and that is smaller, and fills it with the decoded output; the reference
-//! is mapped, its pages read on demand from the page cache.
+//! is mapped, its pages read on demand from the page cache. A sized frame shorter than its
+//! window is written "single segment": its stated window is its length (zstd's decoder does not
+//! count the prefix against the window), so `max_window_log` then bounds the stream's length,
+//! which is exactly the buffer the decoder allocates.
 
 use std::fs::File;
 use std::io::{self, Read, Write};
