@@ -1,0 +1,43 @@
+//! `core::refcodec` from the shell, for bench/delta-encodings: stdin to stdout (a regular
+//! file on stdin is encoded with its length stated in the frame).
+//!
+//!   refcodec encode REFERENCE [LEVEL]           (level default 19)
+//!   refcodec decode REFERENCE [MAX_WINDOW_LOG]  (default 31)
+
+use std::fs::File;
+use std::io::{stdin, stdout, BufWriter};
+use std::os::fd::AsFd;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use upgradectl::core::refcodec;
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (verb, reference, number) = match args.as_slice() {
+        [verb, reference] => (verb.as_str(), reference, None),
+        [verb, reference, number] => (verb.as_str(), reference, Some(number)),
+        _ => bail!("usage: refcodec encode|decode REFERENCE [LEVEL|MAX_WINDOW_LOG] <in >out"),
+    };
+    let reference = Path::new(reference);
+    let out = BufWriter::with_capacity(1 << 20, stdout().lock());
+    match verb {
+        "encode" => {
+            let level = number.map_or(Ok(19), |n| n.parse()).context("level")?;
+            // A regular file on stdin has a length: the frame states it (see encode_sized).
+            let len = File::from(stdin().as_fd().try_clone_to_owned()?)
+                .metadata()
+                .ok()
+                .filter(|m| m.is_file())
+                .map(|m| m.len());
+            refcodec::encode_sized(stdin().lock(), len, reference, out, level)
+        }
+        "decode" => {
+            let max = number
+                .map_or(Ok(31), |n| n.parse())
+                .context("max_window_log")?;
+            refcodec::decode(stdin().lock(), reference, out, max)
+        }
+        other => bail!("unknown verb {other:?}: encode or decode"),
+    }
+}

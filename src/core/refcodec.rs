@@ -1,0 +1,439 @@
+//! The reference-compressed diff encoding: zstd with the base image as a read-only prefix.
+//!
+//! The server compresses a stream (a ZFS incremental) with zstd, the whole content of the base
+//! version's image given as a reference prefix (zstd's "patch-from"): anything in the stream
+//! that is also somewhere in the base image costs a match, not its bytes. The box holds exactly
+//! the same base bytes and decompresses against them. Both sides map the reference read-only.
+//!
+//! One zstd frame, with long-distance matching, a window covering reference and stream (at most
+//! 2^31 bytes), and the frame checksum: decoding against a different reference fails at the end
+//! of the frame instead of passing wrong bytes off as right. Bytes already written to `out`
+//! before that failure are wrong: the caller discards them (aborts the receive).
+//!
+//! Memory on the decoding side: the frame states its window, and [`decode`] refuses a frame
+//! whose window exceeds `max_window_log` before allocating anything. Otherwise the decoder
+//! allocates a buffer of the window's size, or of the stream's length when the frame states it
+//! ([`encode_sized`]) and that is smaller, and fills it with the decoded output; the reference
+//! is mapped, its pages read on demand from the page cache. A sized frame shorter than its
+//! window is written "single segment": its stated window is its length (zstd's decoder does not
+//! count the prefix against the window), so `max_window_log` then bounds the stream's length,
+//! which is exactly the buffer the decoder allocates.
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use memmap2::Mmap;
+use zstd::stream::raw::{CParameter, DParameter};
+use zstd::zstd_safe;
+
+/// zstd's smallest window and largest on 64-bit targets.
+const WINDOW_LOG_MIN: u32 = 10;
+pub const WINDOW_LOG_MAX: u32 = 31;
+/// The window never goes below this: it is what zstd itself picks for high levels on an input
+/// of unknown size (8 MiB), so a small reference does not cost compression on the stream itself.
+const WINDOW_LOG_FLOOR: u32 = 23;
+
+/// The window log (log2 of the window size) that covers `total_bytes` of history: the smallest
+/// `w` with `2^w >= total_bytes`, within zstd's bounds [10, 31]. Beyond 2^31 the far start of
+/// the reference falls out of the window: still correct, only those matches are lost.
+pub fn window_log_for(total_bytes: u64) -> u32 {
+    let needed = match total_bytes {
+        0 | 1 => 0,
+        n => 64 - (n - 1).leading_zeros(),
+    };
+    needed.clamp(WINDOW_LOG_MIN, WINDOW_LOG_MAX)
+}
+
+/// The window [`encode`] uses for a reference of `reference_len` bytes: reference plus a stream
+/// up to the reference's size (a diff of it is smaller). A longer stream still round-trips; its
+/// far matches into the reference's start may be lost.
+pub fn encode_window_log(reference_len: u64) -> u32 {
+    window_log_for(reference_len.saturating_mul(2)).max(WINDOW_LOG_FLOOR)
+}
+
+/// The reference file mapped read-only (an empty file is an empty slice: mmap refuses length 0).
+struct Reference {
+    map: Option<Mmap>,
+}
+
+impl Reference {
+    fn open(path: &Path) -> Result<Self> {
+        let file =
+            File::open(path).with_context(|| format!("opening reference {}", path.display()))?;
+        let len = file
+            .metadata()
+            .with_context(|| format!("reading the size of reference {}", path.display()))?
+            .len();
+        if len == 0 {
+            return Ok(Self { map: None });
+        }
+        // SAFETY: the mapping is read-only and lives as long as the codec using it. The caller
+        // hands in a reference nobody writes while we read it (a snapshot, a published image);
+        // if one did, zstd would read changed bytes and the frame checksum would catch it.
+        let map = unsafe { Mmap::map(&file) }
+            .with_context(|| format!("mapping reference {}", path.display()))?;
+        #[cfg(unix)]
+        {
+            // Read once, front to back, by zstd's matching: a hint, failure costs nothing.
+            let _ = map.advise(memmap2::Advice::Sequential);
+        }
+        Ok(Self { map: Some(map) })
+    }
+
+    fn bytes(&self) -> &[u8] {
+        self.map.as_deref().unwrap_or(&[])
+    }
+}
+
+/// Compresses `input` into `out` as one zstd frame at `level`, with `reference`'s content as
+/// the prefix. Long-distance matching, frame checksum, all cores (zstd's worker threads).
+/// The input's length is unknown: the window covers twice the reference, and the decoder will
+/// allocate a buffer of the whole window; prefer [`encode_sized`] when the length is known.
+pub fn encode(input: impl Read, reference: &Path, out: impl Write, level: i32) -> Result<()> {
+    encode_sized(input, None, reference, out, level)
+}
+
+/// [`encode`] for an input of exactly `input_len` bytes (when `Some`; a different length fails
+/// at the end). The frame then states the length, the window covers exactly reference plus
+/// input, and the decoder's buffer is the input's length when that is below the window: on a
+/// 505 MB stream against a 1.3 GB image, 505 MB instead of 2 GiB of address space.
+pub fn encode_sized(
+    input: impl Read,
+    input_len: Option<u64>,
+    reference: &Path,
+    out: impl Write,
+    level: i32,
+) -> Result<()> {
+    let reference = Reference::open(reference)?;
+    let prefix = reference.bytes();
+    let window_log = match input_len {
+        Some(len) => window_log_for((prefix.len() as u64).saturating_add(len)),
+        None => encode_window_log(prefix.len() as u64),
+    };
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get() as u32)
+        .unwrap_or(1);
+
+    let mut raw = zstd::stream::raw::Encoder::with_ref_prefix(level, prefix)
+        .context("creating the zstd encoder with the reference prefix")?;
+    for param in [
+        CParameter::WindowLog(window_log),
+        CParameter::EnableLongDistanceMatching(true),
+        CParameter::ChecksumFlag(true),
+        CParameter::NbWorkers(threads),
+    ] {
+        raw.set_parameter(param)
+            .with_context(|| format!("setting zstd parameter {param:?}"))?;
+    }
+    raw.set_pledged_src_size(input_len)
+        .context("stating the input's length to zstd")?;
+    let mut encoder = zstd::stream::write::Encoder::with_encoder(out, raw);
+    copy(input, &mut encoder).context("compressing against the reference")?;
+    let mut out = encoder.finish().context("finishing the zstd frame")?;
+    out.flush().context("flushing the compressed output")?;
+    Ok(())
+}
+
+/// Decompresses a frame made by [`encode`] against the same `reference` into `out`. A frame
+/// whose window exceeds `2^max_window_log` bytes is refused before any allocation; a frame
+/// decoded against a different reference fails its checksum (see the module's note on `out`).
+pub fn decode(
+    input: impl Read,
+    reference: &Path,
+    out: impl Write,
+    max_window_log: u32,
+) -> Result<()> {
+    if !(WINDOW_LOG_MIN..=WINDOW_LOG_MAX).contains(&max_window_log) {
+        bail!("max_window_log {max_window_log} is outside zstd's range {WINDOW_LOG_MIN}..={WINDOW_LOG_MAX}");
+    }
+    let reference_path = reference;
+    let reference = Reference::open(reference_path)?;
+    let mut raw = zstd::stream::raw::Decoder::with_ref_prefix(reference.bytes())
+        .context("creating the zstd decoder with the reference prefix")?;
+    raw.set_parameter(DParameter::WindowLogMax(max_window_log))
+        .context("setting the zstd decoder's window limit")?;
+    let mut decoder = zstd::stream::write::Decoder::with_decoder(out, raw);
+    let limit = || {
+        format!(
+            "decompressing against reference {} (window limit max_window_log = {max_window_log}, {} MiB)",
+            reference_path.display(),
+            (1u64 << max_window_log) >> 20
+        )
+    };
+    copy(input, &mut decoder)
+        .map_err(|e| explain(e, max_window_log))
+        .with_context(limit)?;
+    let mut out = decoder
+        .finish()
+        .map_err(|e| explain(e, max_window_log))
+        .with_context(limit)?;
+    out.flush().context("flushing the decompressed output")?;
+    Ok(())
+}
+
+/// zstd's own words for the two failures a caller must tell apart, made specific.
+fn explain(e: io::Error, max_window_log: u32) -> anyhow::Error {
+    let text = e.to_string();
+    let name = |code: zstd_safe::zstd_sys::ZSTD_ErrorCode| {
+        // zstd returns an error as the code's negation in a size_t.
+        zstd_safe::get_error_name(0usize.wrapping_sub(code as usize))
+    };
+    let window_too_large =
+        name(zstd_safe::zstd_sys::ZSTD_ErrorCode::ZSTD_error_frameParameter_windowTooLarge);
+    let checksum = name(zstd_safe::zstd_sys::ZSTD_ErrorCode::ZSTD_error_checksum_wrong);
+    if text == window_too_large {
+        anyhow::Error::new(e).context(format!(
+            "the frame needs a window larger than the limit max_window_log = {max_window_log} \
+             (2^{max_window_log} bytes); refused before allocating"
+        ))
+    } else if text == checksum {
+        anyhow::Error::new(e).context(
+            "the decompressed bytes fail the frame's checksum: the reference is not the one \
+             the frame was made against (or the frame is corrupt)",
+        )
+    } else {
+        e.into()
+    }
+}
+
+/// `io::copy` that keeps reading through `Interrupted` (as it does) and names the side that
+/// failed: a read error is the input's, a write error the codec's or the output's.
+fn copy(mut input: impl Read, out: &mut impl Write) -> io::Result<u64> {
+    let mut buf = vec![0u8; 1 << 17];
+    let mut total = 0u64;
+    loop {
+        let n = match input.read(&mut buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        out.write_all(&buf[..n])?;
+        total += n as u64;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use rand::{Rng, RngCore, SeedableRng};
+    use std::io::Cursor;
+
+    fn write_ref(dir: &tempfile::TempDir, name: &str, bytes: &[u8]) -> std::path::PathBuf {
+        let path = dir.path().join(name);
+        std::fs::write(&path, bytes).unwrap();
+        path
+    }
+
+    fn enc(input: &[u8], reference: &Path, level: i32) -> Vec<u8> {
+        let mut out = Vec::new();
+        encode(Cursor::new(input), reference, &mut out, level).unwrap();
+        out
+    }
+
+    fn dec(frame: &[u8], reference: &Path, max_window_log: u32) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        decode(Cursor::new(frame), reference, &mut out, max_window_log)?;
+        Ok(out)
+    }
+
+    /// Incompressible on its own (random), so only the reference can make it small.
+    fn random(len: usize, seed: u64) -> Vec<u8> {
+        let mut bytes = vec![0u8; len];
+        rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut bytes);
+        bytes
+    }
+
+    /// `base` with `edits` scattered runs of 1..64 random bytes overwritten.
+    fn edited(base: &[u8], edits: usize, seed: u64) -> Vec<u8> {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut new = base.to_vec();
+        for _ in 0..edits {
+            let len = rng.gen_range(1..64);
+            let at = rng.gen_range(0..new.len() - len);
+            rng.fill_bytes(&mut new[at..at + len]);
+        }
+        new
+    }
+
+    #[test]
+    fn window_log_for_covers_the_bytes_within_zstd_bounds() {
+        assert_eq!(window_log_for(0), 10);
+        assert_eq!(window_log_for(1024), 10);
+        assert_eq!(window_log_for(1025), 11);
+        assert_eq!(window_log_for(1 << 30), 30);
+        assert_eq!(window_log_for((1 << 30) + 1), 31);
+        assert_eq!(window_log_for(u64::MAX), 31);
+        for n in [1u64, 5000, 123_456_789, 3 << 29] {
+            let w = window_log_for(n);
+            assert!(
+                1u64 << w >= n && (w == 10 || 1u64 << (w - 1) < n),
+                "{n} -> {w}"
+            );
+        }
+    }
+
+    /// A reference of `len` random bytes, its edited successor, and that encoded against it.
+    struct Case {
+        dir: tempfile::TempDir,
+        reference: std::path::PathBuf,
+        base: Vec<u8>,
+        new: Vec<u8>,
+        frame: Vec<u8>,
+        window_log: u32,
+    }
+
+    fn case(len: usize, edits: usize, seed: u64, level: i32) -> Case {
+        let dir = tempfile::tempdir().unwrap();
+        let base = random(len, seed);
+        let new = edited(&base, edits, seed + 1);
+        let reference = write_ref(&dir, "base", &base);
+        let frame = enc(&new, &reference, level);
+        let window_log = encode_window_log(base.len() as u64);
+        Case {
+            dir,
+            reference,
+            base,
+            new,
+            frame,
+            window_log,
+        }
+    }
+
+    #[test]
+    fn round_trip_with_scattered_edits_is_far_smaller_than_plain_zstd() {
+        let c = case(4 << 20, 200, 1, 3);
+        assert_eq!(dec(&c.frame, &c.reference, c.window_log).unwrap(), c.new);
+
+        let plain = zstd::encode_all(Cursor::new(&c.new), 3).unwrap();
+        // 200 edits of < 64 random bytes: at most ~13 KB of news, against 4 MiB without the
+        // reference. Demand a factor of 50 at least.
+        assert!(
+            c.frame.len() * 50 < plain.len(),
+            "against the reference {} bytes, plain zstd {} bytes",
+            c.frame.len(),
+            plain.len()
+        );
+    }
+
+    #[test]
+    fn a_frame_needing_a_larger_window_than_the_limit_is_refused_naming_it() {
+        let c = case(5 << 20, 10, 3, 1);
+        // 5 MiB reference: a 16 MiB window at least (24 with the floor of 23 and 2x).
+        assert_eq!(c.window_log, 24);
+        let err = format!("{:#}", dec(&c.frame, &c.reference, 20).unwrap_err());
+        assert!(err.contains("max_window_log = 20"), "{err}");
+        assert!(err.contains("window larger than the limit"), "{err}");
+        assert_eq!(dec(&c.frame, &c.reference, 24).unwrap(), c.new);
+    }
+
+    #[test]
+    fn decoding_against_a_different_reference_fails() {
+        let c = case(1 << 20, 50, 5, 3);
+        // Same size, a few bytes differ: the worst case, zstd finds nothing odd but the sum.
+        let other = write_ref(&c.dir, "other", &edited(&c.base, 5, 7));
+        let err = format!("{:#}", dec(&c.frame, &other, c.window_log).unwrap_err());
+        assert!(err.contains("checksum"), "{err}");
+        // Wholly different content, different size.
+        let other = write_ref(&c.dir, "random", &random(1 << 19, 8));
+        assert!(dec(&c.frame, &other, c.window_log).is_err());
+        // No reference at all.
+        let empty = write_ref(&c.dir, "empty", b"");
+        assert!(dec(&c.frame, &empty, c.window_log).is_err());
+    }
+
+    #[test]
+    fn a_sized_frame_states_its_length_and_a_wrong_length_fails() {
+        let c = case(1 << 20, 30, 13, 3);
+        let len = c.new.len() as u64;
+        let mut sized = Vec::new();
+        encode_sized(Cursor::new(&c.new), Some(len), &c.reference, &mut sized, 3).unwrap();
+        assert_eq!(
+            zstd_safe::get_frame_content_size(&sized).ok(),
+            Some(Some(len))
+        );
+        assert_eq!(zstd_safe::get_frame_content_size(&c.frame).ok(), Some(None));
+        // Reference plus input, 2 MiB: a window of 2^21, where the unsized frame needs 2^23.
+        assert_eq!(dec(&sized, &c.reference, 21).unwrap(), c.new);
+        assert!(dec(&c.frame, &c.reference, 21).is_err());
+
+        let err = encode_sized(
+            Cursor::new(&c.new),
+            Some(len + 1),
+            &c.reference,
+            Vec::new(),
+            3,
+        )
+        .unwrap_err();
+        assert!(
+            format!("{err:#}").contains("finishing the zstd frame"),
+            "{err:#}"
+        );
+    }
+
+    #[test]
+    fn a_truncated_frame_fails() {
+        let c = case(1 << 18, 20, 9, 3);
+        let err = dec(&c.frame[..c.frame.len() - 3], &c.reference, 31).unwrap_err();
+        assert!(format!("{err:#}").contains("decompressing against reference"));
+    }
+
+    #[test]
+    fn empty_input_and_empty_reference_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = write_ref(&dir, "base", &random(1 << 16, 11));
+        let empty = write_ref(&dir, "empty", b"");
+        for reference in [&base, &empty] {
+            let frame = enc(b"", reference, 3);
+            assert!(!frame.is_empty());
+            assert_eq!(dec(&frame, reference, 31).unwrap(), b"");
+        }
+        let frame = enc(b"no reference", &empty, 3);
+        assert_eq!(dec(&frame, &empty, 23).unwrap(), b"no reference");
+    }
+
+    #[test]
+    fn a_missing_reference_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("nope");
+        let err = encode(Cursor::new(b"x"), &missing, Vec::new(), 3).unwrap_err();
+        assert!(format!("{err:#}").contains("nope"), "{err:#}");
+        let err = dec(b"", &missing, 31).unwrap_err();
+        assert!(format!("{err:#}").contains("nope"), "{err:#}");
+        assert!(dec(b"", &missing, 32).is_err());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
+
+        #[test]
+        fn round_trips_any_input_against_any_reference(
+            base in proptest::collection::vec(any::<u8>(), 0..20_000),
+            edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..40),
+            tail in proptest::collection::vec(any::<u8>(), 0..2_000),
+            level in 1i32..=19,
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let reference = write_ref(&dir, "base", &base);
+            let mut new = base.clone();
+            if !new.is_empty() {
+                for (at, byte) in &edits {
+                    let i = at.index(new.len());
+                    new[i] = *byte;
+                }
+            }
+            new.extend_from_slice(&tail);
+            let frame = enc(&new, &reference, level);
+            let window_log = encode_window_log(base.len() as u64);
+            prop_assert_eq!(&dec(&frame, &reference, window_log).unwrap(), &new);
+            let mut sized = Vec::new();
+            encode_sized(Cursor::new(&new), Some(new.len() as u64), &reference, &mut sized, level)
+                .unwrap();
+            let window_log = window_log_for((base.len() + new.len()) as u64);
+            prop_assert_eq!(dec(&sized, &reference, window_log).unwrap(), new);
+        }
+    }
+}
