@@ -1,4 +1,4 @@
-//! `core::refcodec` from the shell, for bench/delta-encodings: stdin to stdout (a regular
+//! `sys::refcodec` from the shell, for bench/delta-encodings: stdin to stdout (a regular
 //! file on stdin is encoded with its length stated in the frame).
 //!
 //!   refcodec encode REFERENCE [LEVEL]           (level default 19)
@@ -10,7 +10,7 @@ use std::os::fd::AsFd;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use upgradectl::core::refcodec;
+use upgradectl::sys::refcodec;
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();

@@ -6,7 +6,6 @@ pub mod fleetlock;
 pub mod hashing;
 pub mod manifest;
 pub mod plan;
-pub mod refcodec;
 pub mod report;
 pub mod sign;
 pub mod tuf;
