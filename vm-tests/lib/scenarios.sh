@@ -294,7 +294,7 @@ scenario_revert() {
 # (logind's, as a backup would take one), the switch to VERSION waits: exit 7, nothing armed,
 # and it says who holds it; it goes ahead once the lock is released.
 inhibited_switch_waits() {
-  vm_ssh "setsid systemd-inhibit --what=shutdown --who=backup-agent --why='nightly backup' --mode=block sleep 600 </dev/null >/dev/null 2>&1 &" || return 1
+  vm_ssh "setsid systemd-inhibit --what=shutdown --who=backup-agent --why='nightly backup' --mode=block sleep 600 </dev/null >/dev/null 2>&1 & echo \$! >/run/backup-inhibitor.pid" || return 1
   vm_run "for i in \$(seq 60); do systemd-inhibit --list --no-pager | grep -q backup-agent && exit 0; sleep 0.5; done; exit 1" || return 1
   local out
   out=$(vm_ssh "upgradectl upgrade --version $1 --no-reboot 2>&1; echo rc=\$?") || return 1
@@ -302,7 +302,7 @@ inhibited_switch_waits() {
   assert_eq "${out##*rc=}" 7 "upgrade while a backup holds a shutdown inhibitor" || return 1
   assert_eq "$(status_field "s['trying']")" None "a trial armed while inhibited" || return 1
   case "$out" in *backup-agent*) ;; *) log "the refusal does not name the inhibitor"; return 1 ;; esac
-  vm_run "pkill -f 'sleep 600' || true; for i in \$(seq 60); do systemd-inhibit --list --no-pager | grep -q backup-agent || exit 0; sleep 0.5; done; exit 1"
+  vm_run "kill \$(cat /run/backup-inhibitor.pid); for i in \$(seq 60); do systemd-inhibit --list --no-pager | grep -q backup-agent || exit 0; sleep 0.5; done; exit 1"
 }
 
 scenario_broken() {
