@@ -537,16 +537,17 @@ scenario_powercut() {
 }
 
 # other_target BOOTED N : the image to upgrade to next: 2.0 or 4.0, whichever is not running,
-# unless a cut made it bad (or it is gone), or it is not newer than the newest version the box
+# unless a cut made it bad (or it is gone), or it is older than the newest version the box
 # accepted (a cut after the switch confirmed 4.0: 2.0 is a downgrade, which upgrade refuses,
-# and the next cut would cut nothing): then a new release 30.N, made, published, prepared.
+# and the next cut would cut nothing; the newest itself is fine, prepare accepted it): then a
+# new release 30.N, made, published, prepared.
 other_target() {
   local t state newest
   t=$([ "$1" = 4.0 ] && echo 2.0 || echo 4.0)
   state=$(status_field "next((i['state'] for i in s['images'] if i['version'] == '$t'), 'none')")
   newest=$(status_field "s['newest_accepted'] or '0'")
   if [ "$state" = bad ] || [ "$state" = none ] \
-    || [ "$(printf '%s\n%s\n' "$t" "$newest" | sort -V | tail -n1)" != "$t" ] || [ "$t" = "$newest" ]; then
+    || [ "$(printf '%s\n%s\n' "$t" "$newest" | sort -V | tail -n1)" != "$t" ]; then
     t="30.$2"
     log "the next target is a new release, $t" >&2
     make_release "$t" good >&2 || return 1
