@@ -59,3 +59,19 @@ fn each_step_is_spooled_and_listed_until_acknowledged() {
     assert_eq!(failed["sent"], 0, "never sent: no server");
     assert_ne!(pending[0]["id"], pending[1]["id"]);
 }
+
+#[test]
+fn the_box_id_from_machine_id_survives_an_image_switch() {
+    // No box_id configured: the first use takes /etc/machine-id and keeps it on the host
+    // partition, so the next image (its own machine-id) is still the same box: the same
+    // identity to enroll, the same rollout bucket.
+    let h = HostRoot::provisioned();
+    h.set_config(&config(true).replace("box_id = \"serial-1\"\n", ""));
+    let machine_id = h.root().join("etc/machine-id");
+    std::fs::write(&machine_id, "0123456789abcdef0123456789abcdef\n").unwrap();
+    let first = h.run(&["identity"]).expect(0);
+    assert_eq!(first.last()["box_id"], "0123456789abcdef0123456789abcdef");
+    std::fs::write(&machine_id, "fedcba9876543210fedcba9876543210\n").unwrap();
+    let after = h.run(&["identity"]).expect(0);
+    assert_eq!(after.last()["box_id"], first.last()["box_id"]);
+}

@@ -11,15 +11,34 @@ use crate::appliance::ctx::Ctx;
 use crate::appliance::paths::Layout;
 use crate::sys::fsutil::write_new;
 
-/// The box's id: `box_id` from the configuration, else `/etc/machine-id` (trimmed).
+/// The box's id: `box_id` from the configuration, else the one kept on the host partition
+/// (`box-id` in the state directory), else `/etc/machine-id` (trimmed), kept there at its first
+/// use: each image has its own machine-id, and the box must stay the same box across image
+/// switches (its enrolled identity, its rollout bucket).
 pub fn box_id(ctx: &Ctx) -> Result<String> {
     if let Some(id) = &ctx.config.box_id {
         return Ok(id.trim().to_owned());
     }
+    let kept = ctx.layout.state_dir().join("box-id");
+    if let Ok(id) = std::fs::read_to_string(&kept) {
+        if !id.trim().is_empty() {
+            return Ok(id.trim().to_owned());
+        }
+    }
     let path = ctx.layout.in_root("/etc/machine-id");
     let id = std::fs::read_to_string(&path)
         .with_context(|| format!("reading {} for the box id (or set box_id)", path.display()))?;
-    Ok(id.trim().to_owned())
+    let id = id.trim().to_owned();
+    // Kept once; a host partition that cannot take it now is asked again next time.
+    let stored = std::fs::create_dir_all(ctx.layout.state_dir())
+        .map_err(anyhow::Error::from)
+        .and_then(|()| write_new(&kept, format!("{id}\n").as_bytes(), 0o644));
+    if let Err(e) = stored {
+        if !kept.exists() {
+            tracing::debug!("keeping the box id in {}: {e:#}", kept.display());
+        }
+    }
+    Ok(id)
 }
 
 /// The box's key, if it was created.

@@ -165,6 +165,20 @@ impl Db {
     }
 
     fn enroll_in(conn: &Connection, b: &Enrolled, now: u64) -> Result<()> {
+        let holder: Option<String> = conn
+            .query_row(
+                "SELECT box_id FROM boxes WHERE public_key = ?1 AND box_id != ?2",
+                params![b.public_key, b.box_id],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if let Some(other) = holder {
+            return Err(crate::error::refused(format!(
+                "{}'s key is enrolled as box {other:?}: a key belongs to one box id (enroll \
+                 {other:?} again with a new key first, or give this box its own)",
+                b.box_id
+            )));
+        }
         conn.execute(
             "INSERT INTO boxes (box_id, public_key, grp, enrolled) VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT (box_id) DO UPDATE SET public_key = ?2, grp = ?3, enrolled = ?4",
@@ -359,6 +373,21 @@ mod tests {
             public_key: format!("ed25519:{id}"),
             group: "zone-a".into(),
         }
+    }
+
+    #[test]
+    fn a_key_enrolled_for_another_box_is_refused_with_its_holder_named() {
+        let (_d, db) = db();
+        db.enroll(&enrolled("a"), 1).unwrap();
+        db.enroll(&enrolled("a"), 2).unwrap();
+        let mut other = enrolled("b");
+        other.public_key = enrolled("a").public_key;
+        let err = db.enroll(&other, 3).unwrap_err();
+        assert_eq!(crate::error::classify(&err).0, crate::error::Exit::Refused);
+        assert!(
+            format!("{err:#}").contains("enrolled as box \"a\""),
+            "{err:#}"
+        );
     }
 
     fn db() -> (tempfile::TempDir, Db) {
