@@ -101,10 +101,7 @@ impl Html {
 
 /// Unix seconds `t` as UTC date and time, and how long before `now` it was.
 fn when(t: u64, now: u64) -> String {
-    let at = OffsetDateTime::from_unix_timestamp(t as i64)
-        .ok()
-        .and_then(|d| d.format(&Rfc3339).ok())
-        .unwrap_or_else(|| t.to_string());
+    let at = utc(t);
     let s = now.saturating_sub(t);
     let ago = match s {
         0..=119 => format!("{s} s"),
@@ -175,10 +172,15 @@ pub fn render(v: &FleetView, now: u64) -> String {
 
 /// Unix seconds `t` (after `now`) as UTC date and time, and how long from `now`.
 fn when_ahead(t: u64, now: u64) -> String {
-    let at = when(t, t);
-    let at = at.split(" (").next().unwrap_or_default();
-    let s = t.saturating_sub(now);
-    format!("{at} (in {} min)", s.div_ceil(60))
+    format!("{} (in {} min)", utc(t), t.saturating_sub(now).div_ceil(60))
+}
+
+/// Unix seconds `t` as UTC date and time (RFC 3339), or the number when out of range.
+fn utc(t: u64) -> String {
+    OffsetDateTime::from_unix_timestamp(t as i64)
+        .ok()
+        .and_then(|d| d.format(&Rfc3339).ok())
+        .unwrap_or_else(|| t.to_string())
 }
 
 fn rollout(h: &mut Html, r: &RolloutView, now: u64) {
