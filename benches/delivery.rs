@@ -62,6 +62,12 @@ impl StreamSource for FileSource {
     fn has(&self, _: &Version) -> anyhow::Result<bool> {
         Ok(true)
     }
+    fn reference(&self, v: &Version) -> anyhow::Result<std::path::PathBuf> {
+        Ok(self.0.join(format!("full-{v}")))
+    }
+    fn full_len(&self, v: &Version) -> anyhow::Result<u64> {
+        Ok(std::fs::metadata(self.0.join(format!("full-{v}")))?.len())
+    }
 }
 
 fn main() {
@@ -153,9 +159,9 @@ fn main() {
         }])
         .unwrap();
     let build_start = Instant::now();
-    upgradectl::server::build::build(&store, &FileSource(streams.clone()), None, &v).unwrap();
+    upgradectl::server::build::build(&store, &FileSource(streams.clone()), None, &v, 19).unwrap();
     let build_secs = build_start.elapsed().as_secs_f64();
-    let artifact = store.artifact_path("full-2.0.xz");
+    let artifact = store.artifact_path("full-2.0");
     let xz_size = std::fs::metadata(&artifact).unwrap().len();
     println!(
         "{:<44} {build_secs:.1}s, {} MiB -> {} MiB xz",
@@ -183,10 +189,10 @@ fn main() {
                 .unwrap()
             })
     });
-    let url = format!("http://{addr}/v1/artifacts/full-2.0.xz");
+    let url = format!("http://{addr}/v1/artifacts/full-2.0");
     let desc = upgradectl::core::manifest::descriptor_of_verified_target(
-        &std::fs::read(d.join("store/artifacts/full-2.0.xz.descriptor")).unwrap(),
-        "full-2.0.xz",
+        &std::fs::read(d.join("store/artifacts/full-2.0.descriptor")).unwrap(),
+        "full-2.0",
     )
     .unwrap();
     let limits = upgradectl::appliance::prepare::fetch::Limits {

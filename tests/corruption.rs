@@ -25,7 +25,7 @@ use upgradectl::appliance::trust::Trusted;
 use upgradectl::core::hashing::sha256_hex;
 use upgradectl::core::manifest::{Descriptor, MIN_CHUNK_SIZE};
 
-const NAME: &str = "full-0.5.xz";
+const NAME: &str = "full-0.5";
 
 /// The campaign's fixed material: the server, the good artifact, two valid descriptors of it
 /// (the server's own, and one re-chunked at `MIN_CHUNK_SIZE` so chunks can be swapped).
@@ -225,7 +225,7 @@ fn edit_descriptor(d: &Descriptor, rng: &mut StdRng) -> serde_json::Value {
                 ("encoding", serde_json::json!("zstd")),
                 ("size", serde_json::json!(-1)),
                 ("to", serde_json::json!("0.5-rc1")),
-                ("name", serde_json::json!("full-0.6.xz")),
+                ("name", serde_json::json!("full-0.6")),
                 ("from", serde_json::json!("0.4")),
                 ("chunks", serde_json::json!("nope")),
             ][rng.gen_range(0..6)]

@@ -12,7 +12,7 @@ use upgradectl::error::Error;
 #[test]
 fn missing_diff_says_come_back_later_and_is_built_once_for_many_boxes() {
     let f = start(Duration::from_millis(500), u64::MAX);
-    let url = f.url("/v1/artifacts/1.0-to-2.0.xz.descriptor");
+    let url = f.url("/v1/artifacts/1.0-to-2.0.descriptor");
     let handles: Vec<_> = (0..16)
         .map(|_| {
             let url = url.clone();
@@ -33,14 +33,14 @@ fn missing_diff_says_come_back_later_and_is_built_once_for_many_boxes() {
         assert_eq!(retry.unwrap(), "1");
         assert_eq!(cache.unwrap(), "no-store");
     }
-    let d = f.descriptor("1.0-to-2.0.xz");
+    let d = f.descriptor("1.0-to-2.0");
     assert_eq!(f.server.builds_started(), 1, "sixteen boxes, one build");
     assert_eq!(d.from, Some(v("1.0")));
     assert_eq!(d.chunks.len() as u64, d.size.div_ceil(d.chunk_size));
     // Built artifacts are immutable and cacheable anywhere.
     let client = fetch::client(&limits()).unwrap();
     let resp = client
-        .get(f.url("/v1/artifacts/1.0-to-2.0.xz"))
+        .get(f.url("/v1/artifacts/1.0-to-2.0"))
         .send()
         .unwrap();
     assert_eq!(resp.status().as_u16(), 200);
@@ -50,9 +50,9 @@ fn missing_diff_says_come_back_later_and_is_built_once_for_many_boxes() {
         .contains("immutable"));
     // Unknown versions and names that are not artifacts are 404, never built.
     for bad in [
-        "/v1/artifacts/1.0-to-9.0.xz",
+        "/v1/artifacts/1.0-to-9.0",
         "/v1/artifacts/..%2Fstore.xz",
-        "/v1/artifacts/2.0-to-1.0.xz",
+        "/v1/artifacts/2.0-to-1.0",
     ] {
         assert_eq!(
             client.get(f.url(bad)).send().unwrap().status().as_u16(),
@@ -65,14 +65,14 @@ fn missing_diff_says_come_back_later_and_is_built_once_for_many_boxes() {
 #[test]
 fn download_verifies_resumes_and_decompresses_to_the_stream() {
     let f = start(Duration::ZERO, u64::MAX);
-    let d = f.descriptor("1.0-to-2.0.xz");
-    let dest = f.root.join("dl/1.0-to-2.0.xz");
+    let d = f.descriptor("1.0-to-2.0");
+    let dest = f.root.join("dl/1.0-to-2.0");
     std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
     // An earlier run got a bit more than one chunk before it was cut.
-    let served = std::fs::read(f.root.join("store/artifacts/1.0-to-2.0.xz")).unwrap();
+    let served = std::fs::read(f.root.join("store/artifacts/1.0-to-2.0")).unwrap();
     let cut = d.chunk_size as usize + 1000;
-    std::fs::write(f.root.join("dl/1.0-to-2.0.xz.partial"), &served[..cut]).unwrap();
-    let got = f.download("1.0-to-2.0.xz", &dest, &d).unwrap();
+    std::fs::write(f.root.join("dl/1.0-to-2.0.partial"), &served[..cut]).unwrap();
+    let got = f.download("1.0-to-2.0", &dest, &d).unwrap();
     assert_eq!(
         got.resumed, d.chunk_size,
         "resumes from the last verified chunk"
@@ -80,10 +80,7 @@ fn download_verifies_resumes_and_decompresses_to_the_stream() {
     assert_eq!(got.downloaded, d.size - d.chunk_size);
     assert_eq!(std::fs::read(&dest).unwrap(), served);
     // A rerun downloads nothing.
-    assert_eq!(
-        f.download("1.0-to-2.0.xz", &dest, &d).unwrap().downloaded,
-        0
-    );
+    assert_eq!(f.download("1.0-to-2.0", &dest, &d).unwrap().downloaded, 0);
     // What was verified decompresses to the exact stream.
     let mut stream = Vec::new();
     std::io::copy(&mut liblzma::read::XzDecoder::new(&served[..]), &mut stream).unwrap();
@@ -93,15 +90,15 @@ fn download_verifies_resumes_and_decompresses_to_the_stream() {
 #[test]
 fn corrupted_truncated_and_oversized_artifacts_are_refused() {
     let f = start(Duration::ZERO, u64::MAX);
-    let d = f.descriptor("full-2.0.xz");
-    let path = f.root.join("store/artifacts/full-2.0.xz");
+    let d = f.descriptor("full-2.0");
+    let path = f.root.join("store/artifacts/full-2.0");
     let good = std::fs::read(&path).unwrap();
-    let dest = f.root.join("full-2.0.xz");
+    let dest = f.root.join("full-2.0");
 
     let mut bad = good.clone();
     bad[10] ^= 0xff;
     std::fs::write(&path, &bad).unwrap();
-    let err = f.download("full-2.0.xz", &dest, &d).unwrap_err();
+    let err = f.download("full-2.0", &dest, &d).unwrap_err();
     assert!(
         matches!(
             err.downcast_ref::<Error>(),
@@ -112,48 +109,48 @@ fn corrupted_truncated_and_oversized_artifacts_are_refused() {
     assert!(!dest.exists());
 
     std::fs::write(&path, &good[..good.len() - 100]).unwrap();
-    let err = f.download("full-2.0.xz", &dest, &d).unwrap_err();
+    let err = f.download("full-2.0", &dest, &d).unwrap_err();
     assert!(format!("{err:#}").contains("ended after"), "{err:#}");
     assert!(!dest.exists());
 
     let mut long = good.clone();
     long.extend_from_slice(b"trailing junk");
     std::fs::write(&path, &long).unwrap();
-    let err = f.download("full-2.0.xz", &dest, &d).unwrap_err();
+    let err = f.download("full-2.0", &dest, &d).unwrap_err();
     assert!(format!("{err:#}").contains("longer than"), "{err:#}");
     assert!(!dest.exists());
 
     // With the right bytes back, the same partial state completes.
     std::fs::write(&path, &good).unwrap();
-    f.download("full-2.0.xz", &dest, &d).unwrap();
+    f.download("full-2.0", &dest, &d).unwrap();
     assert_eq!(std::fs::read(&dest).unwrap(), good);
 }
 
 #[test]
 fn cache_cap_evicts_least_recently_used() {
     let f = start(Duration::ZERO, 4 << 20);
-    f.descriptor("full-1.0.xz");
-    f.descriptor("full-2.0.xz");
+    f.descriptor("full-1.0");
+    f.descriptor("full-2.0");
     let artifacts = f.root.join("store/artifacts");
     assert!(
-        !artifacts.join("full-1.0.xz").exists(),
+        !artifacts.join("full-1.0").exists(),
         "the older artifact was evicted"
     );
-    assert!(artifacts.join("full-2.0.xz").exists());
+    assert!(artifacts.join("full-2.0").exists());
 }
 
 #[test]
 fn complete_but_corrupt_download_is_verified_and_fetched_again() {
     let f = start(Duration::ZERO, u64::MAX);
-    let d = f.descriptor("full-2.0.xz");
-    let good = std::fs::read(f.root.join("store/artifacts/full-2.0.xz")).unwrap();
-    let dest = f.root.join("full-2.0.xz");
-    f.download("full-2.0.xz", &dest, &d).unwrap();
+    let d = f.descriptor("full-2.0");
+    let good = std::fs::read(f.root.join("store/artifacts/full-2.0")).unwrap();
+    let dest = f.root.join("full-2.0");
+    f.download("full-2.0", &dest, &d).unwrap();
     // The finished file rots on disk: right size, wrong bytes.
     let mut rotten = good.clone();
     rotten[good.len() / 2] ^= 0x01;
     std::fs::write(&dest, &rotten).unwrap();
-    let got = f.download("full-2.0.xz", &dest, &d).unwrap();
+    let got = f.download("full-2.0", &dest, &d).unwrap();
     assert_eq!(got.downloaded, d.size, "the bad file was fetched again");
     assert_eq!(std::fs::read(&dest).unwrap(), good);
 }
@@ -161,16 +158,110 @@ fn complete_but_corrupt_download_is_verified_and_fetched_again() {
 #[test]
 fn descriptor_with_absurd_chunk_sizes_fails_without_panicking() {
     let f = start(Duration::ZERO, u64::MAX);
-    let good = f.descriptor("full-2.0.xz");
-    let dest = f.root.join("full-2.0.xz");
+    let good = f.descriptor("full-2.0");
+    let dest = f.root.join("full-2.0");
     for chunk_size in [0, 1 << 62, u64::MAX] {
         let mut d = good.clone();
         d.chunk_size = chunk_size;
-        let err = f.download("full-2.0.xz", &dest, &d).unwrap_err();
+        let err = f.download("full-2.0", &dest, &d).unwrap_err();
         assert!(
             format!("{err:#}").contains("chunk_size"),
             "chunk_size {chunk_size}: {err:#}"
         );
         assert!(!dest.exists());
+    }
+}
+
+/// A store whose diff `1.0-to-2.0` is the full stream of 1.0 (the base image, as the source
+/// gives it for the reference) with `edits` scattered runs of new bytes: what an update that
+/// rewrites files in place looks like to ZFS.
+fn edited_diff_setup(edits: usize) -> server_fixture::shared::Fixture {
+    use server_fixture::shared::{start_with, Setup};
+    let f = start_with(Setup {
+        full_size: 8 << 20,
+        diff_size: 1,
+        ..Setup::default()
+    });
+    let streams = f.root.join("streams");
+    let mut diff = std::fs::read(streams.join("full-1.0")).unwrap();
+    for i in 0..edits {
+        let at = (i * 7919 * 64) % (diff.len() - 64);
+        diff[at..at + 64].copy_from_slice(&noise(64, i as u64 + 100));
+    }
+    std::fs::write(streams.join("1.0-to-2.0"), diff).unwrap();
+    f
+}
+
+#[test]
+fn a_diff_that_matches_its_base_is_compressed_against_it_and_decodes_to_the_stream() {
+    use upgradectl::appliance::prepare::receive;
+    use upgradectl::core::manifest::Encoding;
+    let f = edited_diff_setup(50);
+    let d = f.descriptor("1.0-to-2.0");
+    let stream = std::fs::read(f.root.join("streams/1.0-to-2.0")).unwrap();
+    assert_eq!(d.encoding, Encoding::ZstdRef);
+    // 8 MiB of noise, 3.2 KB of it new: xz cannot shrink it, the base gives all but the news.
+    assert!(d.size < 64 << 10, "{} bytes", d.size);
+    // The frame states the stream's length: that is the window, 2^23, the decoder allocates.
+    assert_eq!(d.window_log, Some(23));
+    let dest = f.root.join("dl/1.0-to-2.0");
+    std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+    f.download("1.0-to-2.0", &dest, &d).unwrap();
+    let reference = f.root.join("streams/full-1.0");
+    let mut out = Vec::new();
+    let file = std::fs::File::open(&dest).unwrap();
+    receive::decompress(file, Some(reference.clone()), &mut out, 8 << 20).unwrap();
+    assert!(out == stream, "decodes to the stream");
+    // A box whose limit is below the frame's window refuses it before decoding (exit 2).
+    let file = std::fs::File::open(&dest).unwrap();
+    let err = receive::decompress(file, Some(reference), &mut Vec::new(), 4 << 20).unwrap_err();
+    assert_eq!(
+        upgradectl::error::classify(&err).0,
+        upgradectl::error::Exit::Refused,
+        "{err:#}"
+    );
+}
+
+#[test]
+fn a_diff_no_smaller_than_the_full_stream_is_not_served_and_boxes_are_sent_to_the_full_stream() {
+    use server_fixture::shared::{start_with, Setup};
+    // A 9 MiB diff of noise against a 10 MiB full stream: served (the full one estimated).
+    let f = start_with(Setup::default());
+    f.descriptor("1.0-to-2.0");
+    // A 9 MiB diff against a 3 MiB full stream: a major upgrade. Estimated, then as built.
+    for build_full_first in [false, true] {
+        let f = start_with(Setup {
+            full_size: 3 << 20,
+            ..Setup::default()
+        });
+        if build_full_first {
+            f.descriptor("full-2.0");
+        }
+        let path = "/v1/artifacts/1.0-to-2.0.descriptor";
+        let mut answer = f.get(path);
+        for _ in 0..1200 {
+            if answer.0 != 503 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+            answer = f.get(path);
+        }
+        let (status, _, body) = answer;
+        assert_eq!(status, 404, "{body}");
+        assert!(body.contains("take full-2.0"), "{body}");
+        let store = f.root.join("store/artifacts");
+        assert!(!store.join("1.0-to-2.0").exists());
+        let record = std::fs::read_to_string(store.join("1.0-to-2.0.not-smaller")).unwrap();
+        let expected = if build_full_first {
+            "built"
+        } else {
+            "estimated"
+        };
+        assert!(record.contains(expected), "{record}");
+        // Asked again: the same answer at once, never built again.
+        let builds = f.server.builds_started();
+        assert_eq!(f.get(path).0, 404);
+        assert_eq!(f.get("/v1/artifacts/1.0-to-2.0").0, 404);
+        assert_eq!(f.server.builds_started(), builds);
     }
 }

@@ -65,7 +65,7 @@ fn leftovers_of_interrupted_runs_are_shown_and_cleaned_up() {
     std::fs::write(&partial, vec![7u8; 1 << 20]).unwrap();
     let downloads = h.host("var/lib/upgradectl/downloads");
     std::fs::create_dir_all(&downloads).unwrap();
-    std::fs::write(downloads.join("2.0-to-3.0.xz.partial"), vec![1u8; 1 << 20]).unwrap();
+    std::fs::write(downloads.join("2.0-to-3.0.partial"), vec![1u8; 1 << 20]).unwrap();
     std::fs::write(h.host("boot/grub/.tmp-abc123"), b"half a grub.cfg").unwrap();
     std::fs::write(h.host("boot/grub/.grub.cfg.prev"), b"an old grub.cfg").unwrap();
 

@@ -30,7 +30,7 @@ use upgradectl::core::manifest::{self, Descriptor};
 const EXAMPLE: &str = include_str!("../contrib/nginx-cache.conf");
 
 /// The diff every test downloads (9 MiB of noise: two of the example's 8 MiB slices).
-const DIFF: &str = "1.0-to-2.0.xz";
+const DIFF: &str = "1.0-to-2.0";
 
 /// Counts the bytes the origin sends: a TCP relay in front of it. A measuring tap, not a
 /// stand-in: requests and responses pass through unchanged.

@@ -48,11 +48,12 @@ fn slow_source(delay: Duration, has_delay: Duration) -> Fixture {
 fn three_releases(window: usize) -> Fixture {
     start_with(Setup {
         versions: vec!["1.0", "2.0", "3.0"],
-        full_size: 1 << 20,
+        full_size: 2 << 20,
         diff_size: 1 << 20,
         tuning: Tuning {
             diff_window: window,
             retry_after: 1,
+            zstd_ref_level: 3,
             ..Tuning::default()
         },
         ..Setup::default()
@@ -64,14 +65,14 @@ fn polling_during_a_build_never_starts_a_second_build() {
     // A slow `has` keeps requests between "is it built?" and "start a build" while the build
     // finishes: the window in which a second build used to start.
     let f = slow_source(Duration::from_millis(400), Duration::from_millis(300));
-    poll_from_many(&f, "1.0-to-2.0.xz", 8);
-    let first = std::fs::read(f.root.join("store/artifacts/1.0-to-2.0.xz.descriptor")).unwrap();
+    poll_from_many(&f, "1.0-to-2.0", 8);
+    let first = std::fs::read(f.root.join("store/artifacts/1.0-to-2.0.descriptor")).unwrap();
     // Requests that saw "not built" have answered; a build they started would be running now.
     wait_for("builds to finish", Duration::from_secs(30), || {
         f.server.builds_in_progress() == 0
     });
     assert_eq!(f.server.builds_started(), 1, "one build per artifact, ever");
-    let now = std::fs::read(f.root.join("store/artifacts/1.0-to-2.0.xz.descriptor")).unwrap();
+    let now = std::fs::read(f.root.join("store/artifacts/1.0-to-2.0.descriptor")).unwrap();
     assert_eq!(first, now);
 }
 
@@ -79,14 +80,14 @@ fn polling_during_a_build_never_starts_a_second_build() {
 fn a_build_never_replaces_a_complete_artifact() {
     let f = start_with(Setup::default());
     let store = &f.server.store;
-    build::build(store, f.source.as_ref(), None, &v("1.0")).unwrap();
+    build::build(store, f.source.as_ref(), None, &v("1.0"), 3).unwrap();
     let inode = |p| std::fs::metadata(p).unwrap().ino();
     let (artifact, descriptor) = (
-        store.artifact_path("full-1.0.xz"),
-        store.descriptor_path("full-1.0.xz"),
+        store.artifact_path("full-1.0"),
+        store.descriptor_path("full-1.0"),
     );
     let before = (inode(&artifact), inode(&descriptor));
-    let err = build::build(store, f.source.as_ref(), None, &v("1.0")).unwrap_err();
+    let err = build::build(store, f.source.as_ref(), None, &v("1.0"), 3).unwrap_err();
     assert!(format!("{err:#}").contains("already built"), "{err:#}");
     assert_eq!(before, (inode(&artifact), inode(&descriptor)));
 }
@@ -94,15 +95,15 @@ fn a_build_never_replaces_a_complete_artifact() {
 #[test]
 fn diffs_from_outside_the_window_are_refused_naming_the_full_stream() {
     let f = three_releases(1);
-    let (status, _, body) = f.get("/v1/artifacts/1.0-to-3.0.xz.descriptor");
+    let (status, _, body) = f.get("/v1/artifacts/1.0-to-3.0.descriptor");
     assert_eq!(status, 404, "{body}");
-    assert!(body.contains("full-3.0.xz"), "{body}");
+    assert!(body.contains("full-3.0"), "{body}");
     // The box's client sees that 404 as "no such artifact", which sends it to the full stream.
     let client = upgradectl::appliance::prepare::fetch::client(&server::limits()).unwrap();
     let err = upgradectl::appliance::prepare::fetch::get_capped(
         &client,
-        &f.url("/v1/artifacts/1.0-to-3.0.xz.descriptor"),
-        "1.0-to-3.0.xz",
+        &f.url("/v1/artifacts/1.0-to-3.0.descriptor"),
+        "1.0-to-3.0",
         upgradectl::core::manifest::MAX_DESCRIPTOR_BYTES,
     )
     .unwrap_err();
@@ -110,16 +111,16 @@ fn diffs_from_outside_the_window_are_refused_naming_the_full_stream() {
         upgradectl::appliance::prepare::fetch::is_not_found(&err),
         "{err:#}"
     );
-    let (status, _, body) = f.get("/v1/artifacts/2.0-to-3.0.xz.descriptor");
+    let (status, _, body) = f.get("/v1/artifacts/2.0-to-3.0.descriptor");
     assert_eq!(status, 503, "{body}");
-    f.descriptor("2.0-to-3.0.xz");
+    f.descriptor("2.0-to-3.0");
     assert_eq!(f.server.builds_started(), 1, "only the diff in the window");
 }
 
 #[test]
 fn builds_run_one_at_a_time_by_default() {
     let f = slow_source(Duration::from_millis(300), Duration::ZERO);
-    let names = ["full-1.0.xz", "full-2.0.xz", "1.0-to-2.0.xz"];
+    let names = ["full-1.0", "full-2.0", "1.0-to-2.0"];
     ask_at_once(&f, &names, |f, name| drop(f.descriptor(name)), || {});
     assert_eq!(f.server.builds_started(), 3);
     assert_eq!(f.source.max_running.load(Ordering::SeqCst), 1);
@@ -129,13 +130,13 @@ fn builds_run_one_at_a_time_by_default() {
 fn a_failed_build_is_not_retried_before_its_backoff() {
     // 1.0-to-3.0 is in the window but its stream does not exist: the build fails.
     let f = three_releases(2);
-    let (status, retry, _) = f.get("/v1/artifacts/1.0-to-3.0.xz.descriptor");
+    let (status, retry, _) = f.get("/v1/artifacts/1.0-to-3.0.descriptor");
     assert_eq!((status, retry), (503, Some(1)));
     wait_for("the build to fail", Duration::from_secs(30), || {
         f.server.builds_in_progress() == 0
     });
     for _ in 0..3 {
-        let (status, retry, body) = f.get("/v1/artifacts/1.0-to-3.0.xz.descriptor");
+        let (status, retry, body) = f.get("/v1/artifacts/1.0-to-3.0.descriptor");
         assert_eq!(status, 503, "{body}");
         let retry = retry.expect("Retry-After");
         assert!((50..=60).contains(&retry), "Retry-After {retry}");
@@ -146,7 +147,7 @@ fn a_failed_build_is_not_retried_before_its_backoff() {
 #[test]
 fn slow_source_checks_do_not_stall_other_requests() {
     let f = slow_source(Duration::ZERO, Duration::from_secs(2));
-    let names = ["full-1.0.xz", "full-2.0.xz", "1.0-to-2.0.xz", "full-1.0.xz"];
+    let names = ["full-1.0", "full-2.0", "1.0-to-2.0", "full-1.0"];
     let get = |f: &Fixture, name: &str| drop(f.get(&format!("/v1/artifacts/{name}")));
     ask_at_once(&f, &names, get, || {
         wait_for("source checks", Duration::from_secs(10), || {
@@ -236,7 +237,7 @@ fn internal_errors_answer_a_short_message_without_details() {
     let releases = f.root.join("store/releases.json");
     std::fs::remove_file(&releases).unwrap();
     std::fs::create_dir(&releases).unwrap();
-    let (status, _, body) = f.get("/v1/artifacts/1.0-to-2.0.xz.descriptor");
+    let (status, _, body) = f.get("/v1/artifacts/1.0-to-2.0.descriptor");
     assert_eq!(status, 500);
     assert_eq!(body, "internal server error\n");
 }

@@ -693,12 +693,12 @@ fn a_built_artifact_is_listed_by_the_online_role_and_read_at_its_digest_name() {
     let listed = || {
         Trusted::load(&layout, &config, &server)
             .unwrap()
-            .artifact("1.0-to-2.0.xz")
+            .artifact("1.0-to-2.0")
             .unwrap()
     };
     assert_eq!(listed(), None, "nothing is built yet");
     // A box asks for the diff: the server builds it, then lists it and its descriptor.
-    let _ = reqwest::blocking::get(format!("{server}/v1/artifacts/1.0-to-2.0.xz.descriptor"));
+    let _ = reqwest::blocking::get(format!("{server}/v1/artifacts/1.0-to-2.0.descriptor"));
     inproc::wait_for(
         "the diff listed in the artifacts role",
         std::time::Duration::from_secs(60),
@@ -706,7 +706,7 @@ fn a_built_artifact_is_listed_by_the_online_role_and_read_at_its_digest_name() {
     );
     let store = f.root.join("store/artifacts");
     let blob = listed().unwrap();
-    let artifact = std::fs::read(store.join("1.0-to-2.0.xz")).unwrap();
+    let artifact = std::fs::read(store.join("1.0-to-2.0")).unwrap();
     assert_eq!(
         (blob.size, blob.sha256.as_str()),
         (artifact.len() as u64, digest_bytes(&artifact).as_str())
@@ -714,12 +714,12 @@ fn a_built_artifact_is_listed_by_the_online_role_and_read_at_its_digest_name() {
     // The descriptor as a target, fetched at `artifacts/<sha256>.<name>` and verified.
     let t = Trusted::load(&layout, &config, &server).unwrap();
     let got = t
-        .read("artifacts/1.0-to-2.0.xz.descriptor", 8 << 20)
+        .read("artifacts/1.0-to-2.0.descriptor", 8 << 20)
         .unwrap()
         .unwrap();
     assert_eq!(
         got,
-        std::fs::read(store.join("1.0-to-2.0.xz.descriptor")).unwrap()
+        std::fs::read(store.join("1.0-to-2.0.descriptor")).unwrap()
     );
 }
 
@@ -738,7 +738,7 @@ fn prepare_takes_descriptors_from_the_repository_and_refuses_one_its_artifact_co
     let client = upgradectl::appliance::prepare::fetch::client(&inproc::limits()).unwrap();
     let descriptor = || {
         let meta = Metadata::from(Trusted::load(&layout, &config, &server).unwrap());
-        meta.descriptor(&client, &server, "1.0-to-2.0.xz")
+        meta.descriptor(&client, &server, "1.0-to-2.0")
     };
     // Not built: come back later (the request has the server build it), until it is listed.
     let first = descriptor().unwrap_err();
@@ -759,7 +759,7 @@ fn prepare_takes_descriptors_from_the_repository_and_refuses_one_its_artifact_co
         },
     );
     let d = got.unwrap();
-    let artifact = std::fs::read(f.root.join("store/artifacts/1.0-to-2.0.xz")).unwrap();
+    let artifact = std::fs::read(f.root.join("store/artifacts/1.0-to-2.0")).unwrap();
     assert_eq!(
         (d.size, d.sha256),
         (artifact.len() as u64, digest_bytes(&artifact))
@@ -771,7 +771,7 @@ fn prepare_takes_descriptors_from_the_repository_and_refuses_one_its_artifact_co
         sha256: digest("other"),
     };
     let (repo, keys) = (f.root.join("repo"), f.root.join("keys"));
-    let listed = [("1.0-to-2.0.xz".to_owned(), wrong)];
+    let listed = [("1.0-to-2.0".to_owned(), wrong)];
     upgradectl::server::tuf_repo::add_artifacts(&repo, &keys, &listed).unwrap();
     upgradectl::server::tuf_repo::refresh(&repo, &keys).unwrap();
     let e = descriptor().unwrap_err();

@@ -255,6 +255,11 @@ pub struct ServeArgs {
     /// How many artifacts are built at once.
     #[arg(long, default_value_t = 1)]
     pub max_builds: usize,
+    /// zstd level of diffs compressed against their base image (`zstd-ref`); higher is smaller
+    /// and slower to build (figures in docs/protocol.md).
+    #[arg(long, default_value_t = crate::server::http::DEFAULT_ZSTD_REF_LEVEL,
+          value_parser = clap::value_parser!(i32).range(1..=22))]
+    pub zstd_ref_level: i32,
     /// Seconds a connection may stay without sending a complete request head before it is closed.
     #[arg(long, default_value_t = 15)]
     pub idle_timeout: u64,

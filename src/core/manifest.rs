@@ -68,6 +68,10 @@ pub struct Manifest {
 pub enum Encoding {
     /// xz in independent blocks (multi-threaded decoding).
     Xz,
+    /// One zstd frame compressed against the whole block device of the base version's zvol
+    /// snapshot as a prefix (`sys::refcodec`): a diff only. Its decoder allocates
+    /// 2^`window_log` bytes at most.
+    ZstdRef,
 }
 
 /// The descriptor of a built artifact (a full stream or an incremental diff), written when
@@ -78,6 +82,10 @@ pub struct Descriptor {
     pub from: Option<Version>,
     pub to: Version,
     pub encoding: Encoding,
+    /// `zstd-ref`: log2 of the window the frame states, which is the most its decoder
+    /// allocates (the box takes the full stream rather than exceed its limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window_log: Option<u32>,
     /// The compressed file as served.
     pub size: u64,
     pub sha256: String,
@@ -196,6 +204,16 @@ impl Descriptor {
             sha256: self.sha256.clone(),
         }
         .validate(&what)?;
+        match (self.encoding, self.window_log, &self.from) {
+            (Encoding::Xz, None, _) => {}
+            (Encoding::ZstdRef, Some(w), Some(_)) if (10..=31).contains(&w) => {}
+            (encoding, window_log, from) => {
+                return Err(refused(format!(
+                    "{what}: encoding {encoding:?} with window_log {window_log:?} and from \
+                     {from:?} (zstd-ref is a diff's, with a window_log within 10..=31; xz has none)"
+                )))
+            }
+        }
         if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&self.chunk_size) {
             return Err(refused(format!(
                 "{what}: chunk_size {} is not within {MIN_CHUNK_SIZE}..={MAX_CHUNK_SIZE}",
@@ -239,17 +257,16 @@ fn checked_descriptor(d: Descriptor, name: &str) -> Result<Descriptor> {
     Ok(d)
 }
 
-/// Artifact file name: `full-2.0.xz` or `1.0-to-2.0.xz`.
+/// Artifact name: `full-2.0` or `1.0-to-2.0` (its descriptor says how it is encoded).
 pub fn artifact_name(from: Option<&Version>, to: &Version) -> String {
     match from {
-        Some(f) => format!("{f}-to-{to}.xz"),
-        None => format!("full-{to}.xz"),
+        Some(f) => format!("{f}-to-{to}"),
+        None => format!("full-{to}"),
     }
 }
 
 /// Parses an artifact name back; `None` for anything else (never a path).
-pub fn parse_artifact_name(name: &str) -> Option<(Option<Version>, Version)> {
-    let stem = name.strip_suffix(".xz")?;
+pub fn parse_artifact_name(stem: &str) -> Option<(Option<Version>, Version)> {
     if let Some(to) = stem.strip_prefix("full-") {
         return Some((None, to.parse().ok()?));
     }
@@ -302,18 +319,20 @@ mod tests {
 
     #[test]
     fn artifact_names() {
-        assert_eq!(artifact_name(Some(&v("1.0")), &v("2.0")), "1.0-to-2.0.xz");
+        assert_eq!(artifact_name(Some(&v("1.0")), &v("2.0")), "1.0-to-2.0");
         assert_eq!(
-            parse_artifact_name("1.0-to-2.0.xz"),
+            parse_artifact_name("1.0-to-2.0"),
             Some((Some(v("1.0")), v("2.0")))
         );
-        assert_eq!(parse_artifact_name("full-2.0.xz"), Some((None, v("2.0"))));
+        assert_eq!(parse_artifact_name("full-2.0"), Some((None, v("2.0"))));
         for bad in [
-            "../x.xz",
-            "2.0-to-1.0.xz",
-            "full-.xz",
-            "1.0-to-2.0",
-            "a-to-b.xz",
+            "../x",
+            "2.0-to-1.0",
+            "full-",
+            "1.0-to-2.0.xz",
+            "1.0-to-2.0.descriptor",
+            "full-2.0.no-diff",
+            "a-to-b",
         ] {
             assert_eq!(parse_artifact_name(bad), None, "{bad}");
         }
@@ -322,10 +341,11 @@ mod tests {
     fn descriptor() -> Descriptor {
         let size = 9 << 20;
         Descriptor {
-            name: "1.0-to-2.0.xz".into(),
+            name: "1.0-to-2.0".into(),
             from: Some(v("1.0")),
             to: v("2.0"),
             encoding: Encoding::Xz,
+            window_log: None,
             size,
             sha256: "a".repeat(64),
             chunk_size: 4 << 20,
@@ -348,7 +368,21 @@ mod tests {
     #[test]
     fn descriptor_validation_refuses_every_impossible_field() {
         descriptor().validate().unwrap();
-        let cases: [Edit<Descriptor>; 12] = [
+        let mut zstd_ref = descriptor();
+        zstd_ref.encoding = Encoding::ZstdRef;
+        zstd_ref.window_log = Some(28);
+        zstd_ref.validate().unwrap();
+        let cases: [Edit<Descriptor>; 16] = [
+            ("window_log", |d| d.window_log = Some(28)),
+            ("window_log", |d| d.encoding = Encoding::ZstdRef),
+            ("window_log", |d| {
+                d.encoding = Encoding::ZstdRef;
+                d.window_log = Some(32)
+            }),
+            ("zstd-ref is a diff's", |d| {
+                (d.encoding, d.window_log) = (Encoding::ZstdRef, Some(20));
+                (d.name, d.from) = ("full-2.0".into(), None)
+            }),
             ("chunk_size", |d| d.chunk_size = 0),
             ("chunk_size", |d| d.chunk_size = 1 << 62),
             ("chunk_size", |d| d.chunk_size = MIN_CHUNK_SIZE - 1),
@@ -359,7 +393,7 @@ mod tests {
             ("sha256", |d| d.sha256 = "A".repeat(64)),
             ("sha256", |d| d.sha256 = "a".repeat(63)),
             ("chunk 1", |d| d.chunks[1] = "xyz".into()),
-            ("name", |d| d.name = "full-2.0.xz".into()),
+            ("name", |d| d.name = "full-2.0".into()),
             ("name", |d| d.to = v("0.5")),
         ];
         for (word, edit) in cases {

@@ -50,7 +50,7 @@ pub fn rollout_target(channel: &str) -> String {
     format!("rollout/{channel}.json")
 }
 
-/// The target of a built artifact (`A-to-B.xz`, `full-B.xz`) or of its descriptor.
+/// The target of a built artifact (`A-to-B`, `full-B`) or of its descriptor.
 pub fn artifact_target(name: &str) -> String {
     format!("artifacts/{name}")
 }

@@ -1,5 +1,5 @@
-//! The server's store directory: `releases.json` and `artifacts/` (built streams and their
-//! signed descriptors).
+//! The server's store directory: `releases.json` and `artifacts/` (built streams, their
+//! descriptors, and the records of diffs not smaller than their full stream).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -32,6 +32,8 @@ pub enum Buildable {
     Unknown,
     /// A diff whose base is too old: the box should take the full stream.
     OutsideWindow,
+    /// A diff that was built and found no smaller than the full stream: take that.
+    NotSmaller,
 }
 
 /// Whether `from` is one of the `window` newest releases of `channel` older than `to`.
@@ -116,6 +118,21 @@ impl Store {
             .join(format!("{name}.descriptor"))
     }
 
+    /// Where the record lives that diff `name` is no smaller than the full stream (`build`).
+    pub fn not_smaller_path(&self, name: &str) -> PathBuf {
+        self.dir
+            .join("artifacts")
+            .join(format!("{name}.not-smaller"))
+    }
+
+    /// The size of built artifact `name`.
+    pub fn artifact_size(&self, name: &str) -> Result<u64> {
+        let path = self.artifact_path(name);
+        Ok(fs::metadata(&path)
+            .with_context(|| format!("reading the size of {}", path.display()))?
+            .len())
+    }
+
     /// Built = its descriptor exists (written last, atomically).
     pub fn is_built(&self, name: &str) -> bool {
         self.descriptor_path(name).is_file() && self.artifact_path(name).is_file()
@@ -153,6 +170,12 @@ impl Store {
             if !in_window(&releases, &target.channel, from, to, window) {
                 return Ok(Buildable::OutsideWindow);
             }
+            if self
+                .not_smaller_path(&crate::core::manifest::artifact_name(Some(from), to))
+                .is_file()
+            {
+                return Ok(Buildable::NotSmaller);
+            }
         }
         let in_source = source.has(to)? && from.map_or(Ok(true), |f| source.has(f))?;
         Ok(if in_source {
@@ -189,8 +212,9 @@ impl Store {
         self.builds_started.load(Ordering::SeqCst)
     }
 
-    /// Evicts least recently used artifacts (never `keep`) until their total size fits `cap`.
-    pub fn evict(&self, cap: u64, keep: &str) -> Result<()> {
+    /// Evicts least recently used artifacts (never those in `keep`) until their total size fits
+    /// `cap`.
+    pub fn evict(&self, cap: u64, keep: &[String]) -> Result<()> {
         let mut items = Vec::new();
         for e in fs::read_dir(self.dir.join("artifacts"))? {
             let e = e?;
@@ -206,7 +230,7 @@ impl Store {
             if total <= cap {
                 break;
             }
-            if name == keep {
+            if keep.contains(&name) {
                 continue;
             }
             tracing::info!("evicting {name} ({size} bytes) from the artifact cache");

@@ -11,7 +11,7 @@
 //! - `GET /metrics`: Prometheus metrics (`server::metrics`);
 //! - `GET /fleet` (and `/`, redirected): the operator's dashboard (`server::dashboard`), with
 //!   the fleet database;
-//! - `GET /v1/artifacts/{name}` (`full-V.xz`, `A-to-B.xz`): the artifact, immutable;
+//! - `GET /v1/artifacts/{name}` (`full-V`, `A-to-B`): the artifact, immutable;
 //! - `GET /v1/artifacts/{name}.descriptor`: its descriptor, immutable (the box trusts the copy
 //!   the repository lists, not this answer);
 //!   either answers `503` + `Retry-After` (never cached) while the artifact is being built or
@@ -76,7 +76,12 @@ pub struct Tuning {
     pub max_connections: usize,
     /// Reboot slots per group and their lease (FleetLock, with the fleet database).
     pub reboot_slots: crate::fleet::semaphore::Slots,
+    /// zstd level of `zstd-ref` diffs (build time and memory: docs/protocol.md).
+    pub zstd_ref_level: i32,
 }
+
+/// The default level of `zstd-ref` diffs: see the build figures in docs/protocol.md.
+pub const DEFAULT_ZSTD_REF_LEVEL: i32 = 19;
 
 impl Default for Tuning {
     fn default() -> Tuning {
@@ -90,6 +95,7 @@ impl Default for Tuning {
             idle_timeout: Duration::from_secs(15),
             max_connections: 10_000,
             reboot_slots: Default::default(),
+            zstd_ref_level: DEFAULT_ZSTD_REF_LEVEL,
         }
     }
 }
@@ -335,7 +341,11 @@ async fn not_built(
             )
         }
         Ok(Buildable::OutsideWindow) => {
-            let msg = format!("{artifact}: base too old for a diff; take full-{to}.xz");
+            let msg = format!("{artifact}: base too old for a diff; take full-{to}");
+            return error(StatusCode::NOT_FOUND, msg);
+        }
+        Ok(Buildable::NotSmaller) => {
+            let msg = format!("{artifact}: no smaller than the full stream; take full-{to}");
             return error(StatusCode::NOT_FOUND, msg);
         }
         Err(e) => return internal(&format!("checking {artifact}"), e),
@@ -357,16 +367,20 @@ fn spawn_build(
 ) {
     tokio::spawn(async move {
         let _slot = s.build_slots.clone().acquire_owned().await;
-        let (s2, a2) = (s.clone(), artifact.clone());
+        let (s2, artifact2) = (s.clone(), artifact.clone());
         let result = blocking(move || {
-            build::build(&s2.store, s2.source.as_ref(), from.as_ref(), &to)?;
-            if let Err(e) = s2.store.evict(s2.tuning.cache_cap, &a2) {
-                tracing::error!("evicting after {a2}: {e:#}");
+            let artifact = artifact2;
+            let level = s2.tuning.zstd_ref_level;
+            let built = build::build(&s2.store, s2.source.as_ref(), from.as_ref(), &to, level)?;
+            if let Err(e) = s2.store.evict(s2.tuning.cache_cap, &built.artifacts) {
+                tracing::error!("evicting after {artifact}: {e:#}");
             }
-            if let Some(repo) = &s2.repo {
-                // A box can still take the artifact by the manifest; it retries the listing.
-                if let Err(e) = repo.artifact_built(&s2.store, &a2) {
-                    tracing::error!("listing {a2} in the TUF repository: {e:#}");
+            for name in &built.artifacts {
+                if let Some(repo) = &s2.repo {
+                    // A box can still take the artifact by the manifest; it retries the listing.
+                    if let Err(e) = repo.artifact_built(&s2.store, name) {
+                        tracing::error!("listing {name} in the TUF repository: {e:#}");
+                    }
                 }
             }
             Ok(())

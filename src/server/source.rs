@@ -2,6 +2,7 @@
 //! of the server's image zvol.
 
 use std::io::Write;
+use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 
@@ -14,6 +15,11 @@ pub trait StreamSource: Send + Sync {
     fn send(&self, from: Option<&Version>, to: &Version, out: &mut dyn Write) -> Result<()>;
     /// Whether the source holds version `v`.
     fn has(&self, v: &Version) -> Result<bool>;
+    /// The bytes every box that received `v` holds as its snapshot of `v`, as a file to map:
+    /// what a `zstd-ref` diff from `v` is compressed against.
+    fn reference(&self, v: &Version) -> Result<PathBuf>;
+    /// The length of the full stream of `v`, without sending it.
+    fn full_len(&self, v: &Version) -> Result<u64>;
 }
 
 /// The real source: snapshots of the server's image zvol.
@@ -40,5 +46,14 @@ impl StreamSource for ZfsSource {
 
     fn has(&self, v: &Version) -> Result<bool> {
         Ok(zfs::snapshots(&self.zvol)?.contains(v))
+    }
+
+    /// The snapshot's block device: boxes receive the zvol itself, so theirs is the same.
+    fn reference(&self, v: &Version) -> Result<PathBuf> {
+        zfs::snapshot_device(&self.zvol, v)
+    }
+
+    fn full_len(&self, v: &Version) -> Result<u64> {
+        zfs::send_size(&self.zvol, v)
     }
 }

@@ -140,6 +140,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         cache_cap: a.cache_mib << 20,
         diff_window: a.diff_window,
         max_builds: a.max_builds,
+        zstd_ref_level: a.zstd_ref_level,
         idle_timeout: std::time::Duration::from_secs(a.idle_timeout),
         max_connections: a.max_connections,
         reboot_slots: Slots {

@@ -20,11 +20,11 @@
 //! which is exactly the buffer the decoder allocates.
 
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use memmap2::Mmap;
+use memmap2::{Mmap, MmapOptions};
 use zstd::stream::raw::{CParameter, DParameter};
 use zstd::zstd_safe;
 
@@ -62,17 +62,18 @@ impl Reference {
     fn open(path: &Path) -> Result<Self> {
         let file =
             File::open(path).with_context(|| format!("opening reference {}", path.display()))?;
-        let len = file
-            .metadata()
-            .with_context(|| format!("reading the size of reference {}", path.display()))?
-            .len();
+        // A block device (a zvol snapshot) has no length in its metadata: its end has one.
+        let len = (&file)
+            .seek(SeekFrom::End(0))
+            .with_context(|| format!("reading the size of reference {}", path.display()))?;
         if len == 0 {
             return Ok(Self { map: None });
         }
+        let len = usize::try_from(len).context("a reference larger than the address space")?;
         // SAFETY: the mapping is read-only and lives as long as the codec using it. The caller
         // hands in a reference nobody writes while we read it (a snapshot, a published image);
         // if one did, zstd would read changed bytes and the frame checksum would catch it.
-        let map = unsafe { Mmap::map(&file) }
+        let map = unsafe { MmapOptions::new().len(len).map(&file) }
             .with_context(|| format!("mapping reference {}", path.display()))?;
         #[cfg(unix)]
         {
@@ -173,6 +174,15 @@ pub fn decode(
     Ok(())
 }
 
+/// Decoded bytes that fail the frame's checksum: the reference is not the one the frame was
+/// made against (or the frame is corrupt). Find it in an error chain with `downcast_ref`.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the decompressed bytes fail the frame's checksum: the reference is not the one the frame \
+     was made against (or the frame is corrupt)"
+)]
+pub struct ReferenceMismatch;
+
 /// zstd's own words for the two failures a caller must tell apart, made specific.
 fn explain(e: io::Error, max_window_log: u32) -> anyhow::Error {
     let text = e.to_string();
@@ -183,16 +193,15 @@ fn explain(e: io::Error, max_window_log: u32) -> anyhow::Error {
     let window_too_large =
         name(zstd_safe::zstd_sys::ZSTD_ErrorCode::ZSTD_error_frameParameter_windowTooLarge);
     let checksum = name(zstd_safe::zstd_sys::ZSTD_ErrorCode::ZSTD_error_checksum_wrong);
+    // The typed errors are the roots of their chains, where `error::classify` and
+    // `downcast_ref` find them under any context a caller adds.
     if text == window_too_large {
-        anyhow::Error::new(e).context(format!(
+        crate::error::refused(format!(
             "the frame needs a window larger than the limit max_window_log = {max_window_log} \
-             (2^{max_window_log} bytes); refused before allocating"
+             (2^{max_window_log} bytes); refused before allocating ({text})"
         ))
     } else if text == checksum {
-        anyhow::Error::new(e).context(
-            "the decompressed bytes fail the frame's checksum: the reference is not the one \
-             the frame was made against (or the frame is corrupt)",
-        )
+        ReferenceMismatch.into()
     } else {
         e.into()
     }

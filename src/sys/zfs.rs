@@ -126,6 +126,22 @@ pub fn send_cmd(zvol: &str, from: Option<&Version>, to: &Version) -> Cmd {
     cmd.arg(format!("{zvol}@{to}"))
 }
 
+/// The length of the full send stream of `zvol@v` (`zfs send -nP`: a dry run, no data read).
+pub fn send_size(zvol: &str, v: &Version) -> Result<u64> {
+    let out = Cmd::new("zfs")
+        .args(["send", "-nP", &format!("{zvol}@{v}")])
+        .stdout()?;
+    parse_send_size(&out)
+        .with_context(|| format!("no size in the output of zfs send -nP {zvol}@{v}: {out:?}"))
+}
+
+/// The `size` line of `zfs send -nP`'s output (`size\t123456`).
+pub fn parse_send_size(text: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix("size\t"))
+        .and_then(|n| n.trim().parse().ok())
+}
+
 /// `zfs receive -s -F zvol`: resumable, rolling back anything written since the last snapshot.
 pub fn receive_cmd(zvol: &str) -> Cmd {
     Cmd::new("zfs").args(["receive", "-s", "-F", zvol])
@@ -187,6 +203,13 @@ mod tests {
         assert!(!absent_or_error("box/upgradectl/image", not_there, true).unwrap());
         assert!(absent_or_error("box/upgradectl/image", not_there, false).is_err());
         assert!(absent_or_error("box/x", "permission denied", true).is_err());
+    }
+
+    #[test]
+    fn send_size_parses_the_dry_runs_size_line() {
+        let text = "full\tsrv/images/image@2.0\t634563928\nsize\t634563928\n";
+        assert_eq!(parse_send_size(text), Some(634563928));
+        assert_eq!(parse_send_size("full\tx@1\t5\n"), None);
     }
 
     #[test]

@@ -56,6 +56,13 @@ impl StreamSource for FileSource {
         self.running.fetch_sub(1, Ordering::SeqCst);
         result
     }
+    /// The full stream of `v` stands for the image every box holding `v` has.
+    fn reference(&self, v: &Version) -> Result<PathBuf> {
+        Ok(self.dir.join(format!("full-{v}")))
+    }
+    fn full_len(&self, v: &Version) -> Result<u64> {
+        Ok(std::fs::metadata(self.dir.join(format!("full-{v}")))?.len())
+    }
     fn has(&self, v: &Version) -> Result<bool> {
         self.has_calls.fetch_add(1, Ordering::SeqCst);
         std::thread::sleep(self.has_delay);
@@ -84,12 +91,14 @@ impl Default for Setup {
     fn default() -> Setup {
         Setup {
             versions: vec!["1.0", "2.0"],
-            full_size: 3 << 20,
+            full_size: 10 << 20,
             diff_size: 9 << 20,
             delay: Duration::ZERO,
             has_delay: Duration::ZERO,
             tuning: Tuning {
                 retry_after: 1,
+                // Noise does not compress: a cheap level builds the same sizes.
+                zstd_ref_level: 3,
                 ..Tuning::default()
             },
             fleet: false,

@@ -37,6 +37,13 @@ impl StreamSource for FileSource {
         out.write_all(&std::fs::read(self.dir.join(name))?)?;
         Ok(())
     }
+    /// The full stream of `v` stands for the image every box holding `v` has.
+    fn reference(&self, v: &Version) -> Result<PathBuf> {
+        Ok(self.dir.join(format!("full-{v}")))
+    }
+    fn full_len(&self, v: &Version) -> Result<u64> {
+        Ok(std::fs::metadata(self.dir.join(format!("full-{v}")))?.len())
+    }
     fn has(&self, v: &Version) -> Result<bool> {
         Ok(self.dir.join(format!("full-{v}")).exists())
     }
@@ -52,7 +59,7 @@ pub struct Fixture {
 
 // Versions and test data as the server fault tests make them.
 #[path = "../common/server.rs"]
-mod shared;
+pub mod shared;
 pub use shared::{limits, noise, v};
 
 /// Starts the server on a free port; builds wait `delay`, the cache holds `cache_cap` bytes.
@@ -65,7 +72,8 @@ pub fn start(delay: Duration, cache_cap: u64) -> Fixture {
     let streams = root.join("streams");
     std::fs::create_dir_all(&streams).unwrap();
     std::fs::write(streams.join("full-1.0"), noise(3 << 20, 1)).unwrap();
-    std::fs::write(streams.join("full-2.0"), noise(3 << 20, 2)).unwrap();
+    // Larger than the diff: a diff no smaller than its full stream is not served.
+    std::fs::write(streams.join("full-2.0"), noise(10 << 20, 2)).unwrap();
     std::fs::write(streams.join("1.0-to-2.0"), noise(9 << 20, 3)).unwrap();
     std::fs::write(streams.join("full-0.5"), noise(SMALL_STREAM, 5)).unwrap();
     let store = Store::open(&root.join("store")).unwrap();
@@ -114,6 +122,7 @@ pub fn start(delay: Duration, cache_cap: u64) -> Fixture {
         Tuning {
             retry_after: 1,
             cache_cap,
+            zstd_ref_level: 3,
             ..Tuning::default()
         },
     ));

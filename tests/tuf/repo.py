@@ -12,7 +12,7 @@ as consistent snapshots want, DIR/<dir>/<sha256>.<name>. The tests (tests/tuf.rs
   {"op": "release", "channel": "stable", "version": "2.0", "size": N, "sha256": HEX,
    "signers": ["stable"]}             # signers: key names; default the channel's own key
   {"op": "rollout", "channel": "stable", "doc": {...}}
-  {"op": "artifact", "name": "1.0-to-2.0.xz", "data_hex": "..."}
+  {"op": "artifact", "name": "1.0-to-2.0", "data_hex": "..."}
   {"op": "publish", "timestamp_version": null, "expires_seconds": 86400,
    "timestamp_signers": null}         # re-signs snapshot and timestamp
   {"op": "rotate_root", "keys": 3, "threshold": 2, "old_signers": [..], "new_signers": [..],

@@ -261,9 +261,11 @@ scenario_upgrade() {
   out=$(vm_ssh "upgradectl --wait prepare --json" | tail -n1) || return 1
   log "prepare: $out"
   assert_eq "$(json_field "$out" "d['base']")" 1.0 "diff base" || return 1
-  assert_eq "$(json_field "$out" "d['artifact']")" 1.0-to-2.0.xz "artifact" || return 1
+  assert_eq "$(json_field "$out" "d['artifact']")" 1.0-to-2.0 "artifact" || return 1
   assert_eq "$(json_field "$out" "d['downloaded_bytes'] == d['artifact_bytes']")" True "only the diff crossed the wire" || return 1
   assert_eq "$(json_field "$out" "d['downloaded_bytes'] * 10 < d['image_bytes']")" True "the diff is far smaller than the image" || return 1
+  assert_eq "$(json_field "$out" "d['encoding']")" zstd-ref "the diff's encoding" || return 1
+  diff_sizes_against_xz "$(json_field "$out" "d['artifact_bytes']")" || return 1
   if vm_ssh "ls /srv/store/artifacts" | grep -q '^full-'; then
     log "a full stream was built: the box did not get a diff"
     return 1
@@ -275,6 +277,18 @@ scenario_upgrade() {
   assert_eq "$(status_field "s['previous']")" 1.0 "previous after confirm" || return 1
   assert_eq "$(vm_ssh "cat /etc/hostname")" appliance "migrated hostname" || return 1
   vm_run "upgradectl status"
+}
+
+# diff_sizes_against_xz BYTES : the server's build of 1.0-to-2.0 compressed the same stream as
+# xz too (its log says both); the zstd-ref diff the box got (BYTES) is at most 3/4 of that.
+# (The 2 MB of random payload in 2.0 is in both: nothing compresses it.)
+diff_sizes_against_xz() {
+  local line xz
+  line=$(vm_ssh "journalctl -u upgradectl-test-server -o cat | grep -m1 '1.0-to-2.0: stream'") || return 1
+  log "server: $line"
+  xz=$(sed -E 's/.*; xz ([0-9]+) bytes.*/\1/' <<<"$line")
+  log "the diff: $1 bytes as zstd-ref, $xz bytes as xz ($((100 * $1 / xz))%)"
+  [ "$((4 * $1))" -le "$((3 * xz))" ] || { log "zstd-ref is not at most 3/4 of xz"; return 1; }
 }
 
 scenario_revert() {
@@ -381,7 +395,7 @@ scenario_resume() {
     d=/host/var/lib/upgradectl/downloads
     for i in \$(seq 12000); do
       s=\$(cat \$d/*.partial 2>/dev/null | wc -c)
-      if [ \"\$s\" -ge 8000000 ] || ls \$d/*.xz >/dev/null 2>&1; then break; fi
+      if [ \"\$s\" -ge 8000000 ] || ls \$d/*-to-* 2>/dev/null | grep -qv '\\.partial\$'; then break; fi
       kill -0 \$pid 2>/dev/null || break
       sleep 0.05
     done

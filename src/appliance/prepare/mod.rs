@@ -15,7 +15,7 @@ pub mod receive;
 use crate::appliance::ctx::Ctx;
 use crate::appliance::state::State;
 use crate::appliance::{identity, images, pool};
-use crate::core::manifest::{artifact_name, Descriptor};
+use crate::core::manifest::{artifact_name, Descriptor, Encoding};
 use crate::core::plan::{self, PlanInput};
 use crate::core::version::Version;
 use crate::error::{refused, Error};
@@ -31,6 +31,8 @@ pub struct PrepareReport {
     /// The local snapshot the diff started from; null = full stream.
     pub base: Option<Version>,
     pub artifact: String,
+    /// How the artifact was compressed (`xz`, `zstd-ref`); null when nothing was downloaded.
+    pub encoding: Option<Encoding>,
     pub artifact_bytes: u64,
     /// Bytes that crossed the wire in this run (0 when resumed from a verified file).
     pub downloaded_bytes: u64,
@@ -114,6 +116,7 @@ fn prepare_once(ctx: &mut Ctx, pinned: Option<&Version>) -> Result<PrepareReport
         version: target.clone(),
         base: plan.base.clone(),
         artifact: String::new(),
+        encoding: None,
         artifact_bytes: 0,
         downloaded_bytes: 0,
         resumed_bytes: 0,
@@ -129,62 +132,51 @@ fn prepare_once(ctx: &mut Ctx, pinned: Option<&Version>) -> Result<PrepareReport
         report.base = None;
         report.artifact = "local-snapshot".into();
     } else {
+        let max_memory = ctx.config.download.max_decoder_mib << 20;
         let descriptor_of = |base: Option<&Version>| -> Result<Descriptor> {
             meta.descriptor(&client, server, &artifact_name(base, &target))
         };
-        // A server that builds no diff from this base (outside its window) says 404: take the
-        // full stream.
-        let (base, descriptor) = match descriptor_of(plan.base.as_ref()) {
-            Err(e) if plan.base.is_some() && fetch::is_not_found(&e) => {
-                tracing::warn!(
-                    "no diff to {target} from {:?}: {e:#}; taking the full stream",
-                    plan.base
-                );
-                (None, descriptor_of(None)?)
+        let (mut base, mut descriptor) =
+            choose_artifact(&descriptor_of, plan.base.as_ref(), max_memory)?;
+        let fetched = loop {
+            let fetched = fetch_and_receive(
+                ctx,
+                &client,
+                server,
+                &zvol,
+                &mut state,
+                base.as_ref(),
+                &target,
+                &descriptor,
+                &limits,
+                plan.release.image.size,
+            )?;
+            match fetched {
+                Ok(fetched) => break fetched,
+                // The diff decoded against our base fails its checksum: the base snapshot is
+                // not the bytes the server holds. The full stream needs no base.
+                Err(e)
+                    if base.is_some()
+                        && e.downcast_ref::<crate::sys::refcodec::ReferenceMismatch>()
+                            .is_some() =>
+                {
+                    tracing::warn!("{}: {e:#}; taking the full stream", descriptor.name);
+                    fsutil::remove_durably(&ctx.layout.downloads_dir().join(&descriptor.name))?;
+                    (base, descriptor) = (None, descriptor_of(None)?);
+                }
+                Err(e) => {
+                    return Err(e)
+                        .with_context(|| format!("receiving {} into {zvol}", descriptor.name))
+                }
             }
-            other => (plan.base.clone(), other?),
         };
-        let name = descriptor.name.clone();
         report.base = base.clone();
-        let dir = ctx.layout.downloads_dir();
-        std::fs::create_dir_all(&dir)?;
-        let file = dir.join(&name);
-        let partial = fetch::partial_path(&file);
-        // Everything this prepare writes on the host partition: the rest of the download,
-        // then the image (sparse, so at most its size).
-        images::remove_leftovers(&ctx.layout, &[file.clone(), partial.clone()])?;
-        let have = [&file, &partial]
-            .iter()
-            .filter_map(|p| std::fs::metadata(p).ok())
-            .map(|m| m.len())
-            .max()
-            .unwrap_or(0);
-        let to_download = descriptor.size.saturating_sub(have);
-        images::ensure_space(ctx, &mut state, plan.release.image.size + to_download)?;
-        crate::fail_point!("prepare::planned");
-
-        let aurl = format!("{server}/v1/artifacts/{name}");
-        let fetched = download_with_progress(ctx, &client, &aurl, &file, &descriptor, &limits)?;
-        crate::fail_point!("prepare::downloaded");
-        ctx.out.event(
-            "receive",
-            &serde_json::json!({"artifact": name}),
-            &format!("receiving {name} into {zvol}"),
-        )?;
-        receive(
-            &file,
-            &zvol,
-            base.as_ref(),
-            &target,
-            ctx.config.download.max_decoder_mib << 20,
-        )
-        .with_context(|| format!("receiving {name} into {zvol}"))?;
-        crate::fail_point!("prepare::received");
-        report.artifact = name;
+        report.artifact = descriptor.name.clone();
+        report.encoding = Some(descriptor.encoding);
         report.artifact_bytes = descriptor.size;
         report.downloaded_bytes = fetched.downloaded;
         report.resumed_bytes = fetched.resumed;
-        download = Some(file);
+        download = Some(ctx.layout.downloads_dir().join(&descriptor.name));
     }
 
     let device = zfs::snapshot_device(&zvol, &target)?;
@@ -223,6 +215,91 @@ fn prepare_once(ctx: &mut Ctx, pinned: Option<&Version>) -> Result<PrepareReport
     pool::prune(ctx, &state)?;
     report.seconds = start.elapsed().as_secs_f64();
     Ok(report)
+}
+
+/// The artifact to take: the diff from `base` when the server has one the box can decode in
+/// `max_memory`, else the full stream. A server that builds no diff from this base (outside its
+/// window, or a full stream that is not larger) says 404.
+fn choose_artifact(
+    descriptor_of: &dyn Fn(Option<&Version>) -> Result<Descriptor>,
+    base: Option<&Version>,
+    max_memory: u64,
+) -> Result<(Option<Version>, Descriptor)> {
+    let Some(base) = base else {
+        return Ok((None, descriptor_of(None)?));
+    };
+    match descriptor_of(Some(base)) {
+        Err(e) if fetch::is_not_found(&e) => {
+            tracing::warn!("no diff from {base}: {e:#}; taking the full stream");
+        }
+        Err(e) => return Err(e),
+        Ok(d) => match d.window_log {
+            Some(w) if w > receive::max_window_log(max_memory) => tracing::warn!(
+                "{}: its decoder needs 2^{w} bytes, above download.max_decoder_mib = {} MiB; \
+                 taking the full stream",
+                d.name,
+                max_memory >> 20
+            ),
+            _ => return Ok((Some(base.clone()), d)),
+        },
+    }
+    Ok((None, descriptor_of(None)?))
+}
+
+/// Downloads `descriptor`'s artifact (resuming a partial one) into the downloads directory and
+/// receives it into `zvol`. The outer error is the download's; the inner one the receive's
+/// (the caller may take another artifact after it).
+#[allow(clippy::too_many_arguments)]
+fn fetch_and_receive(
+    ctx: &mut Ctx,
+    client: &reqwest::blocking::Client,
+    server: &str,
+    zvol: &str,
+    state: &mut State,
+    base: Option<&Version>,
+    target: &Version,
+    descriptor: &Descriptor,
+    limits: &Limits,
+    image_size: u64,
+) -> Result<Result<Fetched>> {
+    let name = &descriptor.name;
+    let dir = ctx.layout.downloads_dir();
+    std::fs::create_dir_all(&dir)?;
+    let file = dir.join(name);
+    let partial = fetch::partial_path(&file);
+    // Everything this prepare writes on the host partition: the rest of the download, then
+    // the image (sparse, so at most its size).
+    images::remove_leftovers(&ctx.layout, &[file.clone(), partial.clone()])?;
+    let have = [&file, &partial]
+        .iter()
+        .filter_map(|p| std::fs::metadata(p).ok())
+        .map(|m| m.len())
+        .max()
+        .unwrap_or(0);
+    let to_download = descriptor.size.saturating_sub(have);
+    images::ensure_space(ctx, state, image_size + to_download)?;
+    crate::fail_point!("prepare::planned");
+
+    let url = format!("{server}/v1/artifacts/{name}");
+    let fetched = download_with_progress(ctx, client, &url, &file, descriptor, limits)?;
+    crate::fail_point!("prepare::downloaded");
+    ctx.out.event(
+        "receive",
+        &serde_json::json!({"artifact": name, "encoding": descriptor.encoding}),
+        &format!("receiving {name} into {zvol}"),
+    )?;
+    let received = receive(
+        &file,
+        descriptor.encoding,
+        zvol,
+        base,
+        target,
+        ctx.config.download.max_decoder_mib << 20,
+    );
+    if received.is_ok() {
+        crate::fail_point!("prepare::received");
+    }
+    Ok(received.map(|()| fetched))
 }
 
 /// Whether `v`'s image file is on disk, registered and whole (not left half-migrated).

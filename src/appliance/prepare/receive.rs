@@ -1,19 +1,23 @@
-//! Receiving a verified artifact: decompress on all cores into `zfs receive`.
+//! Receiving a verified artifact: decompress (xz on all cores, or zstd against the base
+//! snapshot) into `zfs receive`.
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
 use anyhow::{Context, Result};
 
+use crate::core::manifest::Encoding;
 use crate::core::version::Version;
-use crate::sys::zfs;
+use crate::sys::{refcodec, zfs};
 
-/// Decompresses the verified artifact on all cores, in at most `max_memory` bytes, into `zfs
-/// receive -s -F`. A receive left half done by an interruption is aborted first: the artifact
-/// is local and verified, so receiving it again costs no download.
+/// Decompresses the verified artifact, in at most `max_memory` bytes, into `zfs receive -s
+/// -F`: xz on all cores, or `zstd-ref` against the block device of the base snapshot (mapped
+/// read-only). A receive left half done by an interruption is aborted first: the artifact is
+/// local and verified, so receiving it again costs no download.
 pub fn receive(
     file: &Path,
+    encoding: Encoding,
     zvol: &str,
     base: Option<&Version>,
     to: &Version,
@@ -36,6 +40,11 @@ pub fn receive(
     } else if base.is_some() {
         anyhow::bail!("{zvol} does not exist; an incremental stream needs its base");
     }
+    let reference = match (encoding, base) {
+        (Encoding::ZstdRef, Some(base)) => Some(zfs::snapshot_device(zvol, base)?),
+        (Encoding::ZstdRef, None) => anyhow::bail!("a zstd-ref stream needs a base snapshot"),
+        (Encoding::Xz, _) => None,
+    };
     let cmd = zfs::receive_cmd(zvol);
     let mut child = cmd
         .to_command()
@@ -45,21 +54,57 @@ pub fn receive(
         .spawn()
         .with_context(|| format!("starting {}", cmd.display()))?;
     let mut stdin = child.stdin.take().expect("piped");
-    let mut xz = xz_reader(std::fs::File::open(file)?, max_memory)?;
-    let copied = std::io::copy(&mut xz, &mut stdin).and_then(|_| stdin.flush());
+    let input = std::fs::File::open(file)?;
+    let copied = decompress(input, reference, &mut stdin, max_memory);
     drop(stdin);
     if let Err(e) = &copied {
-        // Refused before the receive's own error (it saw its input end early) hides why.
-        if let Some(refusal) = memory_refusal(e, max_memory) {
+        // A refusal or a wrong reference, before the receive's own error (it saw its input
+        // end early) hides why. zfs receive -s keeps a resume token: aborted on the next try.
+        if crate::error::classify(e).0 == crate::error::Exit::Refused
+            || e.downcast_ref::<refcodec::ReferenceMismatch>().is_some()
+        {
             let _ = child.kill();
             let _ = child.wait();
-            return Err(refusal);
+            return copied;
         }
     }
     let output = child.wait_with_output()?;
     crate::sys::cmd::check_status(&cmd, &output)?;
-    copied.context("decompressing into zfs receive")?;
-    Ok(())
+    copied
+}
+
+/// Decompresses `input` into `out`: xz when there is no reference, else `zstd-ref` against it;
+/// in at most `max_memory` bytes (a frame needing more is refused, exit 2).
+pub fn decompress(
+    input: impl std::io::Read,
+    reference: Option<PathBuf>,
+    out: &mut impl Write,
+    max_memory: u64,
+) -> Result<()> {
+    match reference {
+        None => {
+            let mut xz = xz_reader(input, max_memory)?;
+            let copied = std::io::copy(&mut xz, out).and_then(|_| out.flush());
+            if let Err(e) = &copied {
+                if let Some(refusal) = memory_refusal(e, max_memory) {
+                    return Err(refusal);
+                }
+            }
+            copied.context("decompressing")?;
+            Ok(())
+        }
+        Some(reference) => refcodec::decode(
+            std::io::BufReader::new(input),
+            &reference,
+            out,
+            max_window_log(max_memory),
+        ),
+    }
+}
+
+/// The largest zstd window that fits `max_memory` bytes: log2, within zstd's range.
+pub fn max_window_log(max_memory: u64) -> u32 {
+    (63 - max_memory.max(1).leading_zeros()).clamp(10, refcodec::WINDOW_LOG_MAX)
 }
 
 /// A decoder that stopped at the memory limit, as refused input (exit 2).
@@ -98,6 +143,8 @@ pub fn xz_reader<R: std::io::Read>(
 mod tests {
     use std::io::{Read, Write};
 
+    use rand::RngCore;
+
     use super::*;
 
     /// xz at preset 9: its 64 MiB dictionary is what a decoder must allocate.
@@ -107,6 +154,49 @@ mod tests {
         let mut enc = liblzma::write::XzEncoder::new_stream(Vec::new(), stream);
         enc.write_all(data).unwrap();
         enc.finish().unwrap()
+    }
+
+    #[test]
+    fn the_zstd_window_is_the_largest_that_fits_the_limit() {
+        assert_eq!(max_window_log(256 << 20), 28);
+        assert_eq!(max_window_log((256 << 20) + 1), 28);
+        assert_eq!(max_window_log((256 << 20) - 1), 27);
+        assert_eq!(max_window_log(16 << 20), 24);
+        assert_eq!(max_window_log(64 << 30), 31);
+        assert_eq!(max_window_log(0), 10);
+    }
+
+    #[test]
+    fn a_zstd_ref_frame_needing_more_than_the_limit_is_refused_and_a_wrong_base_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base");
+        // Random: the only match for any of it is at the same place in the base.
+        let mut data = vec![0u8; 3 << 20];
+        <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(1).fill_bytes(&mut data);
+        std::fs::write(&base, &data).unwrap();
+        let mut new = data.clone();
+        new[1000..1100].fill(7);
+        let mut frame = Vec::new();
+        refcodec::encode_sized(&new[..], Some(new.len() as u64), &base, &mut frame, 3).unwrap();
+        let mut out = Vec::new();
+        decompress(&frame[..], Some(base.clone()), &mut out, 256 << 20).unwrap();
+        assert_eq!(out, new);
+        // The frame states its 3 MiB: a 2 MiB limit refuses it before decoding.
+        let err = decompress(&frame[..], Some(base.clone()), &mut Vec::new(), 2 << 20).unwrap_err();
+        assert_eq!(
+            crate::error::classify(&err).0,
+            crate::error::Exit::Refused,
+            "{err:#}"
+        );
+        let other = dir.path().join("other");
+        let mut wrong = data.clone();
+        wrong[2 << 20] ^= 1;
+        std::fs::write(&other, &wrong).unwrap();
+        let err = decompress(&frame[..], Some(other), &mut Vec::new(), 256 << 20).unwrap_err();
+        assert!(
+            err.downcast_ref::<refcodec::ReferenceMismatch>().is_some(),
+            "{err:#}"
+        );
     }
 
     #[test]
