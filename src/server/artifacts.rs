@@ -202,6 +202,25 @@ impl Store {
         Ok(())
     }
 
+    /// Removes the temp files of builds that never finished (`.NAME.*.tmp`: a spooled stream
+    /// can be as large as an image). Only when no build runs: at the server's start.
+    pub fn remove_build_leftovers(&self) -> Result<Vec<PathBuf>> {
+        let mut removed = Vec::new();
+        for e in fs::read_dir(self.artifacts_dir())? {
+            let path = e?.path();
+            let name = path.file_name().unwrap_or_default().to_string_lossy();
+            if name.starts_with('.') && name.ends_with(".tmp") {
+                tracing::info!(
+                    "removing {}, left by a build that never finished",
+                    path.display()
+                );
+                fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+                removed.push(path);
+            }
+        }
+        Ok(removed)
+    }
+
     /// Counts a build (tests assert "once").
     pub fn note_build_started(&self) {
         self.builds_started.fetch_add(1, Ordering::SeqCst);
@@ -260,6 +279,28 @@ mod tests {
                 },
             },
         }
+    }
+
+    #[test]
+    fn build_leftovers_go_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let artifacts = store.artifacts_dir();
+        for name in [
+            ".1.0-to-2.0.abc.stream.tmp",
+            ".full-2.0.x.xz.tmp",
+            "full-2.0",
+        ] {
+            fs::write(artifacts.join(name), b"x").unwrap();
+        }
+        fs::write(store.descriptor_path("full-2.0"), b"{}").unwrap();
+        assert_eq!(store.remove_build_leftovers().unwrap().len(), 2);
+        let mut left: Vec<_> = fs::read_dir(&artifacts)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["full-2.0", "full-2.0.descriptor"]);
     }
 
     #[test]

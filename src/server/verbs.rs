@@ -133,6 +133,8 @@ fn policy(a: &WaveArgs, waves: &[u8]) -> Policy {
 /// The `serve` verb: the image server over the store and its TUF repository, streams from ZFS.
 pub fn serve(a: ServeArgs) -> Result<()> {
     let store = Store::open(&a.store.store)?;
+    // Builds the last server process did not finish (killed, power cut): nobody else builds.
+    store.remove_build_leftovers()?;
     let source = Arc::new(ZfsSource {
         zvol: a.store.zvol.clone(),
     });
