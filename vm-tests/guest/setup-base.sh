@@ -5,12 +5,10 @@ set -eu
 
 kver=$(ls /lib/modules)
 
-# A small initramfs: only what a virtio guest needs to reach the host partition. Uncompressed,
-# as a delta-friendly image builder makes it (README, "Diffs"): every image rebuilds it, and a
-# compressed one is new bytes from end to end in each diff, while an uncompressed one is nearly
-# all found in the base image by zstd-ref.
+# A small initramfs: only what a virtio guest needs to reach the host partition. gzip, which
+# each image then stores uncompressed (setup-image.sh).
 mkdir -p /etc/initramfs-tools/conf.d
-printf 'MODULES=list\nCOMPRESS=none\n' > /etc/initramfs-tools/conf.d/upgradectl-test
+printf 'MODULES=list\nCOMPRESS=gzip\n' > /etc/initramfs-tools/conf.d/upgradectl-test
 printf 'virtio_pci\nvirtio_blk\nvirtio_net\next4\nloop\n' > /etc/initramfs-tools/modules
 
 # Drop kernel modules a virtio guest never loads (hundreds of MB), keep the ZFS ones.

@@ -16,6 +16,16 @@ for initrd in /boot/initrd.img-*; do
     exit 1
   fi
 done
+# Delta-friendly, as docs/protocol.md advises image builders: the initramfs stored uncompressed.
+# Every image rebuilds it; compressed, it is new bytes from end to end in every diff, while
+# uncompressed nearly all of it is found in the base image by zstd-ref. (Bookworm's
+# mkinitramfs has no COMPRESS=none: it falls back to gzip. The kernel takes a plain cpio.)
+for initrd in /boot/initrd.img-*; do
+  if gzip -t "$initrd" 2>/dev/null; then
+    gzip -dc "$initrd" > "$initrd.cpio"
+    mv "$initrd.cpio" "$initrd"
+  fi
+done
 systemctl enable upgradectl-confirm.service upgradectl-trial-deadline.timer
 
 mkdir -p /etc/upgradectl
