@@ -11,6 +11,7 @@ pub mod export;
 pub mod fetch;
 pub mod metadata;
 pub mod receive;
+pub mod stream;
 
 use crate::appliance::ctx::Ctx;
 use crate::appliance::state::State;
@@ -281,25 +282,67 @@ fn fetch_and_receive(
     crate::fail_point!("prepare::planned");
 
     let url = format!("{server}/v1/artifacts/{name}");
-    let fetched = download_with_progress(ctx, client, &url, &file, descriptor, limits)?;
-    crate::fail_point!("prepare::downloaded");
     ctx.out.event(
         "receive",
         &serde_json::json!({"artifact": name, "encoding": descriptor.encoding}),
-        &format!("receiving {name} into {zvol}"),
+        &format!("receiving {name} into {zvol} as it downloads"),
     )?;
-    let received = receive(
-        &file,
-        descriptor.encoding,
-        zvol,
-        base,
-        target,
-        ctx.config.download.max_decoder_mib << 20,
-    );
+    let max_memory = ctx.config.download.max_decoder_mib << 20;
+    let verified = stream::Verified::new();
+    let (fetched, received) = std::thread::scope(|s| {
+        let receiving = s.spawn(|| {
+            let input = verified.reader();
+            receive(input, descriptor.encoding, zvol, base, target, max_memory)
+        });
+        let fetched = download_and_publish(ctx, client, &url, &file, descriptor, limits, &verified);
+        let received = receiving
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        (fetched, received)
+    });
+    // The download's error is the cause of the receive's (its input stopped): it wins.
+    let fetched = match fetched {
+        Ok(fetched) => fetched,
+        Err(e) => {
+            if let Err(r) = &received {
+                tracing::debug!("the receive of {name} stopped with the download: {r:#}");
+            }
+            return Err(e);
+        }
+    };
     if received.is_ok() {
         crate::fail_point!("prepare::received");
     }
     Ok(received.map(|()| fetched))
+}
+
+/// Downloads the artifact to `file`, publishing each verified chunk to `verified`, and then
+/// its end: complete once the whole sha256 matched and `prepare::downloaded` passed (so a
+/// fault there leaves the receive unfinished, as it was before the two overlapped), or the
+/// failure, which stops the receive reading it.
+fn download_and_publish(
+    ctx: &mut Ctx,
+    client: &reqwest::blocking::Client,
+    url: &str,
+    file: &std::path::Path,
+    d: &Descriptor,
+    limits: &Limits,
+    verified: &stream::Verified,
+) -> Result<Fetched> {
+    let _end = verified.end_on_drop();
+    let fetched = download_with_progress(ctx, client, url, file, d, limits, verified)
+        .and_then(|fetched| downloaded_point().map(|()| fetched));
+    match &fetched {
+        Ok(_) => verified.complete(d.size),
+        Err(e) => verified.fail(&format!("{e:#}")),
+    }
+    fetched
+}
+
+/// The fail point after a complete, verified download (its `return` leaves this function).
+fn downloaded_point() -> Result<()> {
+    crate::fail_point!("prepare::downloaded");
+    Ok(())
 }
 
 /// Whether `v`'s image file is on disk, registered and whole (not left half-migrated).
@@ -316,6 +359,7 @@ fn download_with_progress(
     file: &std::path::Path,
     d: &Descriptor,
     limits: &Limits,
+    verified: &stream::Verified,
 ) -> Result<Fetched> {
     use std::io::IsTerminal;
     let json = ctx.out.is_json();
@@ -346,7 +390,7 @@ fn download_with_progress(
             );
         }
     };
-    let r = fetch::download(client, url, file, d, limits, &mut progress);
+    let r = fetch::download_watched(client, url, file, d, limits, &mut progress, Some(verified));
     if let Some(b) = bar {
         b.finish_and_clear();
     }
