@@ -322,6 +322,8 @@ fn stalling_proxy(
     addr
 }
 
+type VerifiedReader<'a> = upgradectl::appliance::prepare::stream::VerifiedReader<'a>;
+
 /// What the two sides of a streamed download said, in the order they said it.
 #[derive(Debug)]
 enum Said {
@@ -350,17 +352,18 @@ impl std::io::Write for Tell {
     }
 }
 
-/// Downloads `d` through the proxy at `proxy` while decoding it through a `VerifiedReader`, as
-/// `prepare` does (`between` runs meanwhile): the download's result, the decoder's, and what
-/// the decoder wrote.
+/// Downloads `d` through the proxy at `proxy` while `decode` reads it through a
+/// `VerifiedReader`, as `prepare` does (`between` runs meanwhile): the download's result, the
+/// decoder's, and what the decoder wrote.
 fn download_while_decoding(
     proxy: std::net::SocketAddr,
     d: &upgradectl::core::manifest::Descriptor,
     dest: &std::path::Path,
     tx: std::sync::mpsc::Sender<Said>,
+    decode: impl FnOnce(VerifiedReader, &mut Tell) -> anyhow::Result<()> + Send,
     between: impl FnOnce(),
 ) -> (anyhow::Result<fetch::Fetched>, anyhow::Result<()>, Vec<u8>) {
-    use upgradectl::appliance::prepare::{receive, stream};
+    use upgradectl::appliance::prepare::stream;
     let verified = stream::Verified::new();
     std::thread::scope(|s| {
         let decoder_tx = tx.clone();
@@ -369,18 +372,23 @@ fn download_while_decoding(
                 tx: decoder_tx,
                 out: Vec::new(),
             };
-            let r = receive::decompress(verified.reader(), None, &mut out, 256 << 20);
+            let r = decode(verified.reader(), &mut out);
             (r, out.out)
         });
         let downloading = s.spawn(|| {
-            let client = fetch::client(&limits()).unwrap();
+            // Patient: a held download must wait for the test, however loaded the host.
+            let patient = fetch::Limits {
+                stall: Duration::from_secs(600),
+                min_speed: 1,
+            };
+            let client = fetch::client(&patient).unwrap();
             let url = format!("http://{proxy}/v1/artifacts/{}", d.name);
             let r = fetch::download_watched(
                 &client,
                 &url,
                 dest,
                 d,
-                &limits(),
+                &patient,
                 &mut |_, _| {},
                 Some(&verified),
             );
@@ -410,9 +418,16 @@ fn the_decoder_gets_verified_chunks_while_the_rest_of_the_download_is_held() {
     let (go, hold) = mpsc::channel();
     let proxy = stalling_proxy(f.addr, d.chunk_size as usize + 1, hold, None);
     let (tx, said) = mpsc::channel();
-    let (fetched, decoded, out) = download_while_decoding(proxy, &d, &dest, tx, || {
+    // The single-threaded decoder: it hands out what each input it takes decodes to. The
+    // threaded one (`receive::decompress`) may keep the last decoded bytes until it is given
+    // more input, which this proxy holds until the decoder spoke: a wait on each other.
+    let decode = |input: VerifiedReader, out: &mut Tell| -> anyhow::Result<()> {
+        std::io::copy(&mut liblzma::read::XzDecoder::new(input), out)?;
+        Ok(())
+    };
+    let (fetched, decoded, out) = download_while_decoding(proxy, &d, &dest, tx, decode, || {
         // Only a guard against a hang: the order of events is what is asserted.
-        match said.recv_timeout(Duration::from_secs(120)) {
+        match said.recv_timeout(Duration::from_secs(300)) {
             Ok(Said::Decoded(first)) => {
                 assert!(stream.starts_with(&first), "the stream's first bytes")
             }
@@ -445,7 +460,10 @@ fn a_bad_chunk_stops_the_decoder_with_the_download_error_before_it_sees_the_chun
     let flip = d.chunk_size as usize + 100;
     let proxy = stalling_proxy(f.addr, usize::MAX >> 1, hold, Some(flip));
     let (tx, _said) = mpsc::channel();
-    let (fetched, decoded, out) = download_while_decoding(proxy, &d, &dest, tx, || {});
+    let decode = |input: VerifiedReader, out: &mut Tell| {
+        upgradectl::appliance::prepare::receive::decompress(input, None, out, 256 << 20)
+    };
+    let (fetched, decoded, out) = download_while_decoding(proxy, &d, &dest, tx, decode, || {});
     let err = fetched.unwrap_err();
     assert!(
         matches!(
