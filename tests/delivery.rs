@@ -405,18 +405,25 @@ fn download_while_decoding(
     })
 }
 
-#[test]
-fn the_decoder_gets_verified_chunks_while_the_rest_of_the_download_is_held() {
+/// Downloads `1.0-to-2.0` after an earlier run left its first `resumed` bytes, through a proxy
+/// that passes `pass` bytes of the body and holds the rest until the decoder wrote its first
+/// bytes; then checks the download and the decoded stream. A decoder that waited for the end
+/// of the download would wait forever (the hang guard fails the test).
+fn decodes_before_the_held_rest_arrives(resumed: usize, pass: usize) -> fetch::Fetched {
     use std::sync::mpsc;
     let f = start(Duration::ZERO, u64::MAX);
     let d = f.descriptor("1.0-to-2.0");
     assert!(d.chunks.len() >= 3, "{} chunks", d.chunks.len());
+    assert_eq!(d.chunk_size as usize, CHUNK);
+    let served = std::fs::read(f.root.join("store/artifacts/1.0-to-2.0")).unwrap();
     let stream = noise(9 << 20, 3);
     let dest = f.root.join("dl/1.0-to-2.0");
     std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
-    // The first chunk and one byte more arrive; then nothing, until the decoder spoke.
+    if resumed > 0 {
+        std::fs::write(fetch::partial_path(&dest), &served[..resumed]).unwrap();
+    }
     let (go, hold) = mpsc::channel();
-    let proxy = stalling_proxy(f.addr, d.chunk_size as usize + 1, hold, None);
+    let proxy = stalling_proxy(f.addr, pass, hold, None);
     let (tx, said) = mpsc::channel();
     // The single-threaded decoder: it hands out what each input it takes decodes to. The
     // threaded one (`receive::decompress`) may keep the last decoded bytes until it is given
@@ -437,12 +444,30 @@ fn the_decoder_gets_verified_chunks_while_the_rest_of_the_download_is_held() {
         assert!(matches!(said.recv().unwrap(), Said::Downloaded));
     });
     let fetched = fetched.unwrap();
-    assert_eq!(fetched.downloaded, d.size);
+    assert_eq!(fetched.downloaded + fetched.resumed, d.size);
     decoded.unwrap();
     assert!(out == stream, "decodes to the exact stream");
+    assert!(std::fs::read(&dest).unwrap() == served);
+    fetched
+}
+
+/// The chunk size the server uses.
+const CHUNK: usize = upgradectl::core::hashing::CHUNK_SIZE as usize;
+
+#[test]
+fn the_decoder_gets_verified_chunks_while_the_rest_of_the_download_is_held() {
+    // The first chunk and one byte more arrive; then nothing, until the decoder spoke.
+    let fetched = decodes_before_the_held_rest_arrives(0, CHUNK + 1);
+    assert_eq!(fetched.resumed, 0);
+}
+
+#[test]
+fn a_resumed_download_s_verified_prefix_is_decoded_before_any_byte_arrives() {
+    // An earlier run got a chunk and a bit; this run gets no byte until the decoder spoke.
+    let fetched = decodes_before_the_held_rest_arrives(CHUNK + 1000, 0);
     assert_eq!(
-        std::fs::read(&dest).unwrap(),
-        std::fs::read(f.root.join("store/artifacts/1.0-to-2.0")).unwrap()
+        fetched.resumed, CHUNK as u64,
+        "resumed from the verified chunk"
     );
 }
 
