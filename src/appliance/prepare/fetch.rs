@@ -1,5 +1,6 @@
 //! HTTP for the box: asking for descriptors (the server builds on demand), and artifact downloads that resume
-//! (Range into a `.partial`), verify every chunk as it arrives, and give up on a stalled server.
+//! (Range into a `.partial`), verify every chunk as it arrives (publishing the verified length
+//! for `stream`, which feeds the receive meanwhile), and give up on a stalled server.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};

@@ -300,20 +300,25 @@ fn fetch_and_receive(
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
         (fetched, received)
     });
-    // The download's error is the cause of the receive's (its input stopped): it wins.
-    let fetched = match fetched {
-        Ok(fetched) => fetched,
-        Err(e) => {
-            if let Err(r) = &received {
-                tracing::debug!("the receive of {name} stopped with the download: {r:#}");
-            }
-            return Err(e);
-        }
-    };
-    if received.is_ok() {
+    let outcome = settle(name, fetched, received)?;
+    if outcome.is_ok() {
         crate::fail_point!("prepare::received");
     }
-    Ok(received.map(|()| fetched))
+    Ok(outcome)
+}
+
+/// What a download and the receive that read it come to: the download's error wins, being
+/// the cause of the receive's (its input stopped); else the receive's result.
+fn settle(name: &str, fetched: Result<Fetched>, received: Result<()>) -> Result<Result<Fetched>> {
+    match (fetched, received) {
+        (Err(e), received) => {
+            if let Err(r) = received {
+                tracing::debug!("the receive of {name} stopped with the download: {r:#}");
+            }
+            Err(e)
+        }
+        (Ok(fetched), received) => Ok(received.map(|()| fetched)),
+    }
 }
 
 /// Downloads the artifact to `file`, publishing each verified chunk to `verified`, and then
@@ -395,4 +400,28 @@ fn download_with_progress(
         b.finish_and_clear();
     }
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_download_wins_over_the_receive_it_stopped() {
+        let stopped = || Err(anyhow::anyhow!("decompressing: the download stopped"));
+        let err = settle("a", Err(anyhow::anyhow!("chunk 3 mismatch")), stopped()).unwrap_err();
+        assert_eq!(format!("{err:#}"), "chunk 3 mismatch");
+        let err = settle("a", Err(anyhow::anyhow!("timed out")), Ok(())).unwrap_err();
+        assert_eq!(format!("{err:#}"), "timed out");
+        // A good download: the receive's own result, for the caller to act on (another
+        // artifact after a wrong reference).
+        let inner = settle("a", Ok(Fetched::default()), Err(anyhow::anyhow!("zfs"))).unwrap();
+        assert_eq!(format!("{:#}", inner.unwrap_err()), "zfs");
+        let done = Fetched {
+            downloaded: 5,
+            resumed: 7,
+        };
+        let got = settle("a", Ok(done), Ok(())).unwrap().unwrap();
+        assert_eq!((got.downloaded, got.resumed), (5, 7));
+    }
 }
