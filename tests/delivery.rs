@@ -265,3 +265,254 @@ fn a_diff_no_smaller_than_the_full_stream_is_not_served_and_boxes_are_sent_to_th
         assert_eq!(f.server.builds_started(), builds);
     }
 }
+
+/// A proxy in front of the server for one connection: it passes the request, the response's
+/// head and its body's first `pass` bytes, then holds the rest until `go` says so (or forever
+/// when `go` is dropped unsent): a download that stalls after a chunk for as long as the test
+/// wants. With `flip`, it flips that byte of the body on the way (a corrupt cache, a bad link).
+fn stalling_proxy(
+    server: std::net::SocketAddr,
+    pass: usize,
+    go: std::sync::mpsc::Receiver<()>,
+    flip: Option<usize>,
+) -> std::net::SocketAddr {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let (mut client, _) = listener.accept().unwrap();
+        let mut upstream = std::net::TcpStream::connect(server).unwrap();
+        let (mut up, mut down) = (upstream.try_clone().unwrap(), client.try_clone().unwrap());
+        std::thread::spawn(move || std::io::copy(&mut down, &mut up));
+        let (mut head, mut body_start, mut sent) = (Vec::new(), None, 0usize);
+        let mut buf = vec![0u8; 64 << 10];
+        let mut held = false;
+        loop {
+            let n = upstream.read(&mut buf).unwrap();
+            if n == 0 {
+                return;
+            }
+            if body_start.is_none() {
+                head.extend_from_slice(&buf[..n]);
+                body_start = head
+                    .windows(4)
+                    .position(|w| w == b"\r\n\r\n")
+                    .map(|p| p + 4);
+            }
+            let mut data = buf[..n].to_vec();
+            if let (Some(start), Some(at)) = (body_start, flip) {
+                if (sent..sent + n).contains(&(start + at)) {
+                    data[start + at - sent] ^= 0xff;
+                }
+            }
+            let limit = body_start.map_or(usize::MAX, |s| s + pass);
+            let now = data.len().min(limit.saturating_sub(sent));
+            client.write_all(&data[..now]).unwrap();
+            sent += now;
+            if now < data.len() {
+                if !held && go.recv().is_err() {
+                    return;
+                }
+                held = true;
+                client.write_all(&data[now..]).unwrap();
+                sent += data.len() - now;
+            }
+        }
+    });
+    addr
+}
+
+type VerifiedReader<'a> = upgradectl::appliance::prepare::stream::VerifiedReader<'a>;
+
+/// What the two sides of a streamed download said, in the order they said it.
+#[derive(Debug)]
+enum Said {
+    /// The decoder wrote its first bytes: these.
+    Decoded(Vec<u8>),
+    /// The download returned.
+    Downloaded,
+}
+
+/// The decoder's output, telling `tx` of its first write.
+struct Tell {
+    tx: std::sync::mpsc::Sender<Said>,
+    out: Vec<u8>,
+}
+
+impl std::io::Write for Tell {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.out.is_empty() && !buf.is_empty() {
+            let _ = self.tx.send(Said::Decoded(buf.to_vec()));
+        }
+        self.out.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Downloads `d` through the proxy at `proxy` while `decode` reads it through a
+/// `VerifiedReader`, as `prepare` does (`between` runs meanwhile): the download's result, the
+/// decoder's, and what the decoder wrote.
+fn download_while_decoding(
+    proxy: std::net::SocketAddr,
+    d: &upgradectl::core::manifest::Descriptor,
+    dest: &std::path::Path,
+    tx: std::sync::mpsc::Sender<Said>,
+    decode: impl FnOnce(VerifiedReader, &mut Tell) -> anyhow::Result<()> + Send,
+    between: impl FnOnce(),
+) -> (anyhow::Result<fetch::Fetched>, anyhow::Result<()>, Vec<u8>) {
+    use upgradectl::appliance::prepare::stream;
+    let verified = stream::Verified::new();
+    std::thread::scope(|s| {
+        let decoder_tx = tx.clone();
+        let decoding = s.spawn(|| {
+            let mut out = Tell {
+                tx: decoder_tx,
+                out: Vec::new(),
+            };
+            let r = decode(verified.reader(), &mut out);
+            (r, out.out)
+        });
+        let downloading = s.spawn(|| {
+            // Patient: a held download must wait for the test, however loaded the host.
+            let patient = fetch::Limits {
+                stall: Duration::from_secs(600),
+                min_speed: 1,
+            };
+            let client = fetch::client(&patient).unwrap();
+            let url = format!("http://{proxy}/v1/artifacts/{}", d.name);
+            let r = fetch::download_watched(
+                &client,
+                &url,
+                dest,
+                d,
+                &patient,
+                &mut |_, _| {},
+                Some(&verified),
+            );
+            tx.send(Said::Downloaded).unwrap();
+            match &r {
+                Ok(_) => verified.complete(d.size),
+                Err(e) => verified.fail(&format!("{e:#}")),
+            }
+            r
+        });
+        between();
+        let (decoded, out) = decoding.join().unwrap();
+        (downloading.join().unwrap(), decoded, out)
+    })
+}
+
+/// Downloads `1.0-to-2.0` after an earlier run left its first `resumed` bytes, through a proxy
+/// that passes `pass` bytes of the body and holds the rest until the decoder wrote its first
+/// bytes; then checks the download and the decoded stream. A decoder that waited for the end
+/// of the download would wait forever (the hang guard fails the test).
+fn decodes_before_the_held_rest_arrives(resumed: usize, pass: usize) -> fetch::Fetched {
+    use std::sync::mpsc;
+    let f = start(Duration::ZERO, u64::MAX);
+    let d = f.descriptor("1.0-to-2.0");
+    assert!(d.chunks.len() >= 3, "{} chunks", d.chunks.len());
+    assert_eq!(d.chunk_size as usize, CHUNK);
+    let served = std::fs::read(f.root.join("store/artifacts/1.0-to-2.0")).unwrap();
+    let stream = noise(9 << 20, 3);
+    let dest = f.root.join("dl/1.0-to-2.0");
+    std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+    if resumed > 0 {
+        std::fs::write(fetch::partial_path(&dest), &served[..resumed]).unwrap();
+    }
+    let (go, hold) = mpsc::channel();
+    let proxy = stalling_proxy(f.addr, pass, hold, None);
+    let (tx, said) = mpsc::channel();
+    // The single-threaded decoder: it hands out what each input it takes decodes to. The
+    // threaded one (`receive::decompress`) may keep the last decoded bytes until it is given
+    // more input, which this proxy holds until the decoder spoke: a wait on each other.
+    let decode = |input: VerifiedReader, out: &mut Tell| -> anyhow::Result<()> {
+        std::io::copy(&mut liblzma::read::XzDecoder::new(input), out)?;
+        Ok(())
+    };
+    let (fetched, decoded, out) = download_while_decoding(proxy, &d, &dest, tx, decode, || {
+        // Only a guard against a hang: the order of events is what is asserted.
+        match said.recv_timeout(Duration::from_secs(300)) {
+            Ok(Said::Decoded(first)) => {
+                assert!(stream.starts_with(&first), "the stream's first bytes")
+            }
+            other => panic!("the decoder said nothing before the download ended: {other:?}"),
+        }
+        go.send(()).unwrap();
+        assert!(matches!(said.recv().unwrap(), Said::Downloaded));
+    });
+    let fetched = fetched.unwrap();
+    assert_eq!(fetched.downloaded + fetched.resumed, d.size);
+    decoded.unwrap();
+    assert!(out == stream, "decodes to the exact stream");
+    assert!(std::fs::read(&dest).unwrap() == served);
+    fetched
+}
+
+/// The chunk size the server uses.
+const CHUNK: usize = upgradectl::core::hashing::CHUNK_SIZE as usize;
+
+#[test]
+fn the_decoder_gets_verified_chunks_while_the_rest_of_the_download_is_held() {
+    // The first chunk and one byte more arrive; then nothing, until the decoder spoke.
+    let fetched = decodes_before_the_held_rest_arrives(0, CHUNK + 1);
+    assert_eq!(fetched.resumed, 0);
+}
+
+#[test]
+fn a_resumed_download_s_verified_prefix_is_decoded_before_any_byte_arrives() {
+    // An earlier run got a chunk and a bit; this run gets no byte until the decoder spoke.
+    let fetched = decodes_before_the_held_rest_arrives(CHUNK + 1000, 0);
+    assert_eq!(
+        fetched.resumed, CHUNK as u64,
+        "resumed from the verified chunk"
+    );
+}
+
+#[test]
+fn a_bad_chunk_stops_the_decoder_with_the_download_error_before_it_sees_the_chunk() {
+    use std::sync::mpsc;
+    use upgradectl::appliance::prepare::stream;
+    let f = start(Duration::ZERO, u64::MAX);
+    let d = f.descriptor("1.0-to-2.0");
+    let dest = f.root.join("dl/1.0-to-2.0");
+    std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+    // The second chunk arrives with one byte flipped; nothing is held.
+    let (go, hold) = mpsc::channel();
+    go.send(()).unwrap();
+    let flip = d.chunk_size as usize + 100;
+    let proxy = stalling_proxy(f.addr, usize::MAX >> 1, hold, Some(flip));
+    let (tx, _said) = mpsc::channel();
+    let decode = |input: VerifiedReader, out: &mut Tell| {
+        upgradectl::appliance::prepare::receive::decompress(input, None, out, 256 << 20)
+    };
+    let (fetched, decoded, out) = download_while_decoding(proxy, &d, &dest, tx, decode, || {});
+    let err = fetched.unwrap_err();
+    assert!(
+        matches!(
+            err.downcast_ref::<Error>(),
+            Some(Error::ChecksumMismatch { .. })
+        ),
+        "{err:#}"
+    );
+    let err = decoded.unwrap_err();
+    assert!(stream::is_download_stopped(&err), "{err:#}");
+    assert!(format!("{err:#}").contains("chunk 1"), "{err:#}");
+    // Noise is stored in xz as it is: a flipped input byte would be a flipped output byte.
+    // What came out is the stream's own start, and no more than the verified chunk holds.
+    assert!(
+        noise(9 << 20, 3).starts_with(&out),
+        "{} bytes decoded",
+        out.len()
+    );
+    assert!(
+        out.len() as u64 <= d.chunk_size,
+        "{} bytes decoded",
+        out.len()
+    );
+    // The bad chunk was cut off; the good one is kept for the next run.
+    let partial = fetch::partial_path(&dest);
+    assert_eq!(std::fs::metadata(partial).unwrap().len(), d.chunk_size);
+}

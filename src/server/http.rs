@@ -81,7 +81,7 @@ pub struct Tuning {
 }
 
 /// The default level of `zstd-ref` diffs: see the build figures in docs/protocol.md.
-pub const DEFAULT_ZSTD_REF_LEVEL: i32 = 19;
+pub const DEFAULT_ZSTD_REF_LEVEL: i32 = 15;
 
 impl Default for Tuning {
     fn default() -> Tuning {

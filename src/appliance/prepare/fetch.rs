@@ -1,5 +1,6 @@
 //! HTTP for the box: asking for descriptors (the server builds on demand), and artifact downloads that resume
-//! (Range into a `.partial`), verify every chunk as it arrives, and give up on a stalled server.
+//! (Range into a `.partial`), verify every chunk as it arrives (publishing the verified length
+//! for `stream`, which feeds the receive meanwhile), and give up on a stalled server.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -14,6 +15,8 @@ use reqwest::StatusCode;
 use crate::core::hashing::{sha256_file, sha256_hex, ChunkHasher};
 use crate::core::manifest::Descriptor;
 use crate::error::Error;
+
+use super::stream::Verified;
 
 /// Limits of a download.
 #[derive(Debug, Clone)]
@@ -175,8 +178,28 @@ pub fn download(
     limits: &Limits,
     progress: Progress,
 ) -> Result<Fetched> {
+    download_watched(client, url, dest, d, limits, progress, None)
+}
+
+/// [`download`], publishing to `watch` the file and each verified prefix of it as it grows,
+/// for a reader that streams the artifact while it downloads (`prepare::stream`). All but the
+/// last chunk are published here; the caller publishes the end (`Verified::complete`) once
+/// this returned Ok, i.e. once the whole sha256 matched, or the failure.
+pub fn download_watched(
+    client: &Client,
+    url: &str,
+    dest: &Path,
+    d: &Descriptor,
+    limits: &Limits,
+    progress: Progress,
+    watch: Option<&Verified>,
+) -> Result<Fetched> {
     d.validate()?;
     if complete_and_verified(dest, d)? {
+        if let Some(watch) = watch {
+            let file = File::open(dest).with_context(|| format!("opening {}", dest.display()))?;
+            watch.opened(&file, before_last_chunk(d, d.size))?;
+        }
         return Ok(Fetched {
             downloaded: 0,
             resumed: d.size,
@@ -193,6 +216,9 @@ pub fn download(
     let verified = verified_prefix(&mut file, d)?;
     file.set_len(verified)?;
     file.seek(SeekFrom::Start(verified))?;
+    if let Some(watch) = watch {
+        watch.opened(&file, before_last_chunk(d, verified))?;
+    }
     let mut fetched = Fetched {
         downloaded: 0,
         resumed: verified,
@@ -213,7 +239,21 @@ pub fn download(
                 resp.status()
             );
         }
-        fetched.downloaded = stream_chunks(resp, &mut file, verified, url, d, limits, progress)?;
+        let mut chunk_verified = |len: u64| {
+            if let Some(watch) = watch {
+                watch.advance(before_last_chunk(d, len));
+            }
+        };
+        fetched.downloaded = stream_chunks(
+            resp,
+            &mut file,
+            verified,
+            url,
+            d,
+            limits,
+            progress,
+            &mut chunk_verified,
+        )?;
     }
     file.sync_all()?;
     drop(file);
@@ -230,6 +270,14 @@ pub fn download(
     std::fs::rename(&partial, dest)?;
     crate::sys::fsutil::fsync_dir(dest.parent().unwrap_or(Path::new(".")))?;
     Ok(fetched)
+}
+
+/// `verified` without the last chunk: that one is released to a streaming reader only with the
+/// whole-file sha256 (`Verified::complete`), so the decoder can never finish on bytes that
+/// only their chunk digest vouched for.
+fn before_last_chunk(d: &Descriptor, verified: u64) -> u64 {
+    let last_start = (d.chunks.len() as u64).saturating_sub(1) * d.chunk_size;
+    verified.min(last_start)
 }
 
 /// Where the download of `dest` grows until it is complete and verified.
@@ -275,7 +323,9 @@ fn verified_prefix(file: &mut File, d: &Descriptor) -> Result<u64> {
 }
 
 /// Streams the body into `file` from `offset`, checking each chunk against the descriptor
-/// as it completes, the total length, and the transfer speed.
+/// as it completes, the total length, and the transfer speed. `chunk_verified` hears the
+/// length of the verified prefix after each good chunk.
+#[allow(clippy::too_many_arguments)]
 fn stream_chunks(
     mut resp: Response,
     file: &mut File,
@@ -284,6 +334,7 @@ fn stream_chunks(
     d: &Descriptor,
     limits: &Limits,
     progress: Progress,
+    chunk_verified: &mut dyn FnMut(u64),
 ) -> Result<u64> {
     let mut pos = offset;
     let mut chunks = ChunkHasher::new(d.chunk_size);
@@ -292,7 +343,7 @@ fn stream_chunks(
     let mut window_start = Instant::now();
     let mut window_bytes = 0u64;
     // A chunk whose digest does not match the descriptor: cut the file back to its start.
-    let verify = |file: &mut File, index: &mut usize, actual: String| -> Result<()> {
+    let mut verify = |file: &mut File, index: &mut usize, actual: String| -> Result<()> {
         let expected = d.chunks.get(*index);
         if expected != Some(&actual) {
             file.set_len(*index as u64 * d.chunk_size)?;
@@ -304,6 +355,7 @@ fn stream_chunks(
             .into());
         }
         *index += 1;
+        chunk_verified(*index as u64 * d.chunk_size);
         Ok(())
     };
     loop {

@@ -11,6 +11,7 @@ pub mod export;
 pub mod fetch;
 pub mod metadata;
 pub mod receive;
+pub mod stream;
 
 use crate::appliance::ctx::Ctx;
 use crate::appliance::state::State;
@@ -281,25 +282,72 @@ fn fetch_and_receive(
     crate::fail_point!("prepare::planned");
 
     let url = format!("{server}/v1/artifacts/{name}");
-    let fetched = download_with_progress(ctx, client, &url, &file, descriptor, limits)?;
-    crate::fail_point!("prepare::downloaded");
     ctx.out.event(
         "receive",
         &serde_json::json!({"artifact": name, "encoding": descriptor.encoding}),
-        &format!("receiving {name} into {zvol}"),
+        &format!("receiving {name} into {zvol} as it downloads"),
     )?;
-    let received = receive(
-        &file,
-        descriptor.encoding,
-        zvol,
-        base,
-        target,
-        ctx.config.download.max_decoder_mib << 20,
-    );
-    if received.is_ok() {
+    let max_memory = ctx.config.download.max_decoder_mib << 20;
+    let verified = stream::Verified::new();
+    let (fetched, received) = std::thread::scope(|s| {
+        let receiving = s.spawn(|| {
+            let input = verified.reader();
+            receive(input, descriptor.encoding, zvol, base, target, max_memory)
+        });
+        let fetched = download_and_publish(ctx, client, &url, &file, descriptor, limits, &verified);
+        let received = receiving
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        (fetched, received)
+    });
+    let outcome = settle(name, fetched, received)?;
+    if outcome.is_ok() {
         crate::fail_point!("prepare::received");
     }
-    Ok(received.map(|()| fetched))
+    Ok(outcome)
+}
+
+/// What a download and the receive that read it come to: the download's error wins, being
+/// the cause of the receive's (its input stopped); else the receive's result.
+fn settle(name: &str, fetched: Result<Fetched>, received: Result<()>) -> Result<Result<Fetched>> {
+    match (fetched, received) {
+        (Err(e), received) => {
+            if let Err(r) = received {
+                tracing::debug!("the receive of {name} stopped with the download: {r:#}");
+            }
+            Err(e)
+        }
+        (Ok(fetched), received) => Ok(received.map(|()| fetched)),
+    }
+}
+
+/// Downloads the artifact to `file`, publishing each verified chunk to `verified`, and then
+/// its end: complete once the whole sha256 matched and `prepare::downloaded` passed (so a
+/// fault there leaves the receive unfinished, as it was before the two overlapped), or the
+/// failure, which stops the receive reading it.
+fn download_and_publish(
+    ctx: &mut Ctx,
+    client: &reqwest::blocking::Client,
+    url: &str,
+    file: &std::path::Path,
+    d: &Descriptor,
+    limits: &Limits,
+    verified: &stream::Verified,
+) -> Result<Fetched> {
+    let _end = verified.end_on_drop();
+    let fetched = download_with_progress(ctx, client, url, file, d, limits, verified)
+        .and_then(|fetched| downloaded_point().map(|()| fetched));
+    match &fetched {
+        Ok(_) => verified.complete(d.size),
+        Err(e) => verified.fail(&format!("{e:#}")),
+    }
+    fetched
+}
+
+/// The fail point after a complete, verified download (its `return` leaves this function).
+fn downloaded_point() -> Result<()> {
+    crate::fail_point!("prepare::downloaded");
+    Ok(())
 }
 
 /// Whether `v`'s image file is on disk, registered and whole (not left half-migrated).
@@ -316,6 +364,7 @@ fn download_with_progress(
     file: &std::path::Path,
     d: &Descriptor,
     limits: &Limits,
+    verified: &stream::Verified,
 ) -> Result<Fetched> {
     use std::io::IsTerminal;
     let json = ctx.out.is_json();
@@ -346,9 +395,33 @@ fn download_with_progress(
             );
         }
     };
-    let r = fetch::download(client, url, file, d, limits, &mut progress);
+    let r = fetch::download_watched(client, url, file, d, limits, &mut progress, Some(verified));
     if let Some(b) = bar {
         b.finish_and_clear();
     }
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_download_wins_over_the_receive_it_stopped() {
+        let stopped = || Err(anyhow::anyhow!("decompressing: the download stopped"));
+        let err = settle("a", Err(anyhow::anyhow!("chunk 3 mismatch")), stopped()).unwrap_err();
+        assert_eq!(format!("{err:#}"), "chunk 3 mismatch");
+        let err = settle("a", Err(anyhow::anyhow!("timed out")), Ok(())).unwrap_err();
+        assert_eq!(format!("{err:#}"), "timed out");
+        // A good download: the receive's own result, for the caller to act on (another
+        // artifact after a wrong reference).
+        let inner = settle("a", Ok(Fetched::default()), Err(anyhow::anyhow!("zfs"))).unwrap();
+        assert_eq!(format!("{:#}", inner.unwrap_err()), "zfs");
+        let done = Fetched {
+            downloaded: 5,
+            resumed: 7,
+        };
+        let got = settle("a", Ok(done), Ok(())).unwrap().unwrap();
+        assert_eq!((got.downloaded, got.resumed), (5, 7));
+    }
 }

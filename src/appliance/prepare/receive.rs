@@ -1,8 +1,8 @@
 //! Receiving a verified artifact: decompress (xz on all cores, or zstd against the base
 //! snapshot) into `zfs receive`.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::io::{Read, Write};
+use std::path::PathBuf;
 use std::process::Stdio;
 
 use anyhow::{Context, Result};
@@ -11,12 +11,16 @@ use crate::core::manifest::Encoding;
 use crate::core::version::Version;
 use crate::sys::{refcodec, zfs};
 
-/// Decompresses the verified artifact, in at most `max_memory` bytes, into `zfs receive -s
-/// -F`: xz on all cores, or `zstd-ref` against the block device of the base snapshot (mapped
-/// read-only). A receive left half done by an interruption is aborted first: the artifact is
-/// local and verified, so receiving it again costs no download.
+use super::stream;
+
+/// Decompresses the verified artifact read from `input` (the local file, or a
+/// `stream::VerifiedReader` of it while it downloads), in at most `max_memory` bytes, into
+/// `zfs receive -s -F`: xz on all cores, or `zstd-ref` against the block device of the base
+/// snapshot (mapped read-only). A receive left half done by an interruption is aborted first:
+/// the artifact is local and verified (or resumes per chunk), so receiving it again from its
+/// start costs no download.
 pub fn receive(
-    file: &Path,
+    input: impl Read,
     encoding: Encoding,
     zvol: &str,
     base: Option<&Version>,
@@ -54,14 +58,15 @@ pub fn receive(
         .spawn()
         .with_context(|| format!("starting {}", cmd.display()))?;
     let mut stdin = child.stdin.take().expect("piped");
-    let input = std::fs::File::open(file)?;
     let copied = decompress(input, reference, &mut stdin, max_memory);
     drop(stdin);
     if let Err(e) = &copied {
-        // A refusal or a wrong reference, before the receive's own error (it saw its input
-        // end early) hides why. zfs receive -s keeps a resume token: aborted on the next try.
+        // A refusal, a wrong reference or a download that stopped, before the receive's own
+        // error (it saw its input end early) hides why. zfs receive -s keeps a resume token:
+        // aborted on the next try.
         if crate::error::classify(e).0 == crate::error::Exit::Refused
             || e.downcast_ref::<refcodec::ReferenceMismatch>().is_some()
+            || stream::is_download_stopped(e)
         {
             let _ = child.kill();
             let _ = child.wait();
@@ -76,7 +81,7 @@ pub fn receive(
 /// Decompresses `input` into `out`: xz when there is no reference, else `zstd-ref` against it;
 /// in at most `max_memory` bytes (a frame needing more is refused, exit 2).
 pub fn decompress(
-    input: impl std::io::Read,
+    input: impl Read,
     reference: Option<PathBuf>,
     out: &mut impl Write,
     max_memory: u64,
@@ -120,7 +125,7 @@ pub fn memory_refusal(e: &std::io::Error, max_memory: u64) -> Option<anyhow::Err
 
 /// Decompresses xz on all cores (the server writes independent blocks for this), in at most
 /// `max_memory` bytes: fewer threads when they would take more, an error when even one would.
-pub fn xz_reader<R: std::io::Read>(
+pub fn xz_reader<R: Read>(
     input: R,
     max_memory: u64,
 ) -> Result<liblzma::read::XzDecoder<std::io::BufReader<R>>> {
