@@ -406,6 +406,69 @@ fn download_with_progress(
 mod tests {
     use super::*;
 
+    fn descriptor(from: Option<&str>, window_log: Option<u32>) -> Descriptor {
+        let to: Version = "2.0".parse().unwrap();
+        let from: Option<Version> = from.map(|f| f.parse().unwrap());
+        Descriptor {
+            name: artifact_name(from.as_ref(), &to),
+            from,
+            to,
+            encoding: if window_log.is_some() {
+                Encoding::ZstdRef
+            } else {
+                Encoding::Xz
+            },
+            window_log,
+            size: 1,
+            sha256: "0".repeat(64),
+            chunk_size: 1 << 20,
+            chunks: vec!["0".repeat(64)],
+        }
+    }
+
+    /// `choose_artifact` over a server that answers the diff with `diff` and has a full stream.
+    fn choose(
+        base: Option<&str>,
+        diff: impl Fn() -> Result<Descriptor>,
+        max_memory: u64,
+    ) -> Result<(Option<Version>, String)> {
+        let asked = |b: Option<&Version>| match b {
+            Some(_) => diff(),
+            None => Ok(descriptor(None, None)),
+        };
+        let base: Option<Version> = base.map(|b| b.parse().unwrap());
+        choose_artifact(&asked, base.as_ref(), max_memory).map(|(b, d)| (b, d.name))
+    }
+
+    #[test]
+    fn the_box_takes_the_diff_unless_the_server_has_none_or_it_needs_more_memory() {
+        let mib = 1u64 << 20;
+        let v = |s: &str| Some(s.parse::<Version>().unwrap());
+        let full = (None, "full-2.0".to_owned());
+        let diff = (v("1.0"), "1.0-to-2.0".to_owned());
+        assert_eq!(choose(None, || unreachable!(), 256 * mib).unwrap(), full);
+        let xz_diff = || Ok(descriptor(Some("1.0"), None));
+        assert_eq!(choose(Some("1.0"), xz_diff, 256 * mib).unwrap(), diff);
+        // zstd-ref: its window against the limit (256 MiB = 2^28).
+        let window = |w| move || Ok(descriptor(Some("1.0"), Some(w)));
+        assert_eq!(choose(Some("1.0"), window(28), 256 * mib).unwrap(), diff);
+        assert_eq!(choose(Some("1.0"), window(29), 256 * mib).unwrap(), full);
+        assert_eq!(choose(Some("1.0"), window(29), 512 * mib).unwrap(), diff);
+        // No diff from this base (outside the window, or not smaller than the full stream).
+        let not_found = || {
+            Err(fetch::HttpError {
+                url: "u".into(),
+                status: 404,
+                body: "take full-2.0".into(),
+            }
+            .into())
+        };
+        assert_eq!(choose(Some("1.0"), not_found, 256 * mib).unwrap(), full);
+        // Anything else is not a reason to download a whole image instead.
+        let refused = || Err(crate::error::refused("bad descriptor"));
+        assert!(choose(Some("1.0"), refused, 256 * mib).is_err());
+    }
+
     #[test]
     fn a_failed_download_wins_over_the_receive_it_stopped() {
         let stopped = || Err(anyhow::anyhow!("decompressing: the download stopped"));
