@@ -180,11 +180,28 @@ pub fn volume_device(zvol: &str) -> Result<PathBuf> {
     wait_for_device(PathBuf::from(format!("/dev/zvol/{zvol}")))
 }
 
+/// Waits for udev's `/dev/zvol/...` link. The kernel's `zd*` device can exist without it: after
+/// a power cut, the box booted with a snapshot's device and no link (an event udev lost at
+/// import), and waiting alone never made it (found by the VM power cuts). So after a first
+/// settle, udev is asked to process the zvols' `add` events again; that only (re)creates links.
 fn wait_for_device(path: PathBuf) -> Result<PathBuf> {
     let start = Instant::now();
+    let mut replayed = Instant::now();
+    let _ = Cmd::new("udevadm").args(["settle", "--timeout=5"]).run();
     while !path.exists() {
         if start.elapsed() > Duration::from_secs(60) {
             anyhow::bail!("{} did not appear within 60s", path.display());
+        }
+        if replayed.elapsed() > Duration::from_secs(2) {
+            let _ = Cmd::new("udevadm")
+                .args([
+                    "trigger",
+                    "--action=add",
+                    "--subsystem-match=block",
+                    "--sysname-match=zd*",
+                ])
+                .run();
+            replayed = Instant::now();
         }
         let _ = Cmd::new("udevadm").args(["settle", "--timeout=5"]).run();
         std::thread::sleep(Duration::from_millis(200));
