@@ -231,9 +231,8 @@ impl Store {
         self.builds_started.load(Ordering::SeqCst)
     }
 
-    /// Evicts least recently used artifacts (never those in `keep`) until their total size fits
-    /// `cap`.
-    pub fn evict(&self, cap: u64, keep: &[String]) -> Result<()> {
+    /// Evicts least recently used artifacts (never `keep`) until their total size fits `cap`.
+    pub fn evict(&self, cap: u64, keep: &str) -> Result<()> {
         let mut items = Vec::new();
         for e in fs::read_dir(self.dir.join("artifacts"))? {
             let e = e?;
@@ -249,7 +248,7 @@ impl Store {
             if total <= cap {
                 break;
             }
-            if keep.contains(&name) {
+            if name == keep {
                 continue;
             }
             tracing::info!("evicting {name} ({size} bytes) from the artifact cache");

@@ -27,15 +27,6 @@ use crate::sys::refcodec;
 /// xz block size: blocks are independent, so boxes decompress them on all cores.
 const XZ_BLOCK: u64 = 8 << 20;
 
-/// What a build published.
-#[derive(Debug, Default, PartialEq)]
-pub struct Built {
-    /// Artifacts now in the store, each with its descriptor.
-    pub artifacts: Vec<String>,
-    /// A diff found no smaller than the full stream: recorded, not published.
-    pub not_smaller: Option<String>,
-}
-
 /// One compressed candidate: its temp file and descriptor fields.
 struct Candidate {
     tmp: NamedTempFile,
@@ -49,7 +40,8 @@ struct Candidate {
 
 /// Builds `artifact_name(from, to)` into the store: each stream into a temp file of its own,
 /// published under its name only if nothing is there, then its descriptor the same way. A
-/// complete artifact is never rebuilt or replaced: boxes may be downloading it. `level` is the
+/// complete artifact is never rebuilt or replaced: boxes may be downloading it. Returns the
+/// artifact published: none for a diff recorded as not smaller. `level` is the
 /// zstd level of `zstd-ref`.
 pub fn build(
     store: &Store,
@@ -57,19 +49,17 @@ pub fn build(
     from: Option<&Version>,
     to: &Version,
     level: i32,
-) -> Result<Built> {
+) -> Result<Option<String>> {
     let name = artifact_name(from, to);
     if store.is_built(&name) {
         bail!("{name} is already built; a built artifact is never replaced");
     }
     store.note_build_started();
     let started = Instant::now();
-    let mut built = Built::default();
     let Some(from) = from else {
         let xz = xz_candidate(store, &name, &mut |out| source.send(None, to, out))?;
         publish(store, &name, None, to, xz)?;
-        built.artifacts.push(name);
-        return Ok(built);
+        return Ok(Some(name));
     };
 
     // The stream once, into a file: both encoders read it, and zstd states its length (its
@@ -131,17 +121,11 @@ pub fn build(
              the full stream",
             best.size
         );
-        built.not_smaller = Some(name);
-    } else {
-        publish(store, &name, Some(from), to, best)?;
-        built.artifacts.push(name);
+        return Ok(None);
     }
-    tracing::info!(
-        "built {:?} in {:.1}s",
-        built.artifacts,
-        started.elapsed().as_secs_f64()
-    );
-    Ok(built)
+    publish(store, &name, Some(from), to, best)?;
+    tracing::info!("built {name} in {:.1}s", started.elapsed().as_secs_f64());
+    Ok(Some(name))
 }
 
 /// Publishes a candidate as artifact `name`, then its descriptor.
@@ -196,7 +180,7 @@ fn xz_candidate(
 ) -> Result<Candidate> {
     let started = Instant::now();
     let tmp = temp(store, name, "xz")?;
-    let hashing = HashingWriter::new(BufWriter::new(tmp.as_file()), CHUNK_SIZE);
+    let hashing = HashingWriter::new(BufWriter::new(tmp.as_file().try_clone()?), CHUNK_SIZE);
     let threads = std::thread::available_parallelism()
         .map(|n| n.get() as u32)
         .unwrap_or(1);
@@ -210,13 +194,24 @@ fn xz_candidate(
     let mut xz = liblzma::write::XzEncoder::new_stream(hashing, stream);
     send(&mut xz).with_context(|| format!("building {name} (xz)"))?;
     let hashing = xz.finish().context("finishing xz")?;
+    candidate(tmp, hashing, Encoding::Xz, None, started)
+}
+
+/// The candidate `hashing` wrote into `tmp`, flushed.
+fn candidate(
+    tmp: NamedTempFile,
+    hashing: HashingWriter<BufWriter<File>>,
+    encoding: Encoding,
+    window_log: Option<u32>,
+    started: Instant,
+) -> Result<Candidate> {
     let size = hashing.written;
     let (writer, sha256, chunks) = hashing.finish();
     writer.into_inner().map_err(|e| e.into_error())?;
     Ok(Candidate {
         tmp,
-        encoding: Encoding::Xz,
-        window_log: None,
+        encoding,
+        window_log,
         size,
         sha256,
         chunks,
@@ -235,7 +230,7 @@ fn zstd_candidate(
 ) -> Result<Candidate> {
     let started = Instant::now();
     let tmp = temp(store, name, "zstd")?;
-    let mut hashing = HashingWriter::new(BufWriter::new(tmp.as_file()), CHUNK_SIZE);
+    let mut hashing = HashingWriter::new(BufWriter::new(tmp.as_file().try_clone()?), CHUNK_SIZE);
     refcodec::encode_sized(
         reopen(stream)?,
         Some(stream_len),
@@ -244,18 +239,7 @@ fn zstd_candidate(
         level,
     )
     .with_context(|| format!("building {name} (zstd-ref against {})", reference.display()))?;
-    let size = hashing.written;
-    let (writer, sha256, chunks) = hashing.finish();
-    writer.into_inner().map_err(|e| e.into_error())?;
     // The window the frame states: the decoder's buffer (single segment: the stream's length).
     let window_log = refcodec::window_log_for(stream_len);
-    Ok(Candidate {
-        tmp,
-        encoding: Encoding::ZstdRef,
-        window_log: Some(window_log),
-        size,
-        sha256,
-        chunks,
-        seconds: started.elapsed().as_secs_f64(),
-    })
+    candidate(tmp, hashing, Encoding::ZstdRef, Some(window_log), started)
 }

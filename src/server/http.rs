@@ -367,18 +367,17 @@ fn spawn_build(
 ) {
     tokio::spawn(async move {
         let _slot = s.build_slots.clone().acquire_owned().await;
-        let (s2, artifact2) = (s.clone(), artifact.clone());
+        let s2 = s.clone();
         let result = blocking(move || {
-            let artifact = artifact2;
             let level = s2.tuning.zstd_ref_level;
             let built = build::build(&s2.store, s2.source.as_ref(), from.as_ref(), &to, level)?;
-            if let Err(e) = s2.store.evict(s2.tuning.cache_cap, &built.artifacts) {
-                tracing::error!("evicting after {artifact}: {e:#}");
-            }
-            for name in &built.artifacts {
+            if let Some(name) = built {
+                if let Err(e) = s2.store.evict(s2.tuning.cache_cap, &name) {
+                    tracing::error!("evicting after {name}: {e:#}");
+                }
                 if let Some(repo) = &s2.repo {
                     // A box can still take the artifact by the manifest; it retries the listing.
-                    if let Err(e) = repo.artifact_built(&s2.store, name) {
+                    if let Err(e) = repo.artifact_built(&s2.store, &name) {
                         tracing::error!("listing {name} in the TUF repository: {e:#}");
                     }
                 }
