@@ -6,14 +6,17 @@
 # dbus: logind runs (as on an Ubuntu appliance), so inhibitor locks are real.
 BASE_PACKAGES=linux-image-amd64,grub-common,systemd-sysv,udev,initramfs-tools,busybox,e2fsprogs,kmod,zfsutils-linux,openssh-server,iproute2,procps,curl,xz-utils,rsync,util-linux,zstd,dmsetup,dbus
 
-# The ZFS module, built by DKMS in a build chroot for the exact guest kernel.
-# Prints the path of a tarball holding lib/modules/<kver>/updates/dkms/*.ko.
+# The ZFS module, built by DKMS in a build chroot for the exact guest kernel: a tarball holding
+# lib/modules/<kver>/updates/dkms/*.ko. zfs_modules_tar prints its path, build_zfs_modules
+# builds it unless cached.
+zfs_modules_tar() {
+  echo "$CACHE_DIR/zfs-modules-$(echo "zfs-v1 $SUITE $MIRROR" | sha256sum | cut -c1-16).tar"
+}
+
 build_zfs_modules() {
-  local key out
-  key=$(echo "zfs-v1 $SUITE $MIRROR" | sha256sum | cut -c1-16)
-  out=$CACHE_DIR/zfs-modules-$key.tar
-  cached "$out" _build_zfs_modules "$out" >&2
-  echo "$out"
+  local out
+  out=$(zfs_modules_tar)
+  stage "ZFS module for the guest kernel (DKMS)" cached "$out" _build_zfs_modules "$out"
 }
 
 _build_zfs_modules() {
@@ -39,20 +42,41 @@ _build_zfs_modules() {
 
 # The project's .deb (binary, man pages and completions, initramfs hooks, grub.d script,
 # systemd units). gen-assets makes the release build and generates what cargo deb packages.
-build_deb() {
-  (cd "$REPO_DIR" && tools/gen-assets >&2 && cargo deb --quiet >&2) || die "cargo deb failed"
+# deb_file prints the newest .deb, build_deb builds it (cargo's own caching).
+deb_file() {
   ls -t "$REPO_DIR"/target/debian/upgradectl_*.deb | head -n1
 }
 
-# The base root filesystem (a directory) shared by every image: kernel, systemd, ZFS, ssh.
+build_deb() {
+  if ! command -v cargo-deb >/dev/null; then
+    # Debian (bookworm, trixie) does not package cargo-deb: compiled from crates.io, once, as
+    # tools/install-deps would have.
+    stage "cargo-deb (cargo install, once per machine)" cargo install --locked cargo-deb
+  fi
+  stage "release build, man pages, completions" "$REPO_DIR/tools/gen-assets"
+  stage ".deb (cargo deb)" _cargo_deb
+}
+
+_cargo_deb() (
+  cd "$REPO_DIR" || exit 1
+  cargo deb --quiet
+)
+
+# The base root filesystem (a directory) shared by every image: kernel, systemd, ZFS, ssh,
+# built on the ZFS module. base_dir prints its path (once the module is built), build_base
+# builds both unless cached. Neither needs our binary: build_base runs beside build_deb.
+base_dir() {
+  local key
+  key=$( { echo "base-v1 $BASE_PACKAGES"; cat "$(zfs_modules_tar)" "$SSH_KEY.pub" "$VMT_DIR/guest/setup-base.sh"; } | sha256sum | cut -c1-16)
+  echo "$CACHE_DIR/base-$key"
+}
+
 build_base() {
-  local zfs key out
-  zfs=$(build_zfs_modules)
+  local out
+  build_zfs_modules
   ssh_key
-  key=$( { echo "base-v1 $BASE_PACKAGES"; cat "$zfs" "$SSH_KEY.pub" "$VMT_DIR/guest/setup-base.sh"; } | sha256sum | cut -c1-16)
-  out=$CACHE_DIR/base-$key
-  cached "$out" _build_base "$out" "$zfs" >&2
-  echo "$out"
+  out=$(base_dir)
+  stage "base root filesystem (mmdebstrap)" cached "$out" _build_base "$out" "$(zfs_modules_tar)"
 }
 
 _build_base() {
