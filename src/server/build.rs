@@ -78,8 +78,18 @@ pub fn build(
         std::io::copy(&mut input, out).context("reading the spooled stream")?;
         Ok(())
     })?;
-    let reference = source.reference(from)?;
-    let zstd = zstd_candidate(store, &name, &stream, stream_len, &reference, level)?;
+    // zstd-ref is an optimisation, never a condition of delivery: a server that cannot read
+    // the base's snapshot device (a unit without access to it, the snapshot gone) serves xz.
+    let zstd = source
+        .reference(from)
+        .and_then(|reference| zstd_candidate(store, &name, &stream, stream_len, &reference, level));
+    let zstd = match zstd {
+        Ok(c) => Some(c),
+        Err(e) => {
+            tracing::warn!("{name}: no zstd-ref candidate, serving xz: {e:#}");
+            None
+        }
+    };
     drop(stream);
     // The full stream as built, or if it is not (it costs a whole image's compression, which
     // no box may need): its uncompressed length at the ratio xz reached on the diff.
@@ -91,20 +101,21 @@ pub fn build(
         let ratio = xz.size as f64 / stream_len.max(1) as f64;
         ((len as f64 * ratio) as u64, "estimated")
     };
+    let zstd_said = match &zstd {
+        Some(z) => format!("{} bytes in {:.1}s", z.size, z.seconds),
+        None => "none".to_owned(),
+    };
     tracing::info!(
-        "{name}: stream {stream_len} bytes; xz {} bytes in {:.1}s, zstd-ref (level {level}) {} \
-         bytes in {:.1}s; full stream {full_size} bytes ({full_is})",
+        "{name}: stream {stream_len} bytes; xz {} bytes in {:.1}s, zstd-ref (level {level}) \
+         {zstd_said}; full stream {full_size} bytes ({full_is})",
         xz.size,
         xz.seconds,
-        zstd.size,
-        zstd.seconds
     );
     // Decoding against the base costs the box a buffer of the stream's length and one core:
     // worth it when it saves at least 1% of the download (on noise the two tie within bytes).
-    let best = if zstd.size * 100 < xz.size * 99 {
-        zstd
-    } else {
-        xz
+    let best = match zstd {
+        Some(zstd) if zstd.size * 100 < xz.size * 99 => zstd,
+        _ => xz,
     };
     if best.size >= full_size {
         let record = serde_json::json!({

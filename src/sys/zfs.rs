@@ -167,11 +167,17 @@ pub fn ensure_filesystem(dataset: &str) -> Result<()> {
     Ok(())
 }
 
-/// The block device of a zvol snapshot (made visible on demand), once udev created it.
+/// The block device of a zvol snapshot (made visible on demand: setting it needs the `snapdev`
+/// permission, which a server unit need not have when the operator set it), once udev created it.
 pub fn snapshot_device(zvol: &str, v: &Version) -> Result<PathBuf> {
-    Cmd::new("zfs")
-        .args(["set", "snapdev=visible", zvol])
-        .run()?;
+    let snapdev = Cmd::new("zfs")
+        .args(["get", "-H", "-o", "value", "snapdev", zvol])
+        .stdout()?;
+    if snapdev.trim() != "visible" {
+        Cmd::new("zfs")
+            .args(["set", "snapdev=visible", zvol])
+            .run()?;
+    }
     wait_for_device(PathBuf::from(format!("/dev/zvol/{zvol}@{v}")))
 }
 

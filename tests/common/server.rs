@@ -39,6 +39,8 @@ pub struct FileSource {
     pub max_running: AtomicUsize,
     /// How many times `has` was asked.
     pub has_calls: AtomicUsize,
+    /// The base's snapshot device cannot be opened (a server unit without access to it).
+    pub reference_unreadable: std::sync::atomic::AtomicBool,
 }
 
 impl StreamSource for FileSource {
@@ -58,6 +60,9 @@ impl StreamSource for FileSource {
     }
     /// The full stream of `v` stands for the image every box holding `v` has.
     fn reference(&self, v: &Version) -> Result<PathBuf> {
+        if self.reference_unreadable.load(Ordering::SeqCst) {
+            anyhow::bail!("/dev/zvol/srv/image@{v}: Permission denied");
+        }
         Ok(self.dir.join(format!("full-{v}")))
     }
     fn full_len(&self, v: &Version) -> Result<u64> {
@@ -213,6 +218,7 @@ pub fn start_with(setup: Setup) -> Fixture {
         running: AtomicUsize::new(0),
         max_running: AtomicUsize::new(0),
         has_calls: AtomicUsize::new(0),
+        reference_unreadable: Default::default(),
     });
     let server = Server::new(store, source.clone(), setup.tuning);
     let server = match setup.fleet {
