@@ -222,6 +222,34 @@ fn a_diff_that_matches_its_base_is_compressed_against_it_and_decodes_to_the_stre
     );
 }
 
+/// A server that cannot read the base's snapshot device (its unit gives it no access, or the
+/// snapshot is gone) still serves the diff, as xz: zstd-ref is an optimisation, never a
+/// condition of delivery.
+#[test]
+fn a_server_that_cannot_read_the_base_serves_the_diff_as_xz() {
+    use server_fixture::shared::{start_with, Setup};
+    use upgradectl::core::manifest::Encoding;
+    let f = start_with(Setup::default());
+    f.source
+        .reference_unreadable
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let d = f.descriptor("1.0-to-2.0");
+    assert_eq!(d.encoding, Encoding::Xz);
+    assert_eq!(d.window_log, None);
+    let dest = f.root.join("dl/1.0-to-2.0");
+    std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+    f.download("1.0-to-2.0", &dest, &d).unwrap();
+    let mut out = Vec::new();
+    upgradectl::appliance::prepare::receive::decompress(
+        std::fs::File::open(&dest).unwrap(),
+        None,
+        &mut out,
+        256 << 20,
+    )
+    .unwrap();
+    assert!(out == std::fs::read(f.root.join("streams/1.0-to-2.0")).unwrap());
+}
+
 #[test]
 fn a_diff_no_smaller_than_the_full_stream_is_not_served_and_boxes_are_sent_to_the_full_stream() {
     use server_fixture::shared::{start_with, Setup};
@@ -353,8 +381,8 @@ impl std::io::Write for Tell {
 }
 
 /// Downloads `d` through the proxy at `proxy` while `decode` reads it through a
-/// `VerifiedReader`, as `prepare` does (`between` runs meanwhile): the download's result, the
-/// decoder's, and what the decoder wrote.
+/// `VerifiedReader`, side by side as `prepare` runs them (`stream::overlap`), while `between`
+/// runs here: the download's result, the decoder's, and what the decoder wrote.
 fn download_while_decoding(
     proxy: std::net::SocketAddr,
     d: &upgradectl::core::manifest::Descriptor,
@@ -364,44 +392,42 @@ fn download_while_decoding(
     between: impl FnOnce(),
 ) -> (anyhow::Result<fetch::Fetched>, anyhow::Result<()>, Vec<u8>) {
     use upgradectl::appliance::prepare::stream;
-    let verified = stream::Verified::new();
     std::thread::scope(|s| {
         let decoder_tx = tx.clone();
-        let decoding = s.spawn(|| {
+        let running = s.spawn(move || {
             let mut out = Tell {
                 tx: decoder_tx,
                 out: Vec::new(),
             };
-            let r = decode(verified.reader(), &mut out);
-            (r, out.out)
-        });
-        let downloading = s.spawn(|| {
-            // Patient: a held download must wait for the test, however loaded the host.
-            let patient = fetch::Limits {
-                stall: Duration::from_secs(600),
-                min_speed: 1,
+            let download = |verified: &stream::Verified| {
+                // Patient: a held download must wait for the test, however loaded the host.
+                let patient = fetch::Limits {
+                    stall: Duration::from_secs(600),
+                    min_speed: 1,
+                };
+                let client = fetch::client(&patient).unwrap();
+                let url = format!("http://{proxy}/v1/artifacts/{}", d.name);
+                let r = fetch::download_watched(
+                    &client,
+                    &url,
+                    dest,
+                    d,
+                    &patient,
+                    &mut |_, _| {},
+                    Some(verified),
+                );
+                tx.send(Said::Downloaded).unwrap();
+                match &r {
+                    Ok(_) => verified.complete(d.size),
+                    Err(e) => verified.fail(&format!("{e:#}")),
+                }
+                r
             };
-            let client = fetch::client(&patient).unwrap();
-            let url = format!("http://{proxy}/v1/artifacts/{}", d.name);
-            let r = fetch::download_watched(
-                &client,
-                &url,
-                dest,
-                d,
-                &patient,
-                &mut |_, _| {},
-                Some(&verified),
-            );
-            tx.send(Said::Downloaded).unwrap();
-            match &r {
-                Ok(_) => verified.complete(d.size),
-                Err(e) => verified.fail(&format!("{e:#}")),
-            }
-            r
+            let (fetched, decoded) = stream::overlap(download, |input| decode(input, &mut out));
+            (fetched, decoded, out.out)
         });
         between();
-        let (decoded, out) = decoding.join().unwrap();
-        (downloading.join().unwrap(), decoded, out)
+        running.join().unwrap()
     })
 }
 
@@ -515,4 +541,48 @@ fn a_bad_chunk_stops_the_decoder_with_the_download_error_before_it_sees_the_chun
     // The bad chunk was cut off; the good one is kept for the next run.
     let partial = fetch::partial_path(&dest);
     assert_eq!(std::fs::metadata(partial).unwrap().len(), d.chunk_size);
+}
+
+#[test]
+fn a_receive_that_fails_stops_the_download_at_its_next_chunk() {
+    use std::sync::mpsc;
+    use upgradectl::appliance::prepare::stream;
+    let f = start(Duration::ZERO, u64::MAX);
+    let d = f.descriptor("1.0-to-2.0");
+    assert!(d.chunks.len() >= 3, "{} chunks", d.chunks.len());
+    let dest = f.root.join("dl/1.0-to-2.0");
+    std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+    // The first chunk and a byte arrive, then nothing until the receive has failed.
+    let (go, hold) = mpsc::channel();
+    let proxy = stalling_proxy(f.addr, CHUNK + 1, hold, None);
+    let (tx, said) = mpsc::channel();
+    let (failing, failed) = mpsc::channel();
+    // A receive that fails on its first input (`zfs receive` refusing the stream).
+    let decode = move |mut input: VerifiedReader, _: &mut Tell| -> anyhow::Result<()> {
+        let mut first = [0u8; 1];
+        std::io::Read::read_exact(&mut input, &mut first)?;
+        failing.send(()).unwrap();
+        anyhow::bail!("cannot receive new filesystem stream: destination exists")
+    };
+    let (fetched, decoded, _) = download_while_decoding(proxy, &d, &dest, tx, decode, || {
+        // Only a guard against a hang: the receive read the verified first chunk and fails.
+        failed.recv_timeout(Duration::from_secs(300)).unwrap();
+        go.send(()).unwrap();
+        assert!(matches!(
+            said.recv_timeout(Duration::from_secs(300)),
+            Ok(Said::Downloaded)
+        ));
+    });
+    let err = decoded.unwrap_err();
+    assert!(format!("{err:#}").contains("destination exists"), "{err:#}");
+    let err = fetched.unwrap_err();
+    assert!(
+        err.downcast_ref::<stream::ReceiveStopped>().is_some(),
+        "the download went on after the receive failed: {err:#}"
+    );
+    // It stopped at a chunk before the end and kept what it verified, for a later run.
+    let partial = std::fs::metadata(fetch::partial_path(&dest)).unwrap().len();
+    assert_eq!(partial % d.chunk_size, 0, "{partial}");
+    assert!(partial < d.size, "{partial} of {} bytes", d.size);
+    assert!(!dest.exists());
 }

@@ -239,9 +239,13 @@ pub fn download_watched(
                 resp.status()
             );
         }
-        let mut chunk_verified = |len: u64| {
-            if let Some(watch) = watch {
-                watch.advance(before_last_chunk(d, len));
+        let mut chunk_verified = |len: u64| -> Result<()> {
+            match watch {
+                Some(watch) => {
+                    watch.advance(before_last_chunk(d, len));
+                    watch.check_receiving()
+                }
+                None => Ok(()),
             }
         };
         fetched.downloaded = stream_chunks(
@@ -324,7 +328,7 @@ fn verified_prefix(file: &mut File, d: &Descriptor) -> Result<u64> {
 
 /// Streams the body into `file` from `offset`, checking each chunk against the descriptor
 /// as it completes, the total length, and the transfer speed. `chunk_verified` hears the
-/// length of the verified prefix after each good chunk.
+/// length of the verified prefix after each good chunk; its error stops the download there.
 #[allow(clippy::too_many_arguments)]
 fn stream_chunks(
     mut resp: Response,
@@ -334,7 +338,7 @@ fn stream_chunks(
     d: &Descriptor,
     limits: &Limits,
     progress: Progress,
-    chunk_verified: &mut dyn FnMut(u64),
+    chunk_verified: &mut dyn FnMut(u64) -> Result<()>,
 ) -> Result<u64> {
     let mut pos = offset;
     let mut chunks = ChunkHasher::new(d.chunk_size);
@@ -355,7 +359,12 @@ fn stream_chunks(
             .into());
         }
         *index += 1;
-        chunk_verified(*index as u64 * d.chunk_size);
+        let verified = *index as u64 * d.chunk_size;
+        if let Err(e) = chunk_verified(verified) {
+            // The file may hold bytes of the next chunk already: keep what is verified.
+            file.set_len(verified.min(d.size))?;
+            return Err(e);
+        }
         Ok(())
     };
     loop {

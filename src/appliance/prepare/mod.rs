@@ -288,18 +288,10 @@ fn fetch_and_receive(
         &format!("receiving {name} into {zvol} as it downloads"),
     )?;
     let max_memory = ctx.config.download.max_decoder_mib << 20;
-    let verified = stream::Verified::new();
-    let (fetched, received) = std::thread::scope(|s| {
-        let receiving = s.spawn(|| {
-            let input = verified.reader();
-            receive(input, descriptor.encoding, zvol, base, target, max_memory)
-        });
-        let fetched = download_and_publish(ctx, client, &url, &file, descriptor, limits, &verified);
-        let received = receiving
-            .join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-        (fetched, received)
-    });
+    let (fetched, received) = stream::overlap(
+        |verified| download_and_publish(ctx, client, &url, &file, descriptor, limits, verified),
+        |input| receive(input, descriptor.encoding, zvol, base, target, max_memory),
+    );
     let outcome = settle(name, fetched, received)?;
     if outcome.is_ok() {
         crate::fail_point!("prepare::received");
@@ -308,9 +300,14 @@ fn fetch_and_receive(
 }
 
 /// What a download and the receive that read it come to: the download's error wins, being
-/// the cause of the receive's (its input stopped); else the receive's result.
+/// the cause of the receive's (its input stopped), unless the download stopped because the
+/// receive failed; else the receive's result.
 fn settle(name: &str, fetched: Result<Fetched>, received: Result<()>) -> Result<Result<Fetched>> {
     match (fetched, received) {
+        (Err(e), Err(r)) if e.downcast_ref::<stream::ReceiveStopped>().is_some() => {
+            tracing::debug!("the download of {name} stopped with the receive: {e:#}");
+            Ok(Err(r))
+        }
         (Err(e), received) => {
             if let Err(r) = received {
                 tracing::debug!("the receive of {name} stopped with the download: {r:#}");
@@ -334,7 +331,6 @@ fn download_and_publish(
     limits: &Limits,
     verified: &stream::Verified,
 ) -> Result<Fetched> {
-    let _end = verified.end_on_drop();
     let fetched = download_with_progress(ctx, client, url, file, d, limits, verified)
         .and_then(|fetched| downloaded_point().map(|()| fetched));
     match &fetched {
@@ -486,5 +482,14 @@ mod tests {
         };
         let got = settle("a", Ok(done), Ok(())).unwrap().unwrap();
         assert_eq!((got.downloaded, got.resumed), (5, 7));
+        // A download the failed receive stopped: the receive's error is the cause.
+        let stopped_by = Err(stream::ReceiveStopped("zfs: destination exists".into()).into());
+        let inner = settle(
+            "a",
+            stopped_by,
+            Err(anyhow::anyhow!("zfs: destination exists")),
+        );
+        let inner = inner.unwrap().unwrap_err();
+        assert_eq!(format!("{inner:#}"), "zfs: destination exists");
     }
 }

@@ -27,6 +27,41 @@ pub fn is_download_stopped(err: &anyhow::Error) -> bool {
     })
 }
 
+/// The receive reading the download failed, so the download stopped at its next verified
+/// chunk (what it verified is kept for a later run). The receive's error is the one to report.
+#[derive(Debug, thiserror::Error)]
+#[error("the receive stopped: {0}")]
+pub struct ReceiveStopped(pub String);
+
+/// Runs `download` here and `receive` on a thread beside it, over one [`Verified`]: the
+/// receive reads only what the download verified, and the download stops at its next chunk
+/// once the receive failed (a zfs error, a refused frame) instead of fetching bytes nobody
+/// will read. `download` publishes its end (`complete` or `fail`); if it returns without one,
+/// the reader sees a failure. Returns both results.
+pub fn overlap<T>(
+    download: impl FnOnce(&Verified) -> Result<T>,
+    receive: impl FnOnce(VerifiedReader<'_>) -> Result<()> + Send,
+) -> (Result<T>, Result<()>) {
+    let verified = Verified::new();
+    std::thread::scope(|s| {
+        let receiving = s.spawn(|| {
+            let received = receive(verified.reader());
+            if let Err(e) = &received {
+                verified.receive_failed(&format!("{e:#}"));
+            }
+            received
+        });
+        let fetched = {
+            let _end = verified.end_on_drop();
+            download(&verified)
+        };
+        let received = receiving
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        (fetched, received)
+    })
+}
+
 /// How a download ended, as the reader sees it.
 #[derive(Debug, Clone)]
 enum End {
@@ -43,6 +78,8 @@ struct Inner {
     /// Bytes from the start of `file` that are verified.
     verified: u64,
     end: Option<End>,
+    /// Why the receive reading the download failed, once it did.
+    receive_failed: Option<String>,
 }
 
 /// Progress of one download shared between the downloading thread and the reader: a mutex and
@@ -102,6 +139,21 @@ impl Verified {
     /// The download failed: a waiting reader gets `DownloadStopped` with `why`.
     pub fn fail(&self, why: &str) {
         self.update(|inner| inner.end = Some(End::Failed(why.to_owned())));
+    }
+
+    /// The receive failed (`why`): the download stops at its next verified chunk.
+    pub fn receive_failed(&self, why: &str) {
+        self.lock()
+            .receive_failed
+            .get_or_insert_with(|| why.to_owned());
+    }
+
+    /// `ReceiveStopped` once the receive failed: the download's check after each chunk.
+    pub fn check_receiving(&self) -> Result<()> {
+        match &self.lock().receive_failed {
+            Some(why) => Err(ReceiveStopped(why.clone()).into()),
+            None => Ok(()),
+        }
     }
 
     /// Fails the download when dropped before it ended, whatever stopped it (an early return,
