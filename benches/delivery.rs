@@ -4,8 +4,12 @@
 //! - sha256 of 1 GiB: `hashing::sha256_file` vs `sha256sum`;
 //! - sparse export of an ext4 image of /usr/bin: `export::export` vs `dd bs=1M conv=sparse` (+ sha256sum
 //!   for the same end-to-end check), and the allocated size of both results;
-//! - the box pipeline on a served diff: verified resumable download + multi-threaded xz
-//!   decode vs `curl | xz -dc`, both into /dev/null (ZFS receive runs in the VM tier).
+//! - the box pipeline, as `prepare` runs it (download, chunk verification and decompression
+//!   overlapping; ZFS receive runs in the VM tier), into /dev/null:
+//!   - a full stream (xz, multi-threaded decode) vs `curl | xz -dc`;
+//!   - a diff as `zstd-ref` (an edited copy of that image compressed against the image itself,
+//!     as the server builds one against the base snapshot) vs `curl | zstd -dc --patch-from`;
+//!     with both encodings' sizes.
 
 use std::io::Write;
 use std::os::unix::fs::MetadataExt;
@@ -145,6 +149,7 @@ fn main() {
     let streams = d.join("streams");
     std::fs::create_dir_all(&streams).unwrap();
     std::fs::copy(&img, streams.join("full-2.0")).unwrap();
+    std::fs::copy(&img, streams.join("full-1.0")).unwrap();
     let store = Store::open(&d.join("store")).unwrap();
     let v: Version = "2.0".parse().unwrap();
     store
@@ -189,40 +194,140 @@ fn main() {
                 .unwrap()
             })
     });
-    let url = format!("http://{addr}/v1/artifacts/full-2.0");
-    let desc = upgradectl::core::manifest::descriptor_of_verified_target(
-        &std::fs::read(d.join("store/artifacts/full-2.0.descriptor")).unwrap(),
-        "full-2.0",
-    )
-    .unwrap();
-    let limits = upgradectl::appliance::prepare::fetch::Limits {
-        stall: Duration::from_secs(30),
-        min_speed: 1,
-    };
-    let dest = d.join("dl.xz");
-    let (_, t_ours) = time(|| {
-        let client = upgradectl::appliance::prepare::fetch::client(&limits).unwrap();
-        upgradectl::appliance::prepare::fetch::download(
-            &client,
-            &url,
-            &dest,
-            &desc,
-            &limits,
-            &mut |_, _| {},
-        )
-        .unwrap();
-        let mut xz = upgradectl::appliance::prepare::receive::xz_reader(
-            std::fs::File::open(&dest).unwrap(),
-            256 << 20,
-        )
-        .unwrap();
-        std::io::copy(&mut xz, &mut std::io::sink()).unwrap();
-    });
-    let t_sh = sh(&format!("curl -sf {url} | xz -dc > /dev/null"));
+    let base = d.join("streams/full-1.0");
+    let full = box_pipeline(addr, d, "full-2.0", None);
+    let t_sh = sh(&format!("curl -sf {} | xz -dc > /dev/null", full.url));
     row(
-        "box: fetch+verify+decompress vs curl|xz -dc",
-        t_ours,
+        "box: full stream (xz) vs curl|xz -dc",
+        full.secs,
         t_sh,
         size,
     );
+
+    // A diff: 2.0 is 1.0 with 64 MiB of other bytes (libraries) written over it at 256 spread
+    // places; its stream is compressed against 1.0 as the reference.
+    let mut edited = std::fs::read(&base).unwrap();
+    let lib = library_bytes(64 << 20);
+    for i in 0..256usize {
+        let (from, len) = (((i * 256) << 10) % (lib.len() - (256 << 10)), 256 << 10);
+        let at = (i * 7919 * 4096) % (edited.len() - len);
+        edited[at..at + len].copy_from_slice(&lib[from..from + len]);
+    }
+    std::fs::write(d.join("streams/full-2.0"), &edited).unwrap();
+    drop(edited);
+    let one: Version = "1.0".parse().unwrap();
+    let built = upgradectl::server::build::build(
+        &Store::open(&d.join("store")).unwrap(),
+        &FileSource(d.join("streams")),
+        Some(&one),
+        &v,
+        upgradectl::server::http::DEFAULT_ZSTD_REF_LEVEL,
+    )
+    .unwrap();
+    assert_eq!(built.as_deref(), Some("1.0-to-2.0"));
+    let diff = box_pipeline(addr, d, "1.0-to-2.0", Some(base.clone()));
+    let t_sh = sh(&format!(
+        "curl -sf {} | zstd -dc --long=31 --memory=2048MB --patch-from={} > /dev/null",
+        diff.url,
+        base.display()
+    ));
+    row(
+        "box: diff (zstd-ref) vs curl|zstd --patch-from",
+        diff.secs,
+        t_sh,
+        size,
+    );
+    println!(
+        "{:<44} {} KiB, encoding {} (the edits: {} KiB of libraries)",
+        "diff size",
+        diff.size >> 10,
+        diff.encoding,
+        64 << 10
+    );
+}
+
+/// What the box pipeline did with one artifact.
+struct Pipeline {
+    url: String,
+    secs: f64,
+    size: u64,
+    encoding: String,
+}
+
+/// Downloads artifact `name` from the server at `addr` and decompresses it as `prepare` does
+/// (`stream::overlap`: the decoder reads verified chunks while the download runs), against
+/// `reference` for `zstd-ref`, into a sink.
+fn box_pipeline(
+    addr: std::net::SocketAddr,
+    d: &Path,
+    name: &str,
+    reference: Option<std::path::PathBuf>,
+) -> Pipeline {
+    use upgradectl::appliance::prepare::{fetch, receive, stream};
+    let url = format!("http://{addr}/v1/artifacts/{name}");
+    let desc = upgradectl::core::manifest::descriptor_of_verified_target(
+        &std::fs::read(d.join(format!("store/artifacts/{name}.descriptor"))).unwrap(),
+        name,
+    )
+    .unwrap();
+    let limits = fetch::Limits {
+        stall: Duration::from_secs(30),
+        min_speed: 1,
+    };
+    let dest = d.join(format!("dl-{name}"));
+    let (_, secs) = time(|| {
+        let client = fetch::client(&limits).unwrap();
+        let (fetched, decoded) = stream::overlap(
+            |verified| {
+                let r = fetch::download_watched(
+                    &client,
+                    &url,
+                    &dest,
+                    &desc,
+                    &limits,
+                    &mut |_, _| {},
+                    Some(verified),
+                );
+                match &r {
+                    Ok(_) => verified.complete(desc.size),
+                    Err(e) => verified.fail(&format!("{e:#}")),
+                }
+                r
+            },
+            |input| receive::decompress(input, reference, &mut std::io::sink(), 2 << 30),
+        );
+        fetched.unwrap();
+        decoded.unwrap();
+    });
+    Pipeline {
+        url,
+        secs,
+        size: desc.size,
+        encoding: format!("{:?}", desc.encoding),
+    }
+}
+
+/// `len` bytes of the shared libraries under /usr/lib (real machine code and data, as an
+/// update brings), files concatenated.
+fn library_bytes(len: usize) -> Vec<u8> {
+    let out = Command::new("find")
+        .args(["/usr/lib", "-type", "f", "-name", "*.so*", "-size", "+256k"])
+        .output()
+        .unwrap();
+    let mut bytes = Vec::with_capacity(len);
+    for file in String::from_utf8_lossy(&out.stdout).lines() {
+        if bytes.len() >= len {
+            break;
+        }
+        if let Ok(data) = std::fs::read(file) {
+            bytes.extend_from_slice(&data);
+        }
+    }
+    assert!(
+        bytes.len() >= len,
+        "only {} bytes of libraries",
+        bytes.len()
+    );
+    bytes.truncate(len);
+    bytes
 }
