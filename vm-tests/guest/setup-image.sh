@@ -37,21 +37,20 @@ if [ -f /usr/local/share/upgradectl-test/root.json ]; then
   printf '\n[trust]\nroot = "/etc/upgradectl/root.json"\n' >> /etc/upgradectl/upgradectl.toml
 fi
 
-# The test image server runs in the same guest against its own pool (srv), when provisioned.
-cat > /etc/systemd/system/upgradectl-test-server.service <<'UNIT'
+# The image server runs in the same guest, as the package ships it (upgradectl-serve.service:
+# its own user, hardened), from the store the scenarios provision on the server pool (mounted
+# at the unit's paths); this drop-in only names the zvol and the address, as operations.md
+# tells an operator to, and waits for that store.
+mkdir -p /etc/systemd/system/upgradectl-serve.service.d
+cat > /etc/systemd/system/upgradectl-serve.service.d/vm-tests.conf <<'UNIT'
 [Unit]
-Description=upgradectl image server of the VM tests (own pool srv)
-After=zfs-mount.service network.target
-ConditionPathExists=/srv/store/releases.json
+After=zfs-mount.service
+ConditionPathExists=/var/lib/upgradectl-server/releases.json
 
 [Service]
-ExecStart=/usr/bin/upgradectl serve --store /srv/store --zvol srv/images/image --listen 127.0.0.1:8080 --repo /srv/store/repo --repo-keys /srv/store/online-keys --repo-sync-seconds 2
-Restart=on-failure
-
-[Install]
-WantedBy=multi-user.target
+Environment="UPGRADECTL_SERVE_ARGS=--zvol srv/images/image --listen 127.0.0.1:8080 --repo-sync-seconds 2"
 UNIT
-systemctl enable upgradectl-test-server.service
+systemctl enable upgradectl-serve.service
 
 case "$variant" in
   good) ;;

@@ -8,6 +8,17 @@ grub_cat() {
   grub-fstest "$1" cp "(loop0,msdos1)$2" "$3"
 }
 
+# scratch_dir : where to put GRUB's copy of a whole image (up to 1 GiB): RAM (/dev/shm) when it
+# has 2 GiB free, else the work directory. On disk, four power cuts' copies once filled a CI
+# machine's disk, and the scenario failed on "No space left on device".
+scratch_dir() {
+  if [ -w /dev/shm ] && [ "$(df --output=avail -B1G /dev/shm | tail -n1)" -ge 2 ]; then
+    echo /dev/shm
+  else
+    echo "$WORK_DIR"
+  fi
+}
+
 # grub_view_check DISK : the box, powered off, boots a complete image: GRUB finds a valid
 # grub.cfg and grubenv, the entry it will pick (a redirect, next_entry, the default or, after
 # the default's last counted boot, the previous image) names an image
@@ -16,7 +27,7 @@ grub_cat() {
 # kernel. Prints the image path.
 grub_view_check() {
   local disk=$1 dir entry image
-  dir=$(mktemp -d "$WORK_DIR/grubview.XXXXXX")
+  dir=$(mktemp -d "$(scratch_dir)/grubview.XXXXXX")
   # shellcheck disable=SC2064  # expand now: dir is local
   trap "rm -rf '$dir'" RETURN
   grub_cat "$disk" /boot/grub/grub.cfg "$dir/grub.cfg" || { log "GRUB cannot read grub.cfg"; return 1; }

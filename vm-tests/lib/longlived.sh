@@ -32,7 +32,7 @@ make_release() {
       chmod 755 /mnt/rel/sbin/init
     fi
     umount /mnt/rel" || return 1
-  vm_run "upgradectl publish --store /srv/store --zvol srv/images/image --version $v --from /srv/work/$v.img && rm /srv/work/$v.img" || return 1
+  vm_run "upgradectl publish --store $STORE --zvol srv/images/image --version $v --from /srv/work/$v.img && rm /srv/work/$v.img" || return 1
   sign_release "$v"
 }
 

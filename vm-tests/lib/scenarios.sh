@@ -13,14 +13,29 @@ BOX_DISK=$WORK_DIR/box.img
 BOX_POOL=$WORK_DIR/box-pool.img
 SRV_POOL=$WORK_DIR/server-pool.img
 SOURCE_DISK=$WORK_DIR/source.img
+# The image server in the guest runs as the package ships it (upgradectl-serve.service, its
+# own user, hardened; a drop-in from setup-image.sh names the zvol and the address). Its store
+# and online keys live on the server pool, mounted where the unit expects them, so they
+# outlive image switches; the release manager's offline keys are elsewhere, never in the store.
+STORE=/var/lib/upgradectl-server
+ONLINE_KEYS=/etc/upgradectl/server/online-keys
+RM_KEYS=/srv/release-manager/keys
 
 setup_artefacts() {
   local deb base key
   # One builder at a time per machine: the cache is shared by every clone.
   exec {cache_lock}>"$CACHE_DIR/.lock"
   flock "$cache_lock"
-  deb=$(build_deb)
-  base=$(build_base)
+  # Side by side: the package (cargo: cargo-deb if missing, the release build) and the guest's
+  # base tree (mmdebstrap, the ZFS module by DKMS), which does not need our binary.
+  lane package build_deb
+  lane guest-base build_base
+  lanes_wait
+  deb=$(deb_file)
+  base=$(base_dir)
+  if [ ! -f "$deb" ] || [ ! -d "$base" ]; then
+    die "no .deb ($deb) or base tree ($base) after their lanes"
+  fi
   BIN=$REPO_DIR/target/release/upgradectl
   [ -x "$BIN" ] || die "no $BIN after cargo deb"
   # The release manager's TUF repository and keys, made once per machine: every image ships
@@ -34,20 +49,25 @@ setup_artefacts() {
   key=$( { cat "$deb" "$VMT_DIR"/guest/* "$TUF_ROOT"; echo "$base"; } | sha256sum | cut -c1-16)
   IMAGES=$CACHE_DIR/images-$key
   if [ ! -f "$IMAGES/done" ]; then
-    # Keep the two newest other image sets (other clones' branches), drop older ones.
-    find "$CACHE_DIR" -maxdepth 1 -name 'images-*' -printf '%T@ %p\n' | sort -rn | tail -n +3 \
-      | cut -d' ' -f2- | xargs -r rm -rf
-    rm -rf "$IMAGES"
-    mkdir -p "$IMAGES"
-    build_image 1.0 good "$IMAGES/1.0.img" "$base" "$deb"
-    build_image 2.0 update "$IMAGES/2.0.img" "$base" "$deb"
-    build_image 3.0 broken "$IMAGES/3.0.img" "$base" "$deb"
-    build_image 4.0 big-update "$IMAGES/4.0.img" "$base" "$deb"
-    build_image 5.0 update "$IMAGES/5.0.img" "$base" "$deb"
-    touch "$IMAGES/done"
+    stage "images 1.0 to 5.0 (base + .deb)" build_images "$base" "$deb"
   fi
   touch "$IMAGES"
   flock -u "$cache_lock"
+}
+
+# build_images BASE DEB : the image set into IMAGES.
+build_images() {
+  # Keep the two newest other image sets (other clones' branches), drop older ones.
+  find "$CACHE_DIR" -maxdepth 1 -name 'images-*' -printf '%T@ %p\n' | sort -rn | tail -n +3 \
+    | cut -d' ' -f2- | xargs -r rm -rf
+  rm -rf "$IMAGES"
+  mkdir -p "$IMAGES"
+  build_image 1.0 good "$IMAGES/1.0.img" "$1" "$2"
+  build_image 2.0 update "$IMAGES/2.0.img" "$1" "$2"
+  build_image 3.0 broken "$IMAGES/3.0.img" "$1" "$2"
+  build_image 4.0 big-update "$IMAGES/4.0.img" "$1" "$2"
+  build_image 5.0 update "$IMAGES/5.0.img" "$1" "$2"
+  touch "$IMAGES/done"
 }
 
 # A brand-new appliance: the factory image 1.0 on its host partition, empty pool disks.
@@ -186,19 +206,27 @@ provision_delivery() {
     zpool list box >/dev/null 2>&1 || zpool create -f -O compression=lz4 -O mountpoint=none box /dev/vdb1
     mkdir -p /srv/source
     mountpoint -q /srv/source || mount -o ro /dev/vdd /srv/source
-    zfs list srv/store >/dev/null 2>&1 || zfs create -o mountpoint=/srv/store srv/store
-    # The TUF repository: the offline keys stay in /srv/store/keys (in these tests the release
-    # manager works in the same guest), the server gets the four online ones.
-    if [ ! -d /srv/store/repo ]; then
-      tar -C /srv/store -xf /srv/source/tuf.tar
-      mkdir -p -m 700 /srv/store/online-keys
+    zfs list srv/store >/dev/null 2>&1 || zfs create -o mountpoint=/var/lib/upgradectl-server srv/store
+    zfs list srv/server-etc >/dev/null 2>&1 || zfs create -o mountpoint=/etc/upgradectl/server srv/server-etc
+    zfs list srv/release-manager >/dev/null 2>&1 || zfs create -o mountpoint=/srv/release-manager srv/release-manager
+    # The TUF repository: the offline keys stay with the release manager (in these tests in
+    # the same guest); the server gets the repository and the four online keys, readable by
+    # its group only.
+    if [ ! -d /var/lib/upgradectl-server/repo ]; then
+      tar -C /srv/release-manager -xf /srv/source/tuf.tar
+      mv /srv/release-manager/repo /var/lib/upgradectl-server/repo
+      install -d -m 750 -g _upgradectl-server /etc/upgradectl/server/online-keys
       for role in snapshot timestamp rollout artifacts; do
-        cp /srv/store/keys/$role.1.pk8 /srv/store/online-keys/
+        install -m 640 -g _upgradectl-server /srv/release-manager/keys/$role.1.pk8 /etc/upgradectl/server/online-keys/
       done
     fi
-    if [ ! -f /srv/store/releases.json ]; then
-      upgradectl publish --store /srv/store --zvol srv/images/image --version 1.0 --from /srv/source/1.0.img
-      upgradectl repo release --repo /srv/store/repo --keys /srv/store/keys --version 1.0 --published /srv/store
+    if [ ! -f /var/lib/upgradectl-server/releases.json ]; then
+      upgradectl publish --store /var/lib/upgradectl-server --zvol srv/images/image --version 1.0 --from /srv/source/1.0.img
+      upgradectl repo release --repo /var/lib/upgradectl-server/repo --keys /srv/release-manager/keys --version 1.0 --published /var/lib/upgradectl-server
+      # What operations.md tells the operator: the service may send the image zvol, and reads
+      # its snapshots as block devices (zstd-ref).
+      zfs allow -u _upgradectl-server send srv/images/image
+      zfs set snapdev=visible srv/images/image
     fi
     if ! zfs list box/upgradectl/image >/dev/null 2>&1; then
       zfs create -p box/upgradectl
@@ -207,8 +235,8 @@ provision_delivery() {
     # The factory enrolls the box (its identity key is made on the host partition at the first
     # call): the server then keeps its reports.
     upgradectl --json identity > /tmp/identity.json
-    upgradectl fleet enroll --store /srv/store --identity /tmp/identity.json >/dev/null
-    systemctl start upgradectl-test-server.service
+    upgradectl fleet enroll --store /var/lib/upgradectl-server --identity /tmp/identity.json >/dev/null
+    systemctl start upgradectl-serve.service
     for i in $(seq 120); do
       curl -sf -o /dev/null http://127.0.0.1:8080/v1/metadata/timestamp.json && exit 0
       sleep 0.5
@@ -218,7 +246,7 @@ provision_delivery() {
 
 publish() {
   vm_run "mkdir -p /srv/source && { mountpoint -q /srv/source || mount -o ro /dev/vdd /srv/source; }" || return 1
-  vm_run "upgradectl publish --store /srv/store --zvol srv/images/image --version $1 --from /srv/source/$1.img" || return 1
+  vm_run "upgradectl publish --store $STORE --zvol srv/images/image --version $1 --from /srv/source/$1.img" || return 1
   sign_release "$1"
 }
 
@@ -226,7 +254,7 @@ publish() {
 # with the channel's offline key; waits until the server has published it (its next sync)
 # and the box sees it, verified, in `upgradectl releases`.
 sign_release() {
-  vm_run "upgradectl repo release --repo /srv/store/repo --keys /srv/store/keys --version $1 --published /srv/store" || return 1
+  vm_run "upgradectl repo release --repo $STORE/repo --keys $RM_KEYS --version $1 --published $STORE" || return 1
   vm_run "for i in \$(seq 120); do
       upgradectl --json releases 2>/dev/null | tail -n1 | grep -q '\"version\":\"$1\"' && exit 0
       sleep 0.5
@@ -266,7 +294,7 @@ scenario_upgrade() {
   assert_eq "$(json_field "$out" "d['downloaded_bytes'] * 10 < d['image_bytes']")" True "the diff is far smaller than the image" || return 1
   assert_eq "$(json_field "$out" "d['encoding']")" zstd-ref "the diff's encoding" || return 1
   diff_sizes_against_xz "$(json_field "$out" "d['artifact_bytes']")" || return 1
-  if vm_ssh "ls /srv/store/artifacts" | grep -q '^full-'; then
+  if vm_ssh "ls $STORE/artifacts" | grep -q '^full-'; then
     log "a full stream was built: the box did not get a diff"
     return 1
   fi
@@ -284,7 +312,7 @@ scenario_upgrade() {
 # compresses it); beyond it, the zstd-ref diff the box got (BYTES) is at most half of xz.
 diff_sizes_against_xz() {
   local line xz payload=2000000
-  line=$(vm_ssh "journalctl -u upgradectl-test-server -o cat | grep -m1 '1.0-to-2.0: stream'") || return 1
+  line=$(vm_ssh "journalctl -u upgradectl-serve -o cat | grep -m1 '1.0-to-2.0: stream'") || return 1
   log "server: $line"
   xz=$(sed -E 's/.*; xz ([0-9]+) bytes.*/\1/' <<<"$line")
   log "the diff: $1 bytes as zstd-ref, $xz bytes as xz ($((100 * $1 / xz))%);" \
@@ -324,8 +352,14 @@ scenario_broken() {
   ensure_box || return 1
   publish 3.0 || return 1
   # One wave that pauses at the first failure (one box here).
-  vm_run "upgradectl release --store /srv/store --version 3.0 --waves 100 --max-failures 1 --min-sample 1" || return 1
-  upgrade_and_reboot
+  vm_run "upgradectl release --store $STORE --version 3.0 --waves 100 --max-failures 1 --min-sample 1" || return 1
+  # This host's grub.cfg is grub-mkconfig's (update-grub ran after the switch was armed): its
+  # 00_header consumes the one-shot, and 09_upgradectl must still record the attempt and send
+  # the failed trial back to the default.
+  vm_run "upgradectl --wait upgrade --no-reboot" || return 1
+  mkconfig_menu 3.0 || return 1
+  vm_reboot
+  vm_wait 'UPGRADECTL-TEST grub-mkconfig menu' 900 || return 1
   vm_wait 'broken init of image 3.0' 900 || return 1
   log "image 3.0's init failed; waiting for the box to come back on its own"
   expect_boot 2.0 || return 1
@@ -336,6 +370,25 @@ scenario_broken() {
   assert_eq "$rc" 2 "upgrading to a bad image is refused" || return 1
   vm_run "upgradectl status"
   fleet_paused 3.0 || return 1
+}
+
+# mkconfig_menu VERSION : grub.cfg made by grub-mkconfig, as on a host that runs update-grub
+# (its GRUB directory at /boot/grub: here the host partition's, bind-mounted): GRUB_DEFAULT
+# unset (0, the first entry: the newest image), 00_header, then grub.d/09_upgradectl's images
+# (VERSION among them) with the one-shot recorded and upgradectl's default. A script before 09
+# makes GRUB print a marker, so a test knows GRUB read this menu and not the one before. GRUB
+# reads it after a clean reboot (the read-only remount at shutdown checkpoints the host
+# partition's journal).
+mkconfig_menu() {
+  vm_run "set -e
+    mkdir -p /boot/grub
+    mountpoint -q /boot/grub || mount --bind /host/boot/grub /boot/grub
+    printf 'GRUB_TIMEOUT=1\nGRUB_TERMINAL=\"serial console\"\nGRUB_SERIAL_COMMAND=\"serial --unit=0 --speed=115200\"\n' >/etc/default/grub
+    printf '#!/bin/sh\necho \"echo UPGRADECTL-TEST grub-mkconfig menu\"\n' >/etc/grub.d/05_vmtest
+    chmod 755 /etc/grub.d/05_vmtest
+    grub-mkconfig -o /boot/grub/grub.cfg
+    grep -q -- '--id upgradectl-$1 ' /boot/grub/grub.cfg
+    grep -q 'set upgradectl_attempted=' /boot/grub/grub.cfg"
 }
 
 # fleet_paused VERSION : the box's failure report reaches the server (the prepare timer's runs
@@ -351,10 +404,10 @@ print(any(x['version'] == '$1' and x['paused'] for x in r['releases']))") || ret
     [ "$paused" = True ] && break
     sleep 0.5
   done
-  vm_run "upgradectl fleet status --store /srv/store"
+  vm_run "upgradectl fleet status --store $STORE"
   assert_eq "$paused" True "$1 paused for the boxes by the server, from this box's report" || return 1
   local reason
-  reason=$(vm_ssh "upgradectl --json fleet status --store /srv/store" | python3 -c "import json,sys
+  reason=$(vm_ssh "upgradectl --json fleet status --store $STORE" | python3 -c "import json,sys
 f = json.loads(sys.stdin.readlines()[-1])
 print(next(r['paused'] for r in f['rollouts'] if r['version'] == '$1'))") || return 1
   log "the server paused $1: $reason"
@@ -379,13 +432,13 @@ print(r['next'], [x['paused'] for x in r['releases'] if x['version'] == '$1'])")
 # key, what it serves is signed by the revoked one: the box refuses it (exit 2). Then the box
 # follows the new root (kept on its host partition: the images it boots ship the first one).
 rotate_keys() {
-  vm_run "upgradectl repo rotate-root --repo /srv/store/repo --keys /srv/store/keys --roles root,timestamp --root-keys 3 --root-threshold 2" || return 1
+  vm_run "upgradectl repo rotate-root --repo $STORE/repo --keys $RM_KEYS --roles root,timestamp --root-keys 3 --root-threshold 2" || return 1
   local rc
   rc=$(vm_ssh "upgradectl --json releases >/tmp/releases.json 2>&1; echo \$?") || return 1
   log "on the revoked timestamp key: $(vm_ssh "tail -n1 /tmp/releases.json")"
   assert_eq "$rc" 2 "releases on metadata signed by the revoked timestamp key" || return 1
-  vm_run 'rm -f /srv/store/online-keys/timestamp.*.pk8
-    cp "$(ls /srv/store/keys/timestamp.*.pk8 | sort -V | tail -n1)" /srv/store/online-keys/' || return 1
+  vm_run "rm -f $ONLINE_KEYS/timestamp.*.pk8
+    install -m 640 -g _upgradectl-server \"\$(ls $RM_KEYS/timestamp.*.pk8 | sort -V | tail -n1)\" $ONLINE_KEYS/" || return 1
 }
 
 scenario_resume() {
@@ -413,6 +466,15 @@ scenario_resume() {
   assert_eq "$snaps" "1.0 2.0 4.0 " "snapshots in the box's pool after prepare" || return 1
   assert_eq "$(status_field "s['pool']['name']")" box "pool usage in status" || return 1
   assert_eq "$(status_field "s['trusted_root'] >= 2")" True "the box follows the rotated root (status)" || return 1
+  # A host that runs grub-mkconfig, whose GRUB_DEFAULT=0 is the first entry, the newest image:
+  # 4.0, prepared and never tried, must not become the default. The box boots its default.
+  local default
+  default=$(status_field "s['default']")
+  mkconfig_menu 4.0 || return 1
+  vm_reboot
+  vm_wait 'UPGRADECTL-TEST grub-mkconfig menu' 900 || return 1
+  expect_boot "$default" || return 1
+  assert_eq "$(status_field "next(i['state'] for i in s['images'] if i['version'] == '4.0')")" prepared "4.0 after a reboot on grub-mkconfig's menu" || return 1
 }
 
 # install_failpoints_binary : upgradectl built with its fail points (the debug build `cargo
@@ -516,22 +578,39 @@ scenario_prepfaults() {
 # trial pending). After the last cut, one more upgrade must work.
 #   POWERCUTS=100 POWERCUT_PHASES="switch reboot" POWERCUT_SEED=$RANDOM \
 #     vm-tests/run boot upgrade revert broken fallback resume powercut
+# Power cuts at random instants of upgrades: after each, the disk is judged as GRUB reads it,
+# then the box boots the old or the new image, settled. Phases: `switch` (a random instant of
+# `upgrade --no-reboot`, up to 0.7 s), `reboot` (of a whole upgrade with its reboot, up to
+# 40 s), `edge` (the default, for CI's few cuts: instants searched around the switch's commit
+# point, so that cuts land on both sides of it: from 1.5 s, doubled while cuts leave the old
+# image, then halfway between the latest cut that left the old image and the earliest that
+# left the new one).
+#   POWERCUTS=N POWERCUT_SEED=S POWERCUT_PHASES="switch reboot" vm-tests/run ... powercut
 scenario_powercut() {
   ensure_box || return 1
   local seed=${POWERCUT_SEED:-1} n=${POWERCUTS:-4} phases
-  read -r -a phases <<<"${POWERCUT_PHASES:-switch}"
+  read -r -a phases <<<"${POWERCUT_PHASES:-edge}"
   log "power cuts: $n, seed $seed, phases ${phases[*]}"
   RANDOM=$seed
-  local i phase ms old target image booted tally=""
+  local i phase ms old target image booted tally="" lo=0 hi=0 before=0 after=0
   for i in $(seq "$n"); do
     old=$(status_field "s['booted']") || return 1
     target=$(other_target "$old" "$i") || return 1
     phase=${phases[RANDOM % ${#phases[@]}]}
     case "$phase" in
-      switch) ms=$((RANDOM % 700)); vm_ssh "nohup upgradectl upgrade --version $target --no-reboot >/dev/null 2>&1 &" || return 1 ;;
-      reboot) ms=$((RANDOM % 40000)); vm_ssh "nohup upgradectl upgrade --version $target >/dev/null 2>&1 &" || return 1 ;;
+      switch) ms=$((RANDOM % 700)) ;;
+      edge)
+        if [ "$hi" = 0 ]; then ms=$((lo > 0 ? 2 * lo : 1500)); else ms=$(((lo + hi) / 2)); fi
+        ms=$((ms + RANDOM % 101 - 50))
+        ;;
+      reboot) ms=$((RANDOM % 40000)) ;;
       *) log "unknown power-cut phase $phase"; return 1 ;;
     esac
+    case "$phase" in
+      reboot) vm_ssh "nohup upgradectl upgrade --version $target >/dev/null 2>&1 &" || return 1 ;;
+      *) vm_ssh "nohup upgradectl upgrade --version $target --no-reboot >/dev/null 2>&1 &" || return 1 ;;
+    esac
+    # The cut itself is at a chosen instant: a sleep, not a wait for an event.
     sleep "$((ms / 1000)).$(printf '%03d' $((ms % 1000)))"
     vm_kill
     # Judge the disk as GRUB will read it (no journal replay) before Linux touches it.
@@ -541,9 +620,13 @@ scenario_powercut() {
     log "cut $i/$n: $phase at ${ms}ms ($old -> $target): GRUB reads $image whole; the box booted $booted"
     case "$booted" in "$old"|"$target") ;; *) log "booted $booted: neither $old nor $target"; return 1 ;; esac
     assert_eq "$(status_field "s['trying']")" None "a trial left pending after cut $i" || return 1
+    if [ "$phase" = edge ]; then
+      if [ "$booted" = "$old" ]; then lo=$ms; else hi=$ms; fi
+    fi
     tally+="$booted "
+    if [ "$booted" = "$old" ]; then before=$((before + 1)); else after=$((after + 1)); fi
   done
-  log "after $n cuts the box booted: $tally"
+  log "after $n cuts the box booted: $tally($before before the switch's commit point, $after after)"
   old=$(status_field "s['booted']") || return 1
   target=$(other_target "$old" "$((n + 1))") || return 1
   upgrade_and_reboot --version "$target"
@@ -618,7 +701,11 @@ scenario_demote() {
 
 demo() {
   local step=0
-  say() { step=$((step + 1)); printf '\n=== %d. %s\n' "$step" "$*"; }
+  say() {
+    step=$((step + 1))
+    printf '\n=== %d. %s\n' "$step" "$*"
+    step "demo $step. $*"
+  }
   say "a fresh appliance boots the factory image 1.0 through GRUB loopback"
   fresh_box
   boot_box
@@ -636,4 +723,5 @@ demo() {
   say "2.0 came up and passed its health checks: it is the default now"
   vm_run "upgradectl status"
   vm_poweroff
+  step_end
 }
