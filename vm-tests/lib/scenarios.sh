@@ -568,37 +568,43 @@ scenario_prepfaults() {
   log "prepare fail points: $cases cases (${chains[*]}), invariants held, reruns completed"
 }
 
-# Hard power-offs at random instants of an upgrade: POWERCUTS cuts (default 4), instants drawn
-# from POWERCUT_SEED (default 1: CI is deterministic; printed, so any run can be replayed), in
-# the phases POWERCUT_PHASES names: `switch` (within the first 0.7 s of `upgrade --no-reboot`,
-# which takes about 0.4 s under TCG: migration, GRUB files) and `reboot` (within `upgrade` and the boot that follows: shutdown, GRUB, initramfs,
-# confirm). Each upgrade goes between 2.0 and 4.0; a target that a cut made bad (a trial GRUB
-# started and power ended) is replaced by a new release. After each cut the disk is first
-# judged as GRUB reads it, then booted: the box runs the old or the new image, settled (no
-# trial pending). After the last cut, one more upgrade must work.
-#   POWERCUTS=100 POWERCUT_PHASES="switch reboot" POWERCUT_SEED=$RANDOM \
-#     vm-tests/run boot upgrade revert broken fallback resume powercut
-# Power cuts at random instants of upgrades: after each, the disk is judged as GRUB reads it,
-# then the box boots the old or the new image, settled. Phases: `switch` (a random instant of
-# `upgrade --no-reboot`, up to 0.7 s), `reboot` (of a whole upgrade with its reboot, up to
-# 40 s), `edge` (the default, for CI's few cuts: instants searched around the switch's commit
-# point, so that cuts land on both sides of it: from 1.5 s, doubled while cuts leave the old
-# image, then halfway between the latest cut that left the old image and the earliest that
-# left the new one).
-#   POWERCUTS=N POWERCUT_SEED=S POWERCUT_PHASES="switch reboot" vm-tests/run ... powercut
+# Power cuts at random instants of switches between images: after each, the disk is first
+# judged as GRUB reads it (no journal replay), then booted: the box runs the old or the new
+# image, settled (no trial pending). After the last cut, one more upgrade must work. POWERCUTS
+# cuts (default 4), instants drawn from POWERCUT_SEED (default 1; printed, so any run can be
+# replayed), in the phases POWERCUT_PHASES names:
+# - `edge` (the default, for CI's few cuts): upgrades between 2.0 and 4.0 (other_target), cut
+#   at instants searched around the switch's commit point so that cuts land on both sides of
+#   it: from 1.5 s, doubled while cuts leave the old image, then halfway between the latest cut
+#   that left the old image and the earliest that left the new one (it was 1.5 to 3.3 s after
+#   the ssh command under TCG);
+# - `switch`: a random instant within 4 s of `upgrade`/`revert --no-reboot` (next_switch);
+# - `reboot`: a random instant within 40 s of a whole upgrade or revert with its reboot
+#   (shutdown, GRUB, initramfs, confirm).
+# The campaign (docs/operations.md):
+#   POWERCUTS=100 POWERCUT_PHASES="switch reboot" POWERCUT_SEED=2026 \
+#     vm-tests/run boot upgrade powercut
 scenario_powercut() {
   ensure_box || return 1
   local seed=${POWERCUT_SEED:-1} n=${POWERCUTS:-4} phases
   read -r -a phases <<<"${POWERCUT_PHASES:-edge}"
   log "power cuts: $n, seed $seed, phases ${phases[*]}"
   RANDOM=$seed
-  local i phase ms old target image booted tally="" lo=0 hi=0 before=0 after=0
+  local i phase op ms old target image booted tally="" lo=0 hi=0 before=0 after=0
   for i in $(seq "$n"); do
     old=$(status_field "s['booted']") || return 1
-    target=$(other_target "$old" "$i") || return 1
     phase=${phases[RANDOM % ${#phases[@]}]}
+    # The edge search compares instants of one operation, an upgrade; the campaign's phases
+    # take whichever switch costs no new release (next_switch).
+    if [ "$phase" = edge ]; then
+      op=upgrade
+      target=$(other_target "$old" "$i") || return 1
+    else
+      read -r op target < <(next_switch "$old" "$i") || return 1
+      [ -n "$target" ] || return 1
+    fi
     case "$phase" in
-      switch) ms=$((RANDOM % 700)) ;;
+      switch) ms=$((RANDOM % 4000)) ;;
       edge)
         if [ "$hi" = 0 ]; then ms=$((lo > 0 ? 2 * lo : 1500)); else ms=$(((lo + hi) / 2)); fi
         ms=$((ms + RANDOM % 101 - 50))
@@ -606,10 +612,10 @@ scenario_powercut() {
       reboot) ms=$((RANDOM % 40000)) ;;
       *) log "unknown power-cut phase $phase"; return 1 ;;
     esac
-    case "$phase" in
-      reboot) vm_ssh "nohup upgradectl upgrade --version $target >/dev/null 2>&1 &" || return 1 ;;
-      *) vm_ssh "nohup upgradectl upgrade --version $target --no-reboot >/dev/null 2>&1 &" || return 1 ;;
-    esac
+    local cmd="upgradectl upgrade --version $target"
+    [ "$op" = revert ] && cmd="upgradectl revert"
+    [ "$phase" = reboot ] || cmd+=" --no-reboot"
+    vm_ssh "nohup $cmd >/dev/null 2>&1 &" || return 1
     # The cut itself is at a chosen instant: a sleep, not a wait for an event.
     sleep "$((ms / 1000)).$(printf '%03d' $((ms % 1000)))"
     vm_kill
@@ -617,7 +623,7 @@ scenario_powercut() {
     image=$(grub_view_check "$BOX_DISK") || return 1
     boot_box
     booted=$(vm_wait_boot 900) || return 1
-    log "cut $i/$n: $phase at ${ms}ms ($old -> $target): GRUB reads $image whole; the box booted $booted"
+    log "cut $i/$n: $op, $phase at ${ms}ms ($old -> $target): GRUB reads $image whole; the box booted $booted"
     case "$booted" in "$old"|"$target") ;; *) log "booted $booted: neither $old nor $target"; return 1 ;; esac
     assert_eq "$(status_field "s['trying']")" None "a trial left pending after cut $i" || return 1
     if [ "$phase" = edge ]; then
@@ -632,6 +638,19 @@ scenario_powercut() {
   upgrade_and_reboot --version "$target"
   expect_boot "$target" || return 1
   vm_run "upgradectl status"
+}
+
+# next_switch BOOTED N : "OP TARGET", the campaign's next switch that needs no new release:
+# `revert PREVIOUS` on the newest version the box accepted (an upgrade to an older one is a
+# refused downgrade), else `upgrade NEWEST`; when the one it needs is bad, gone or left
+# half-migrated by a cut, `upgrade` to other_target's choice (which may make a release 4.N).
+next_switch() {
+  local pick
+  pick=$(status_field "(lambda im, n, p: ('revert ' + p) if s['booted'] == n and p in im and im[p]['state'] != 'bad' and not im[p]['half_migrated'] else ('upgrade ' + n) if n and n != s['booted'] and n in im and im[n]['state'] != 'bad' and not im[n]['half_migrated'] else '')({i['version']: i for i in s['images']}, s['newest_accepted'], s['previous'])") || return 1
+  if [ -z "$pick" ]; then
+    pick="upgrade $(other_target "$1" "$2")" || return 1
+  fi
+  echo "$pick"
 }
 
 # other_target BOOTED N : the image to upgrade to next: 2.0 or 4.0, whichever is not running,
