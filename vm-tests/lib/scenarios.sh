@@ -496,7 +496,9 @@ assert_prepare_invariants() {
   local loops
   loops=$(vm_ssh "losetup -n -O BACK-FILE | grep -vc '/host/images/$(status_field "s['booted']").img'" || true)
   assert_eq "$loops" 0 "$1: loop devices besides the root's" || return 1
-  vm_ssh "findmnt -rn -o TARGET | grep -q '^/tmp\|upgradectl'" && { log "$1: a mount leaked"; return 1; }
+  # upgradectl mounts images at /tmp/upgradectl-mnt-* (ImageMount); the server's datasets at
+  # /var/lib/upgradectl-server and /etc/upgradectl/server are the guest's own, not leaks.
+  vm_ssh "findmnt -rn -o TARGET | grep -q '^/tmp/\|upgradectl-mnt-'" && { log "$1: a mount leaked: $(vm_ssh 'findmnt -rn -o TARGET | grep "^/tmp/\|upgradectl-mnt-"')"; return 1; }
   vm_ssh "grub-script-check /host/boot/grub/grub.cfg" || { log "$1: grub.cfg is invalid"; return 1; }
   local listed
   for listed in $(vm_ssh "sed -n 's|^  loopback [^ ]* /images/\(.*\)\.img$|\1|p' /host/boot/grub/grub.cfg"); do
