@@ -583,7 +583,7 @@ scenario_prepfaults() {
 # - `switch`: a random instant within 4 s of `upgrade`/`revert --no-reboot` (next_switch);
 # - `reboot`: a random instant within 40 s of a whole upgrade or revert with its reboot
 #   (shutdown, GRUB, initramfs, confirm).
-# The campaign (docs/operations.md):
+# The campaign (its figures in the README's fault table):
 #   POWERCUTS=100 POWERCUT_PHASES="switch reboot" POWERCUT_SEED=2026 \
 #     vm-tests/run boot upgrade powercut
 scenario_powercut() {
