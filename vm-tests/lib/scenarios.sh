@@ -648,7 +648,18 @@ scenario_powercut() {
 # half-migrated by a cut, `upgrade` to other_target's choice (which may make a release 4.N).
 next_switch() {
   local pick
-  pick=$(status_field "(lambda im, n, p: ('revert ' + p) if s['booted'] == n and p in im and im[p]['state'] != 'bad' and not im[p].get('half_migrated') else ('upgrade ' + n) if n and n != s['booted'] and n in im and im[n]['state'] != 'bad' and not im[n].get('half_migrated') else '')({i['version']: i for i in s['images']}, s['newest_accepted'], s['previous'])") || return 1
+  pick=$(vm_ssh "upgradectl status --json" | python3 -c '
+import json, sys
+s = json.loads(sys.stdin.readlines()[-1])
+images = {i["version"]: i for i in s["images"]}
+def usable(v):
+    return v in images and images[v]["state"] != "bad" and not images[v].get("half_migrated")
+newest, previous = s["newest_accepted"], s["previous"]
+if s["booted"] == newest and usable(previous):
+    print("revert", previous)
+elif newest and s["booted"] != newest and usable(newest):
+    print("upgrade", newest)
+') || return 1
   if [ -z "$pick" ]; then
     pick="upgrade $(other_target "$1" "$2")" || return 1
   fi
