@@ -42,9 +42,13 @@ _build_zfs_modules() {
 
 # The project's .deb (binary, man pages and completions, initramfs hooks, grub.d script,
 # systemd units). gen-assets makes the release build and generates what cargo deb packages.
-# deb_file prints the newest .deb, build_deb builds it (cargo's own caching).
+# deb_file prints VMT_DEB or else the newest .deb, build_deb builds it (cargo's own caching).
 deb_file() {
-  ls -t "$REPO_DIR"/target/debian/upgradectl_*.deb | head -n1
+  if [ -n "${VMT_DEB:-}" ]; then
+    echo "$VMT_DEB"
+  else
+    ls -t "$REPO_DIR"/target/debian/upgradectl_*.deb | head -n1
+  fi
 }
 
 build_deb() {
