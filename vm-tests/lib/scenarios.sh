@@ -576,6 +576,38 @@ scenario_prepfaults() {
     assert_eq "$(status_field "len(s['leftovers'])")" 0 "leftovers after the chain ($v)" || return 1
   done
   log "prepare fail points: $cases cases (${chains[*]}), invariants held, reruns completed"
+  if [ "${PREPFAULTS:-}" = full ]; then
+    make_release 6.1 good || return 1
+    prepare_from_a_foreign_base 6.1 || return 1
+  fi
+}
+
+# prepare_from_a_foreign_base VERSION : the box's newest snapshot (the diff's base) replaced by
+# a copy of its bytes under another GUID, as a factory that seeds pools by copying the image
+# makes it: `zfs receive` refuses the server's diff (not its source), on every run. prepare
+# takes the full stream instead and VERSION ends prepared; the next diffs start from it.
+# Long mode only: the server builds a full stream (minutes under TCG).
+prepare_from_a_foreign_base() {
+  local base out
+  base=$(vm_ssh "zfs list -H -t snapshot -o name -s createtxg -d 1 box/upgradectl/image | tail -n1 | sed 's/.*@//'") || return 1
+  vm_run "set -e
+    zfs set snapdev=visible box/upgradectl/image
+    udevadm settle
+    size=\$(zfs get -Hp -o value volsize box/upgradectl/image)
+    zfs create -V \$size box/foreign
+    udevadm settle
+    dd if=/dev/zvol/box/upgradectl/image@$base of=/dev/zvol/box/foreign bs=1M status=none conv=fsync
+    zfs snapshot box/foreign@$base
+    zfs destroy -r box/upgradectl/image
+    zfs rename box/foreign box/upgradectl/image" || return 1
+  out=$(vm_ssh "upgradectl --wait prepare --version $1 --json 2>/tmp/foreign.log" | tail -n1) || {
+    log "prepare from a foreign base failed: $(vm_ssh 'tail -n 5 /tmp/foreign.log')"
+    return 1
+  }
+  log "prepare from a foreign base $base: $out; it said: $(vm_ssh "grep -m1 'taking the full stream' /tmp/foreign.log")"
+  assert_eq "$(json_field "$out" "d['base']")" None "the base of $1's artifact" || return 1
+  assert_eq "$(json_field "$out" "d['artifact']")" "full-$1" "$1's artifact" || return 1
+  assert_eq "$(status_field "next(i['state'] for i in s['images'] if i['version'] == '$1')")" prepared "state of $1" || return 1
 }
 
 # Power cuts at random instants of switches between images: after each, the disk is first

@@ -154,13 +154,8 @@ fn prepare_once(ctx: &mut Ctx, pinned: Option<&Version>) -> Result<PrepareReport
             )?;
             match fetched {
                 Ok(fetched) => break fetched,
-                // The diff decoded against our base fails its checksum: the base snapshot is
-                // not the bytes the server holds. The full stream needs no base.
-                Err(e)
-                    if base.is_some()
-                        && e.downcast_ref::<crate::sys::refcodec::ReferenceMismatch>()
-                            .is_some() =>
-                {
+                // A verified diff whose receive failed: see `full_stream_may_help`.
+                Err(e) if base.is_some() && full_stream_may_help(&e) => {
                     tracing::warn!("{}: {e:#}; taking the full stream", descriptor.name);
                     fsutil::remove_durably(&ctx.layout.downloads_dir().join(&descriptor.name))?;
                     (base, descriptor) = (None, descriptor_of(None)?);
@@ -297,6 +292,18 @@ fn fetch_and_receive(
         crate::fail_point!("prepare::received");
     }
     Ok(outcome)
+}
+
+/// Whether the full stream is the way on after a verified diff failed to receive. The diff
+/// does not apply to the box's base: decoded against other bytes (its frame checksum fails:
+/// `refcodec::ReferenceMismatch`), or a base `zfs receive` does not take as the stream's
+/// source (a pool the factory seeded otherwise than from the server's stream: another
+/// snapshot GUID, the same version). Retrying the diff fails the same way on every run, so the
+/// box would never upgrade; the full stream needs no base, and the next diffs start from it.
+/// A local failure (the pool full) goes the same way: the full stream replaces the zvol and
+/// its snapshots. A refusal does not: the artifact is not acceptable in any encoding.
+fn full_stream_may_help(receive_error: &anyhow::Error) -> bool {
+    crate::error::classify(receive_error).0 != crate::error::Exit::Refused
 }
 
 /// What a download and the receive that read it come to: the download's error wins, being
@@ -463,6 +470,23 @@ mod tests {
         // Anything else is not a reason to download a whole image instead.
         let refused = || Err(crate::error::refused("bad descriptor"));
         assert!(choose(Some("1.0"), refused, 256 * mib).is_err());
+    }
+
+    #[test]
+    fn a_diff_that_does_not_receive_sends_the_box_to_the_full_stream_unless_refused() {
+        // zfs receive refusing a base of another GUID: before, only a failed frame checksum
+        // did, and a box whose pool the factory seeded by copying never upgraded.
+        let not_its_source = anyhow::anyhow!(
+            "cannot receive incremental stream: most recent snapshot of box/upgradectl/image \
+             does not match incremental source"
+        )
+        .context("zfs receive -s -F box/upgradectl/image failed (exit 1)");
+        assert!(full_stream_may_help(&not_its_source));
+        let mismatch =
+            anyhow::Error::from(crate::sys::refcodec::ReferenceMismatch).context("decompressing");
+        assert!(full_stream_may_help(&mismatch));
+        let refused = crate::error::refused("the frame needs a window larger than the limit");
+        assert!(!full_stream_may_help(&refused.context("receiving")));
     }
 
     #[test]
