@@ -686,8 +686,9 @@ scenario_powercut() {
 
 # next_switch BOOTED N : "OP TARGET", the campaign's next switch that needs no new release:
 # `revert PREVIOUS` on the newest version the box accepted (an upgrade to an older one is a
-# refused downgrade), else `upgrade NEWEST`; when the one it needs is bad, gone or left
-# half-migrated by a cut, `upgrade` to other_target's choice (which may make a release 4.N).
+# refused downgrade), else `upgrade NEWEST`; when the one it needs is bad or gone, `upgrade`
+# to other_target's choice (which may make a release 4.N). An image a cut left half-migrated
+# is a fine target: `upgrade` exports it again from its snapshot first, as a box would.
 next_switch() {
   local pick
   pick=$(vm_ssh "upgradectl status --json" | python3 -c '
@@ -695,7 +696,7 @@ import json, sys
 s = json.loads(sys.stdin.readlines()[-1])
 images = {i["version"]: i for i in s["images"]}
 def usable(v):
-    return v in images and images[v]["state"] != "bad" and not images[v].get("half_migrated")
+    return v in images and images[v]["state"] != "bad"
 newest, previous = s["newest_accepted"], s["previous"]
 if s["booted"] == newest and usable(previous):
     print("revert", previous)
