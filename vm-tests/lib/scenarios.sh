@@ -99,9 +99,23 @@ expect_boot() {
   log "booted image $got"
 }
 
+# status_json : `upgradectl status --json` in the guest. A query, so it is asked again while ssh
+# itself fails (exit 255: sshd not answering yet, as after a boot on a starved machine; a
+# campaign once stopped on it), for up to 2 minutes; the command's own failure is returned.
+status_json() {
+  local rc deadline=$((SECONDS + 120))
+  while :; do
+    rc=0
+    vm_ssh "upgradectl status --json" || rc=$?
+    [ "$rc" = 255 ] && [ "$SECONDS" -lt "$deadline" ] || return "$rc"
+    log "ssh to the guest failed; asking for its status again"
+    sleep 1
+  done
+}
+
 # status_field EXPR : a field of `upgradectl status --json`, through python's json.
 status_field() {
-  vm_ssh "upgradectl status --json" | python3 -c "import json,sys; s=json.loads(sys.stdin.readlines()[-1]); print($1)"
+  status_json | python3 -c "import json,sys; s=json.loads(sys.stdin.readlines()[-1]); print($1)"
 }
 
 assert_eq() {
@@ -691,7 +705,7 @@ scenario_powercut() {
 # is a fine target: `upgrade` exports it again from its snapshot first, as a box would.
 next_switch() {
   local pick
-  pick=$(vm_ssh "upgradectl status --json" | python3 -c '
+  pick=$(status_json | python3 -c '
 import json, sys
 s = json.loads(sys.stdin.readlines()[-1])
 images = {i["version"]: i for i in s["images"]}
