@@ -536,6 +536,9 @@ prepare_on_a_full_disk() {
   local rc=0 before after
   # Nothing removable left: prepare cannot make room by removing images.
   vm_ssh "upgradectl cleanup >/dev/null" || true
+  # As on a box that never downloaded: no downloads directory (`boot prepfaults` found prepare
+  # creating it before it refused; after other scenarios it existed and hid that).
+  vm_ssh "rmdir /host/var/lib/upgradectl/downloads 2>/dev/null" || true
   before=$(vm_ssh "ls /host/images /host/var/lib/upgradectl/downloads 2>/dev/null | sort | tr '\n' ' '")
   vm_run "fallocate -l \$(( \$(df --output=avail -B1 /host | tail -n1) - 64 * 1048576 )) /host/filler" || return 1
   vm_ssh "upgradectl --wait prepare --version $1 --json" >/tmp/full.json 2>&1 || rc=$?

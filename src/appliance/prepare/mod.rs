@@ -260,7 +260,6 @@ fn fetch_and_receive(
 ) -> Result<Result<Fetched>> {
     let name = &descriptor.name;
     let dir = ctx.layout.downloads_dir();
-    std::fs::create_dir_all(&dir)?;
     let file = dir.join(name);
     let partial = fetch::partial_path(&file);
     // Everything this prepare writes on the host partition: the rest of the download, then
@@ -274,6 +273,8 @@ fn fetch_and_receive(
         .unwrap_or(0);
     let to_download = descriptor.size.saturating_sub(have);
     images::ensure_space(ctx, state, image_size + to_download)?;
+    // Only now: a prepare that does not fit writes nothing, not even the directory.
+    std::fs::create_dir_all(&dir)?;
     crate::fail_point!("prepare::planned");
 
     let url = format!("{server}/v1/artifacts/{name}");
