@@ -50,8 +50,11 @@ pub fn prepare_locked(
 ) -> Result<PrepareReport> {
     let start = Instant::now();
     let max_wait = Duration::from_secs(ctx.config.download.max_wait_seconds);
+    // A base whose diff did not apply: the retries while the server builds the full stream
+    // ask for that, not for the diff again (downloaded and failed once per retry before).
+    let mut base_failed = None;
     loop {
-        match prepare_once(ctx, pinned) {
+        match prepare_once(ctx, pinned, &mut base_failed) {
             Err(e) if wait => match e.downcast_ref::<Error>() {
                 // Durations, not instants: no overflow whatever the server said.
                 Some(Error::ComeBackLater { what, retry_after })
@@ -72,7 +75,13 @@ pub fn prepare_locked(
     }
 }
 
-fn prepare_once(ctx: &mut Ctx, pinned: Option<&Version>) -> Result<PrepareReport> {
+/// One attempt. `base_failed`: a base whose diff did not apply in an earlier attempt of the
+/// same run (no diff from it is asked for); set when this attempt finds one.
+fn prepare_once(
+    ctx: &mut Ctx,
+    pinned: Option<&Version>,
+    base_failed: &mut Option<Version>,
+) -> Result<PrepareReport> {
     let start = Instant::now();
     let server = ctx
         .config
@@ -137,8 +146,11 @@ fn prepare_once(ctx: &mut Ctx, pinned: Option<&Version>) -> Result<PrepareReport
         let descriptor_of = |base: Option<&Version>| -> Result<Descriptor> {
             meta.descriptor(&client, server, &artifact_name(base, &target))
         };
-        let (mut base, mut descriptor) =
-            choose_artifact(&descriptor_of, plan.base.as_ref(), max_memory)?;
+        let base = plan
+            .base
+            .as_ref()
+            .filter(|b| base_failed.as_ref() != Some(*b));
+        let (mut base, mut descriptor) = choose_artifact(&descriptor_of, base, max_memory)?;
         let fetched = loop {
             let fetched = fetch_and_receive(
                 ctx,
@@ -158,7 +170,8 @@ fn prepare_once(ctx: &mut Ctx, pinned: Option<&Version>) -> Result<PrepareReport
                 Err(e) if base.is_some() && full_stream_may_help(&e) => {
                     tracing::warn!("{}: {e:#}; taking the full stream", descriptor.name);
                     fsutil::remove_durably(&ctx.layout.downloads_dir().join(&descriptor.name))?;
-                    (base, descriptor) = (None, descriptor_of(None)?);
+                    *base_failed = base.take();
+                    descriptor = descriptor_of(None)?;
                 }
                 Err(e) => {
                     return Err(e)
