@@ -46,6 +46,17 @@ cache_key() {
   { echo "$name"; cat "$@"; } | sha256sum | cut -c1-16
 }
 
+# with_cache_lock CMD... : runs CMD holding the machine-wide cache lock: one builder at a time
+# per machine, the cache being shared by every clone.
+with_cache_lock() {
+  local lock
+  exec {lock}>"$CACHE_DIR/.lock"
+  flock "$lock"
+  "$@"
+  flock -u "$lock"
+  exec {lock}>&-
+}
+
 # cached OUT CMD... : runs CMD (which must write OUT.tmp) unless OUT exists; renames on success.
 cached() {
   local out=$1

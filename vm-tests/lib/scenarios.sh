@@ -21,11 +21,13 @@ STORE=/var/lib/upgradectl-server
 ONLINE_KEYS=/etc/upgradectl/server/online-keys
 RM_KEYS=/srv/release-manager/keys
 
-setup_artefacts() {
+setup_artefacts() { with_cache_lock _setup_artefacts; }
+
+# setup_base : the guest's base tree alone, as setup_artefacts would build it.
+setup_base() { with_cache_lock build_base; }
+
+_setup_artefacts() {
   local deb base key
-  # One builder at a time per machine: the cache is shared by every clone.
-  exec {cache_lock}>"$CACHE_DIR/.lock"
-  flock "$cache_lock"
   # Side by side: the package (cargo: cargo-deb if missing, the release build) and the guest's
   # base tree (mmdebstrap, the ZFS module by DKMS), which does not need our binary.
   [ -n "${VMT_DEB:-}" ] || lane package build_deb
@@ -52,15 +54,6 @@ setup_artefacts() {
     stage "images 1.0 to 5.0 (base + .deb)" build_images "$base" "$deb"
   fi
   touch "$IMAGES"
-  flock -u "$cache_lock"
-}
-
-# setup_base : the guest's base tree alone, as setup_artefacts would build it.
-setup_base() {
-  exec {cache_lock}>"$CACHE_DIR/.lock"
-  flock "$cache_lock"
-  build_base
-  flock -u "$cache_lock"
 }
 
 # build_images BASE DEB : the image set into IMAGES.
