@@ -12,7 +12,7 @@ use crate::appliance::images;
 use crate::appliance::intent;
 use crate::appliance::rebootlock;
 use crate::appliance::report::{self, Step};
-use crate::appliance::state::{Settle, State};
+use crate::appliance::state::{Pending, Settle, State};
 use crate::core::report::Outcome;
 use crate::core::version::Version;
 use crate::error::Error;
@@ -62,7 +62,7 @@ struct ConfirmReport {
 /// `deadline`: the trial's time is up (the deadline timer); still on trial means it failed.
 pub fn confirm(ctx: &mut Ctx, no_reboot: bool, deadline: bool) -> Result<()> {
     let started = now();
-    let (_lock, mut state, _) = intent::lock(ctx)?;
+    let (_lock, mut state, finished) = intent::lock(ctx)?;
     // One look at this boot (kernel command line, the initramfs's report) serves throughout.
     let this_boot = ctx.booted()?;
     let booted = Ctx::image_of(&this_boot)?;
@@ -78,6 +78,14 @@ pub fn confirm(ctx: &mut Ctx, no_reboot: bool, deadline: bool) -> Result<()> {
     let settle = state.settle(&booted, attempted);
     let report = this_boot.report;
     let default_failure = default_failure(&report, &env, &state, &booted);
+    // A revert cut short before GRUB's files said so booted the image it was leaving; its
+    // intent is finished now (`intent::lock`), and so is its reboot.
+    let revert_finished = match finished {
+        Some(Pending::Revert { to }) if to != booted && state.default.as_ref() == Some(&to) => {
+            Some(to)
+        }
+        _ => None,
+    };
     let (outcome, message, checks, result, reboot_to): (
         &str,
         String,
@@ -144,6 +152,16 @@ pub fn confirm(ctx: &mut Ctx, no_reboot: bool, deadline: bool) -> Result<()> {
             Ok(()),
             None,
         ),
+        Settle::AlreadyDefault if revert_finished.is_some() => {
+            let to = revert_finished.clone().expect("checked");
+            (
+                "revert-finished",
+                format!("an interrupted revert to {to} is finished; the box goes back to it"),
+                vec![],
+                Ok(()),
+                Some(to),
+            )
+        }
         Settle::AlreadyDefault if default_failure.is_some() => {
             let default = state.default.clone().expect("checked");
             let reason = default_failure.expect("checked");
@@ -203,6 +221,7 @@ pub fn confirm(ctx: &mut Ctx, no_reboot: bool, deadline: bool) -> Result<()> {
         "failed" if deadline => Some(Outcome::TrialFailed),
         "failed" => Some(Outcome::Failed),
         "trial-did-not-boot" | "default-demoted" => Some(Outcome::Fallback),
+        "revert-finished" => Some(Outcome::Reverted),
         _ => None,
     };
     let report = ConfirmReport {
@@ -228,6 +247,7 @@ pub fn confirm(ctx: &mut Ctx, no_reboot: bool, deadline: bool) -> Result<()> {
     if let Some(o) = outcome_reported {
         let (from, to) = match (o, trial) {
             (Outcome::Fallback, None) => (None, old_default),
+            (Outcome::Reverted, _) => (Some(report.booted.clone()), revert_finished),
             (_, t) => (t.as_ref().map(|t| t.from.clone()), t.map(|t| t.version)),
         };
         let step = Step {
