@@ -15,7 +15,8 @@ free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
 }
 
-# vm_start NAME DISK... : boots a guest from the first disk (BIOS, GRUB) in the background.
+# vm_start NAME DISK... : boots a guest from the first disk (BIOS, GRUB) in the background. A
+# DISK written FILE:ro is attached read-only.
 vm_start() {
   local name=$1
   VM_ARGS=("$@")
@@ -28,7 +29,10 @@ vm_start() {
   [ "${VM_RESTARTING:-}" = 1 ] || VM_SSH_PORT=$(free_port)
   local drives=()
   for d in "$@"; do
-    drives+=(-drive "file=$d,format=raw,if=virtio")
+    case "$d" in
+      *:ro) drives+=(-drive "file=${d%:ro},format=raw,if=virtio,readonly=on") ;;
+      *) drives+=(-drive "file=$d,format=raw,if=virtio") ;;
+    esac
   done
   qemu-system-x86_64 -accel tcg -m 2048 -smp 2 -display none -no-user-config -nodefaults \
     -serial "file:$VM_LOG" -device virtio-rng-pci \
