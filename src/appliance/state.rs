@@ -104,6 +104,11 @@ pub struct State {
     /// An operation written as intent whose GRUB side is not done yet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pending: Option<Pending>,
+    /// The local snapshot a verified diff would not receive onto (the same bytes under another
+    /// GUID, as a pool seeded by copying the image has it): `prepare` takes full streams until
+    /// one replaces it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diff_failed_from: Option<Version>,
 }
 
 impl Default for State {
@@ -119,6 +124,7 @@ impl Default for State {
             last_operation: None,
             host_uuid: None,
             pending: None,
+            diff_failed_from: None,
         }
     }
 }

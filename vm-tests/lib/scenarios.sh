@@ -610,11 +610,20 @@ prepare_from_a_foreign_base() {
     zfs snapshot box/foreign@$base
     zfs destroy -r box/upgradectl/image
     zfs rename box/foreign box/upgradectl/image" || return 1
-  out=$(vm_ssh "upgradectl --wait prepare --version $1 --json 2>/tmp/foreign.log" | tail -n1) || {
+  # A first run that gives up while the server builds the full stream (come back later, as a
+  # timer's run would end), then one that waits: the diff is downloaded and refused once in
+  # all (each run, and each retry of a run, had downloaded and failed it again).
+  local rc=0 conf=/host/var/lib/upgradectl/upgradectl.toml
+  vm_run "cp $conf $conf.orig && printf '[download]\nmax_wait_seconds = 300\n' >>$conf" || return 1
+  vm_ssh "upgradectl --wait prepare --version $1 --json >/dev/null 2>/tmp/foreign.log" || rc=$?
+  vm_run "mv $conf.orig $conf" || return 1
+  assert_eq "$rc" 4 "exit code of the prepare that stopped waiting for the full stream" || return 1
+  out=$(vm_ssh "upgradectl --wait prepare --version $1 --json 2>>/tmp/foreign.log" | tail -n1) || {
     log "prepare from a foreign base failed: $(vm_ssh 'tail -n 5 /tmp/foreign.log')"
     return 1
   }
   log "prepare from a foreign base $base: $out; it said: $(vm_ssh "grep -m1 'taking the full stream' /tmp/foreign.log")"
+  assert_eq "$(vm_ssh "grep -c 'taking the full stream' /tmp/foreign.log")" 1 "diffs downloaded and refused in two runs" || return 1
   assert_eq "$(json_field "$out" "d['base']")" None "the base of $1's artifact" || return 1
   assert_eq "$(json_field "$out" "d['artifact']")" "full-$1" "$1's artifact" || return 1
   assert_eq "$(status_field "next(i['state'] for i in s['images'] if i['version'] == '$1')")" prepared "state of $1" || return 1

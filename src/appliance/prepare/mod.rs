@@ -50,11 +50,8 @@ pub fn prepare_locked(
 ) -> Result<PrepareReport> {
     let start = Instant::now();
     let max_wait = Duration::from_secs(ctx.config.download.max_wait_seconds);
-    // A base whose diff did not apply: the retries while the server builds the full stream
-    // ask for that, not for the diff again (downloaded and failed once per retry before).
-    let mut base_failed = None;
     loop {
-        match prepare_once(ctx, pinned, &mut base_failed) {
+        match prepare_once(ctx, pinned) {
             Err(e) if wait => match e.downcast_ref::<Error>() {
                 // Durations, not instants: no overflow whatever the server said.
                 Some(Error::ComeBackLater { what, retry_after })
@@ -75,13 +72,8 @@ pub fn prepare_locked(
     }
 }
 
-/// One attempt. `base_failed`: a base whose diff did not apply in an earlier attempt of the
-/// same run (no diff from it is asked for); set when this attempt finds one.
-fn prepare_once(
-    ctx: &mut Ctx,
-    pinned: Option<&Version>,
-    base_failed: &mut Option<Version>,
-) -> Result<PrepareReport> {
+/// One attempt.
+fn prepare_once(ctx: &mut Ctx, pinned: Option<&Version>) -> Result<PrepareReport> {
     let start = Instant::now();
     let server = ctx
         .config
@@ -146,10 +138,12 @@ fn prepare_once(
         let descriptor_of = |base: Option<&Version>| -> Result<Descriptor> {
             meta.descriptor(&client, server, &artifact_name(base, &target))
         };
+        // A base whose diff did not receive before: no diff from it is asked for again (the
+        // retries while the server builds the full stream downloaded and failed it each time).
         let base = plan
             .base
             .as_ref()
-            .filter(|b| base_failed.as_ref() != Some(*b));
+            .filter(|b| state.diff_failed_from.as_ref() != Some(*b));
         let (mut base, mut descriptor) = choose_artifact(&descriptor_of, base, max_memory)?;
         let fetched = loop {
             let fetched = fetch_and_receive(
@@ -170,7 +164,9 @@ fn prepare_once(
                 Err(e) if base.is_some() && full_stream_may_help(&e) => {
                     tracing::warn!("{}: {e:#}; taking the full stream", descriptor.name);
                     fsutil::remove_durably(&ctx.layout.downloads_dir().join(&descriptor.name))?;
-                    *base_failed = base.take();
+                    // Remembered before anything else can stop this run (come back later).
+                    state.diff_failed_from = base.take();
+                    state.save(&ctx.layout.state_file())?;
                     descriptor = descriptor_of(None)?;
                 }
                 Err(e) => {
@@ -179,6 +175,10 @@ fn prepare_once(
                 }
             }
         };
+        if base.is_none() {
+            // The full stream replaced the pool's snapshots, the foreign base among them.
+            state.diff_failed_from = None;
+        }
         report.base = base.clone();
         report.artifact = descriptor.name.clone();
         report.encoding = Some(descriptor.encoding);
