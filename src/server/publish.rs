@@ -99,12 +99,12 @@ pub fn publish(
         }
     }
     let source = Source::open(from)?;
-    let device = if zfs::exists(zvol)? {
-        zfs::volume_device(zvol)?
+    let (device, grown) = if zfs::exists(zvol)? {
+        grow_to_fit(zvol, source.path(), version)?
     } else {
-        create_volume(zvol, source.path(), from)?
+        (create_volume(zvol, source.path(), from)?, false)
     };
-    write_in_place(source.path(), &device)
+    write_in_place(source.path(), &device, grown)
         .with_context(|| format!("writing {version} into {zvol}"))?;
     drop(source);
     Cmd::new("zfs")
@@ -140,22 +140,68 @@ fn block_size(dev: &Path) -> Result<u64> {
         .with_context(|| format!("blockdev --getsize64 {}: {out:?}", dev.display()))
 }
 
+/// Bytes the files of `tree` take.
+fn tree_bytes(tree: &Path) -> Result<u64> {
+    let out = Cmd::new("du").args(["-sxb"]).arg(tree).stdout()?;
+    out.split_whitespace()
+        .next()
+        .unwrap_or("0")
+        .parse()
+        .with_context(|| format!("du -sxb {}: {out:?}", tree.display()))
+}
+
+/// The size of a volume made for a tree of `used` bytes: half again for later versions, and
+/// room for ext4's own (journal, inode tables), in whole 16 KiB blocks.
+fn room_for(used: u64) -> u64 {
+    (used + used / 2 + (256 << 20)).div_ceil(16 << 10) * (16 << 10)
+}
+
+/// The size a volume of `size` bytes must have to take a tree of `used` bytes: `size` when the
+/// tree fits beside ext4's own (a 16th of the volume and 64 MiB, generously), else the room a
+/// new volume would get for it.
+fn size_for(used: u64, size: u64) -> u64 {
+    if used + size / 16 + (64 << 20) <= size {
+        size
+    } else {
+        room_for(used).max(size)
+    }
+}
+
+/// The image zvol's device, grown first (and reported so, for `write_in_place` to grow its
+/// filesystem) when `tree` would not fit in it: a version larger than the room the first one
+/// left failed half way through its rsync, out of space.
+fn grow_to_fit(zvol: &str, tree: &Path, version: &Version) -> Result<(PathBuf, bool)> {
+    let device = zfs::volume_device(zvol)?;
+    let size = block_size(&device)?;
+    let want = size_for(tree_bytes(tree)?, size);
+    if want == size {
+        return Ok((device, false));
+    }
+    tracing::warn!("{version} does not fit in {zvol} ({size} bytes): growing it to {want}");
+    Cmd::new("zfs")
+        .args(["set", &format!("volsize={want}"), zvol])
+        .run()?;
+    // The device takes the new size from ZFS's own task: wait for it, boundedly.
+    for _ in 0..100 {
+        if block_size(&device)? == want {
+            return Ok((device, true));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    anyhow::bail!(
+        "{} is still {} bytes 10 s after `zfs set volsize={want}`",
+        device.display(),
+        block_size(&device)?
+    )
+}
+
 /// A sparse zvol sized for the first image, with a fresh ext4 on it.
 fn create_volume(zvol: &str, tree: &Path, from: &Path) -> Result<PathBuf> {
     let bytes = if from.is_file() && from.to_string_lossy().ends_with(".img") {
-        std::fs::metadata(from)?.len()
+        std::fs::metadata(from)?.len().div_ceil(16 << 10) * (16 << 10)
     } else {
-        let used: u64 = Cmd::new("du")
-            .args(["-sxb"])
-            .arg(tree)
-            .stdout()?
-            .split_whitespace()
-            .next()
-            .unwrap_or("0")
-            .parse()?;
-        used + used / 2 + (256 << 20)
+        room_for(tree_bytes(tree)?)
     };
-    let bytes = bytes.div_ceil(16 << 10) * (16 << 10);
     if let Some((parent, _)) = zvol.rsplit_once('/') {
         zfs::ensure_filesystem(parent)?;
     }
@@ -188,9 +234,16 @@ fn create_volume(zvol: &str, tree: &Path, from: &Path) -> Result<PathBuf> {
 }
 
 /// rsync in place at block level, then trim free blocks so they read as zeros and take no
-/// space (and never show up in a diff).
-fn write_in_place(tree: &Path, device: &Path) -> Result<()> {
+/// space (and never show up in a diff). `grown`: the volume was grown; its filesystem is
+/// grown to it first (online, mounted).
+fn write_in_place(tree: &Path, device: &Path, grown: bool) -> Result<()> {
     let mount = ImageMount::open(device, false)?;
+    if grown {
+        Cmd::new("resize2fs")
+            .arg(device)
+            .run()
+            .context("growing the image's filesystem")?;
+    }
     let mut src = tree.as_os_str().to_owned();
     src.push("/");
     let mut dst = mount.path().as_os_str().to_owned();
@@ -241,4 +294,26 @@ pub fn release(
     let out = r.clone();
     store.save_releases(&releases)?;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn a_tree_that_fits_keeps_the_volume_and_one_that_does_not_grows_it() {
+        // The first version's volume, made for a 700 MiB tree: 1306 MiB.
+        let size = room_for(700 * MIB);
+        assert_eq!(size, 1306 * MIB);
+        assert_eq!(size_for(700 * MIB, size), size);
+        assert_eq!(size_for(1100 * MIB, size), size);
+        // Beyond the volume less a 16th and 64 MiB: room as for a new volume of that tree.
+        let grown = size_for(1200 * MIB, size);
+        assert_eq!(grown, room_for(1200 * MIB));
+        assert!(grown > size && grown % (16 << 10) == 0);
+        // Never smaller than it is.
+        assert_eq!(size_for(0, 4096 * MIB), 4096 * MIB);
+    }
 }
