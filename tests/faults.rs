@@ -110,7 +110,11 @@ fn an_interrupted_revert_is_finished_not_undone() {
         assert_eq!(code, None, "{point}: not killed: {out}");
         let mut booted = h.grub_reboot();
         let r = h.run(&["confirm"]);
-        assert!(r.code == 0 || r.code == 3, "{point}: confirm exit {}", r.code);
+        assert!(
+            r.code == 0 || r.code == 3,
+            "{point}: confirm exit {}",
+            r.code
+        );
         let reboot = r
             .lines
             .iter()
@@ -124,7 +128,10 @@ fn an_interrupted_revert_is_finished_not_undone() {
         } else {
             assert_eq!(reboot, None, "{point}: {}", r.stdout);
         }
-        assert_eq!(booted, "upgradectl-1.0", "{point}: the box runs the image it left");
+        assert_eq!(
+            booted, "upgradectl-1.0",
+            "{point}: the box runs the image it left"
+        );
         assert_eq!(
             h.state()["default"],
             "1.0",
