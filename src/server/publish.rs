@@ -99,12 +99,12 @@ pub fn publish(
         }
     }
     let source = Source::open(from)?;
-    let (device, grown) = if zfs::exists(zvol)? {
+    let device = if zfs::exists(zvol)? {
         grow_to_fit(zvol, source.path(), version)?
     } else {
-        (create_volume(zvol, source.path(), from)?, false)
+        create_volume(zvol, source.path(), from)?
     };
-    write_in_place(source.path(), &device, grown)
+    write_in_place(source.path(), &device)
         .with_context(|| format!("writing {version} into {zvol}"))?;
     drop(source);
     Cmd::new("zfs")
@@ -167,15 +167,15 @@ fn size_for(used: u64, size: u64) -> u64 {
     }
 }
 
-/// The image zvol's device, grown first (and reported so, for `write_in_place` to grow its
-/// filesystem) when `tree` would not fit in it: a version larger than the room the first one
-/// left failed half way through its rsync, out of space.
-fn grow_to_fit(zvol: &str, tree: &Path, version: &Version) -> Result<(PathBuf, bool)> {
+/// The image zvol's device, grown first when `tree` would not fit in it (`write_in_place`
+/// grows the filesystem): a version larger than the room the first one left failed half way
+/// through its rsync, out of space.
+fn grow_to_fit(zvol: &str, tree: &Path, version: &Version) -> Result<PathBuf> {
     let device = zfs::volume_device(zvol)?;
     let size = block_size(&device)?;
     let want = size_for(tree_bytes(tree)?, size);
     if want == size {
-        return Ok((device, false));
+        return Ok(device);
     }
     tracing::warn!("{version} does not fit in {zvol} ({size} bytes): growing it to {want}");
     Cmd::new("zfs")
@@ -184,7 +184,7 @@ fn grow_to_fit(zvol: &str, tree: &Path, version: &Version) -> Result<(PathBuf, b
     // The device takes the new size from ZFS's own task: wait for it, boundedly.
     for _ in 0..100 {
         if block_size(&device)? == want {
-            return Ok((device, true));
+            return Ok(device);
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
@@ -234,16 +234,15 @@ fn create_volume(zvol: &str, tree: &Path, from: &Path) -> Result<PathBuf> {
 }
 
 /// rsync in place at block level, then trim free blocks so they read as zeros and take no
-/// space (and never show up in a diff). `grown`: the volume was grown; its filesystem is
-/// grown to it first (online, mounted).
-fn write_in_place(tree: &Path, device: &Path, grown: bool) -> Result<()> {
+/// space (and never show up in a diff). The filesystem first takes the whole volume (online,
+/// mounted): `grow_to_fit` grew it, or a run killed after growing it did; nothing to do
+/// otherwise.
+fn write_in_place(tree: &Path, device: &Path) -> Result<()> {
     let mount = ImageMount::open(device, false)?;
-    if grown {
-        Cmd::new("resize2fs")
-            .arg(device)
-            .run()
-            .context("growing the image's filesystem")?;
-    }
+    Cmd::new("resize2fs")
+        .arg(device)
+        .run()
+        .context("growing the image's filesystem to its volume")?;
     let mut src = tree.as_os_str().to_owned();
     src.push("/");
     let mut dst = mount.path().as_os_str().to_owned();
