@@ -150,10 +150,15 @@ fn tree_bytes(tree: &Path) -> Result<u64> {
         .with_context(|| format!("du -sxb {}: {out:?}", tree.display()))
 }
 
+/// `bytes` in whole 16 KiB blocks (the zvol's volblocksize).
+fn whole_blocks(bytes: u64) -> u64 {
+    bytes.div_ceil(16 << 10) * (16 << 10)
+}
+
 /// The size of a volume made for a tree of `used` bytes: half again for later versions, and
-/// room for ext4's own (journal, inode tables), in whole 16 KiB blocks.
+/// room for ext4's own (journal, inode tables).
 fn room_for(used: u64) -> u64 {
-    (used + used / 2 + (256 << 20)).div_ceil(16 << 10) * (16 << 10)
+    whole_blocks(used + used / 2 + (256 << 20))
 }
 
 /// The size a volume of `size` bytes must have to take a tree of `used` bytes: `size` when the
@@ -198,7 +203,7 @@ fn grow_to_fit(zvol: &str, tree: &Path, version: &Version) -> Result<PathBuf> {
 /// A sparse zvol sized for the first image, with a fresh ext4 on it.
 fn create_volume(zvol: &str, tree: &Path, from: &Path) -> Result<PathBuf> {
     let bytes = if from.is_file() && from.to_string_lossy().ends_with(".img") {
-        std::fs::metadata(from)?.len().div_ceil(16 << 10) * (16 << 10)
+        whole_blocks(std::fs::metadata(from)?.len())
     } else {
         room_for(tree_bytes(tree)?)
     };

@@ -687,7 +687,7 @@ scenario_powercut() {
     boot_box
     booted=$(vm_wait_boot 900) || return 1
     log "cut $i/$n: $op, $phase at ${ms}ms ($old -> $target): GRUB reads $image whole; the box booted $booted"
-    booted=$(settled_boot "$booted") || return 1
+    booted=$(settled_boot) || return 1
     case "$booted" in "$old"|"$target") ;; *) log "booted $booted: neither $old nor $target"; return 1 ;; esac
     assert_eq "$(status_field "s['trying']")" None "a trial left pending after cut $i" || return 1
     assert_eq "$(status_field "s['default']")" "$booted" "the default after cut $i" || return 1
@@ -705,15 +705,15 @@ scenario_powercut() {
   vm_run "upgradectl status"
 }
 
-# settled_boot BOOTED : the image the box runs once a boot has settled, BOOTED (the boot
-# marker's) unless confirm there rebooted: a revert cut before GRUB's files said so boots the
+# settled_boot : the image the box runs once a boot has settled: the one that booted unless
+# confirm there rebooted: a revert cut before GRUB's files said so boots the
 # image it was leaving, and confirm finishes it with its reboot. Its boot marker may or may not
 # have been printed before the reboot (the shutdown cancels it), and a status query may land
 # on either boot: a box not yet on its default has another boot coming, waited for by its
 # marker.
 settled_boot() {
-  local booted=$1 default n
-  for n in 1 2; do
+  local booted default _
+  for _ in 1 2; do
     read -r booted default < <(status_field "s['booted'] + ' ' + str(s['default'])") || return 1
     [ "$booted" != "$default" ] || break
     log "the box runs $booted, its default is $default: waiting for the reboot into it"
