@@ -164,7 +164,14 @@ fn main() {
         }])
         .unwrap();
     let build_start = Instant::now();
-    upgradectl::server::build::build(&store, &FileSource(streams.clone()), None, &v, 19).unwrap();
+    upgradectl::server::build::build(
+        &store,
+        &FileSource(streams.clone()),
+        None,
+        &v,
+        upgradectl::server::Tuning::default().zstd_ref(),
+    )
+    .unwrap();
     let build_secs = build_start.elapsed().as_secs_f64();
     let artifact = store.artifact_path("full-2.0");
     let xz_size = std::fs::metadata(&artifact).unwrap().len();
@@ -221,7 +228,7 @@ fn main() {
         &FileSource(d.join("streams")),
         Some(&one),
         &v,
-        upgradectl::server::http::DEFAULT_ZSTD_REF_LEVEL,
+        upgradectl::server::Tuning::default().zstd_ref(),
     )
     .unwrap();
     assert_eq!(built.as_deref(), Some("1.0-to-2.0"));

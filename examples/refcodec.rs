@@ -24,13 +24,24 @@ fn main() -> Result<()> {
     match verb {
         "encode" => {
             let level = number.map_or(Ok(19), |n| n.parse()).context("level")?;
-            // A regular file on stdin has a length: the frame states it (see encode_sized).
+            // A regular file on stdin has a length: frames as the server cuts them, each
+            // stating its length (see encode_frames).
             let len = File::from(stdin().as_fd().try_clone_to_owned()?)
                 .metadata()
                 .ok()
                 .filter(|m| m.is_file())
                 .map(|m| m.len());
-            refcodec::encode_sized(stdin().lock(), len, reference, out, level)
+            match len {
+                Some(len) => refcodec::encode_frames(
+                    stdin().lock(),
+                    len,
+                    upgradectl::server::http::DEFAULT_ZSTD_REF_FRAME,
+                    reference,
+                    out,
+                    level,
+                ),
+                None => refcodec::encode(stdin().lock(), reference, out, level),
+            }
         }
         "decode" => {
             let max = number

@@ -176,10 +176,19 @@ fn descriptor_with_absurd_chunk_sizes_fails_without_panicking() {
 /// gives it for the reference) with `edits` scattered runs of new bytes: what an update that
 /// rewrites files in place looks like to ZFS.
 fn edited_diff_setup(edits: usize) -> server_fixture::shared::Fixture {
+    edited_diff_with(edits, server_fixture::shared::Setup::default().tuning)
+}
+
+/// [`edited_diff_setup`] on a server tuned so.
+fn edited_diff_with(
+    edits: usize,
+    tuning: upgradectl::server::Tuning,
+) -> server_fixture::shared::Fixture {
     use server_fixture::shared::{start_with, Setup};
     let f = start_with(Setup {
         full_size: 8 << 20,
         diff_size: 1,
+        tuning,
         ..Setup::default()
     });
     let streams = f.root.join("streams");
@@ -215,6 +224,56 @@ fn a_diff_that_matches_its_base_is_compressed_against_it_and_decodes_to_the_stre
     // A box whose limit is below the frame's window refuses it before decoding (exit 2).
     let file = std::fs::File::open(&dest).unwrap();
     let err = receive::decompress(file, Some(reference), &mut Vec::new(), 4 << 20).unwrap_err();
+    assert_eq!(
+        upgradectl::error::classify(&err).0,
+        upgradectl::error::Exit::Refused,
+        "{err:#}"
+    );
+}
+
+/// A kernel update's stream (546 MB on bench/diff-size's real one) is longer than a box may
+/// give its decoder (`download.max_decoder_mib`, default 256 MiB): as one frame, whose buffer
+/// is the stream's length, every box with the default limit took the full stream instead (285
+/// MB instead of 78). The server cuts the stream into frames of at most `zstd_ref_frame` bytes,
+/// each against the whole base: the box's buffer is one frame, whatever the stream's length.
+#[test]
+fn a_diff_longer_than_the_boxs_decoder_limit_is_cut_into_frames_it_can_decode() {
+    use upgradectl::appliance::prepare::receive;
+    use upgradectl::core::manifest::Encoding;
+    use upgradectl::server::Tuning;
+    let f = edited_diff_with(
+        50,
+        Tuning {
+            retry_after: 1,
+            zstd_ref_level: 3,
+            zstd_ref_frame: 1 << 20,
+            ..Tuning::default()
+        },
+    );
+    let streams = f.root.join("streams");
+    let diff = std::fs::read(streams.join("1.0-to-2.0")).unwrap();
+    let d = f.descriptor("1.0-to-2.0");
+    assert_eq!(d.encoding, Encoding::ZstdRef);
+    // Eight frames of 1 MiB, each still matched against the whole base: as small as one frame.
+    assert!(d.size < 96 << 10, "{} bytes", d.size);
+    assert_eq!(
+        d.window_log,
+        Some(20),
+        "the buffer is a frame's, not the stream's"
+    );
+    let dest = f.root.join("dl/1.0-to-2.0");
+    std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+    f.download("1.0-to-2.0", &dest, &d).unwrap();
+    let reference = streams.join("full-1.0");
+    let decode = |max_memory: u64| {
+        let mut out = Vec::new();
+        let file = std::fs::File::open(&dest).unwrap();
+        receive::decompress(file, Some(reference.clone()), &mut out, max_memory).map(|()| out)
+    };
+    // 2 MiB of decoder memory decodes an 8 MiB stream.
+    assert!(decode(2 << 20).unwrap() == diff, "decodes to the stream");
+    // Below one frame: refused before decoding (exit 2).
+    let err = decode(512 << 10).unwrap_err();
     assert_eq!(
         upgradectl::error::classify(&err).0,
         upgradectl::error::Exit::Refused,

@@ -80,14 +80,23 @@ fn polling_during_a_build_never_starts_a_second_build() {
 fn a_build_never_replaces_a_complete_artifact() {
     let f = start_with(Setup::default());
     let store = &f.server.store;
-    build::build(store, f.source.as_ref(), None, &v("1.0"), 3).unwrap();
+    let build_full = || {
+        build::build(
+            store,
+            f.source.as_ref(),
+            None,
+            &v("1.0"),
+            f.server.tuning.zstd_ref(),
+        )
+    };
+    build_full().unwrap();
     let inode = |p| std::fs::metadata(p).unwrap().ino();
     let (artifact, descriptor) = (
         store.artifact_path("full-1.0"),
         store.descriptor_path("full-1.0"),
     );
     let before = (inode(&artifact), inode(&descriptor));
-    let err = build::build(store, f.source.as_ref(), None, &v("1.0"), 3).unwrap_err();
+    let err = build_full().unwrap_err();
     assert!(format!("{err:#}").contains("already built"), "{err:#}");
     assert_eq!(before, (inode(&artifact), inode(&descriptor)));
 }

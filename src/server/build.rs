@@ -38,17 +38,25 @@ struct Candidate {
     seconds: f64,
 }
 
+/// How a diff's `zstd-ref` candidate is compressed (the server's `Tuning`).
+#[derive(Debug, Clone, Copy)]
+pub struct ZstdRef {
+    /// zstd's level.
+    pub level: i32,
+    /// Most bytes of stream per frame: the buffer a box's decoder allocates.
+    pub frame_len: u64,
+}
+
 /// Builds `artifact_name(from, to)` into the store: each stream into a temp file of its own,
 /// published under its name only if nothing is there, then its descriptor the same way. A
 /// complete artifact is never rebuilt or replaced: boxes may be downloading it. Returns the
-/// artifact published: none for a diff recorded as not smaller. `level` is the
-/// zstd level of `zstd-ref`.
+/// artifact published: none for a diff recorded as not smaller.
 pub fn build(
     store: &Store,
     source: &dyn StreamSource,
     from: Option<&Version>,
     to: &Version,
-    level: i32,
+    zstd_ref: ZstdRef,
 ) -> Result<Option<String>> {
     let name = artifact_name(from, to);
     if store.is_built(&name) {
@@ -80,9 +88,9 @@ pub fn build(
     })?;
     // zstd-ref is an optimisation, never a condition of delivery: a server that cannot read
     // the base's snapshot device (a unit without access to it, the snapshot gone) serves xz.
-    let zstd = source
-        .reference(from)
-        .and_then(|reference| zstd_candidate(store, &name, &stream, stream_len, &reference, level));
+    let zstd = source.reference(from).and_then(|reference| {
+        zstd_candidate(store, &name, &stream, stream_len, &reference, zstd_ref)
+    });
     let zstd = match zstd {
         Ok(c) => Some(c),
         Err(e) => {
@@ -106,10 +114,12 @@ pub fn build(
         None => "none".to_owned(),
     };
     tracing::info!(
-        "{name}: stream {stream_len} bytes; xz {} bytes in {:.1}s, zstd-ref (level {level}) \
-         {zstd_said}; full stream {full_size} bytes ({full_is})",
+        "{name}: stream {stream_len} bytes; xz {} bytes in {:.1}s, zstd-ref (level {}, frames \
+         of {} MiB) {zstd_said}; full stream {full_size} bytes ({full_is})",
         xz.size,
         xz.seconds,
+        zstd_ref.level,
+        zstd_ref.frame_len >> 20,
     );
     // Decoding against the base costs the box a buffer of the stream's length and one core:
     // worth it when it saves at least 1% of the download (on noise the two tie within bytes).
@@ -237,20 +247,21 @@ fn zstd_candidate(
     stream: &NamedTempFile,
     stream_len: u64,
     reference: &std::path::Path,
-    level: i32,
+    params: ZstdRef,
 ) -> Result<Candidate> {
     let started = Instant::now();
     let tmp = temp(store, name, "zstd")?;
     let mut hashing = HashingWriter::new(BufWriter::new(tmp.as_file().try_clone()?), CHUNK_SIZE);
-    refcodec::encode_sized(
+    refcodec::encode_frames(
         reopen(stream)?,
-        Some(stream_len),
+        stream_len,
+        params.frame_len,
         reference,
         &mut hashing,
-        level,
+        params.level,
     )
     .with_context(|| format!("building {name} (zstd-ref against {})", reference.display()))?;
-    // The window the frame states: the decoder's buffer (single segment: the stream's length).
-    let window_log = refcodec::window_log_for(stream_len);
+    // The window the largest frame states: the decoder's buffer (single segment: its length).
+    let window_log = refcodec::frames_window_log(stream_len, params.frame_len);
     candidate(tmp, hashing, Encoding::ZstdRef, Some(window_log), started)
 }

@@ -143,6 +143,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         diff_window: a.diff_window,
         max_builds: a.max_builds,
         zstd_ref_level: a.zstd_ref_level,
+        zstd_ref_frame: a.zstd_ref_frame_mib << 20,
         idle_timeout: std::time::Duration::from_secs(a.idle_timeout),
         max_connections: a.max_connections,
         reboot_slots: Slots {

@@ -5,19 +5,24 @@
 //! that is also somewhere in the base image costs a match, not its bytes. The box holds exactly
 //! the same base bytes and decompresses against them. Both sides map the reference read-only.
 //!
-//! One zstd frame, with long-distance matching, a window covering reference and stream (at most
-//! 2^31 bytes), and the frame checksum: decoding against a different reference fails at the end
-//! of the frame instead of passing wrong bytes off as right. Bytes already written to `out`
-//! before that failure are wrong: the caller discards them (aborts the receive).
+//! A sequence of zstd frames (one or more), each against the whole reference, with
+//! long-distance matching, a window covering reference and frame (at most 2^31 bytes), and the
+//! frame checksum: decoding against a different reference fails at the end of the first frame
+//! it touches instead of passing wrong bytes off as right. Bytes already written to `out`
+//! before that failure are wrong: the caller discards them (aborts the receive). The frames say
+//! nothing of how many follow: an input cut at a frame's end decodes to a prefix of the
+//! stream, so the caller decodes only a whole, verified artifact (the box: its length and
+//! sha256 are signed; `zfs receive` also refuses a stream without its end).
 //!
-//! Memory on the decoding side: the frame states its window, and [`decode`] refuses a frame
+//! Memory on the decoding side: each frame states its window, and [`decode`] refuses a frame
 //! whose window exceeds `max_window_log` before allocating anything. Otherwise the decoder
-//! allocates a buffer of the window's size, or of the stream's length when the frame states it
-//! ([`encode_sized`]) and that is smaller, and fills it with the decoded output; the reference
+//! allocates a buffer of the window's size, or of the frame's length when the frame states it
+//! ([`encode_frames`]) and that is smaller, and fills it with the decoded output; the reference
 //! is mapped, its pages read on demand from the page cache. A sized frame shorter than its
 //! window is written "single segment": its stated window is its length (zstd's decoder does not
-//! count the prefix against the window), so `max_window_log` then bounds the stream's length,
-//! which is exactly the buffer the decoder allocates.
+//! count the prefix against the window), so `max_window_log` then bounds the frame's length,
+//! which is exactly the buffer the decoder allocates; the server's frame length bounds it for
+//! streams of any length.
 
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -94,28 +99,76 @@ impl Reference {
 /// delta-encodings' kernel update, level 15: 43.2 MB in 29.9 s on one thread, 47.6 MB in
 /// 46.5 s with two workers).
 /// The input's length is unknown: the window covers twice the reference, and the decoder will
-/// allocate a buffer of the whole window; prefer [`encode_sized`] when the length is known.
-pub fn encode(input: impl Read, reference: &Path, out: impl Write, level: i32) -> Result<()> {
-    encode_sized(input, None, reference, out, level)
-}
-
-/// [`encode`] for an input of exactly `input_len` bytes (when `Some`; a different length fails
-/// at the end). The frame then states the length, the window covers exactly reference plus
-/// input, and the decoder's buffer is the input's length when that is below the window: on a
-/// 505 MB stream against a 1.3 GB image, 505 MB instead of 2 GiB of address space.
-pub fn encode_sized(
-    input: impl Read,
-    input_len: Option<u64>,
+/// allocate a buffer of the whole window; prefer [`encode_frames`] when the length is known.
+pub fn encode(
+    mut input: impl Read,
     reference: &Path,
-    out: impl Write,
+    mut out: impl Write,
     level: i32,
 ) -> Result<()> {
     let reference = Reference::open(reference)?;
+    let window_log = encode_window_log(reference.bytes().len() as u64);
+    encode_frame(
+        &mut input,
+        None,
+        window_log,
+        reference.bytes(),
+        &mut out,
+        level,
+    )?;
+    out.flush().context("flushing the compressed output")
+}
+
+/// [`encode`] for an input of exactly `input_len` bytes (a different length fails), as frames
+/// of at most `frame_len` bytes of input each, every one against the whole reference. Each
+/// frame states its length, so it is "single segment": the decoder's buffer is that length
+/// (see the module's note), and the largest frame bounds what a box allocates whatever the
+/// stream's length: [`frames_window_log`]. Matches between frames are lost, matches into the
+/// reference are not (bench/diff-size's kernel update, 546 MB: 64 MiB frames 0.8% larger than
+/// one frame). Each frame loads the prefix again: its share of the build time.
+pub fn encode_frames(
+    mut input: impl Read,
+    input_len: u64,
+    frame_len: u64,
+    reference: &Path,
+    mut out: impl Write,
+    level: i32,
+) -> Result<()> {
+    if frame_len == 0 {
+        bail!("a zstd-ref frame must hold at least one byte");
+    }
+    let reference = Reference::open(reference)?;
     let prefix = reference.bytes();
-    let window_log = match input_len {
-        Some(len) => window_log_for((prefix.len() as u64).saturating_add(len)),
-        None => encode_window_log(prefix.len() as u64),
-    };
+    let mut remaining = input_len;
+    loop {
+        let len = remaining.min(frame_len);
+        let window_log = window_log_for((prefix.len() as u64).saturating_add(len));
+        encode_frame(&mut input, Some(len), window_log, prefix, &mut out, level)?;
+        remaining -= len;
+        if remaining == 0 {
+            break;
+        }
+    }
+    if input.read(&mut [0u8])? != 0 {
+        bail!("the input is longer than the {input_len} bytes stated");
+    }
+    out.flush().context("flushing the compressed output")
+}
+
+/// The window log a decoder of [`encode_frames`]' output needs: that of its largest frame.
+pub fn frames_window_log(input_len: u64, frame_len: u64) -> u32 {
+    window_log_for(input_len.min(frame_len))
+}
+
+/// One frame against `prefix`: `len` bytes of `input` (all of it when `None`).
+fn encode_frame(
+    input: &mut impl Read,
+    len: Option<u64>,
+    window_log: u32,
+    prefix: &[u8],
+    out: &mut impl Write,
+    level: i32,
+) -> Result<()> {
     let mut raw = zstd::stream::raw::Encoder::with_ref_prefix(level, prefix)
         .context("creating the zstd encoder with the reference prefix")?;
     for param in [
@@ -126,22 +179,29 @@ pub fn encode_sized(
         raw.set_parameter(param)
             .with_context(|| format!("setting zstd parameter {param:?}"))?;
     }
-    raw.set_pledged_src_size(input_len)
+    raw.set_pledged_src_size(len)
         .context("stating the input's length to zstd")?;
     let mut encoder = zstd::stream::write::Encoder::with_encoder(out, raw);
-    copy(input, &mut encoder).context("compressing against the reference")?;
-    let mut out = encoder.finish().context("finishing the zstd frame")?;
-    out.flush().context("flushing the compressed output")?;
+    let copied = match len {
+        Some(len) => copy(input.take(len), &mut encoder),
+        None => copy(input, &mut encoder),
+    }
+    .context("compressing against the reference")?;
+    if len.is_some_and(|len| copied != len) {
+        bail!("the input ended after {copied} bytes of a frame of {len:?}");
+    }
+    encoder.finish().context("finishing the zstd frame")?;
     Ok(())
 }
 
-/// Decompresses a frame made by [`encode`] against the same `reference` into `out`. A frame
-/// whose window exceeds `2^max_window_log` bytes is refused before any allocation; a frame
-/// decoded against a different reference fails its checksum (see the module's note on `out`).
+/// Decompresses the frames made by [`encode`] or [`encode_frames`] against the same
+/// `reference` into `out`, each frame against the whole reference. A frame whose window exceeds
+/// `2^max_window_log` bytes is refused before any allocation; a frame decoded against a
+/// different reference fails its checksum (see the module's note on `out`).
 pub fn decode(
-    input: impl Read,
+    mut input: impl Read,
     reference: &Path,
-    out: impl Write,
+    mut out: impl Write,
     max_window_log: u32,
 ) -> Result<()> {
     if !(WINDOW_LOG_MIN..=WINDOW_LOG_MAX).contains(&max_window_log) {
@@ -149,11 +209,6 @@ pub fn decode(
     }
     let reference_path = reference;
     let reference = Reference::open(reference_path)?;
-    let mut raw = zstd::stream::raw::Decoder::with_ref_prefix(reference.bytes())
-        .context("creating the zstd decoder with the reference prefix")?;
-    raw.set_parameter(DParameter::WindowLogMax(max_window_log))
-        .context("setting the zstd decoder's window limit")?;
-    let mut decoder = zstd::stream::write::Decoder::with_decoder(out, raw);
     let limit = || {
         format!(
             "decompressing against reference {} (window limit max_window_log = {max_window_log}, {} MiB)",
@@ -161,15 +216,92 @@ pub fn decode(
             (1u64 << max_window_log) >> 20
         )
     };
-    copy(input, &mut decoder)
-        .map_err(|e| explain(e, max_window_log))
-        .with_context(limit)?;
-    let mut out = decoder
-        .finish()
-        .map_err(|e| explain(e, max_window_log))
-        .with_context(limit)?;
+    let mut frames = Frames {
+        input: &mut input,
+        buf: vec![0u8; 1 << 17],
+        start: 0,
+        end: 0,
+        eof: false,
+    };
+    let mut decoded = vec![0u8; 1 << 17];
+    let mut count = 0u64;
+    while frames.more().context("reading the compressed input")? {
+        // The prefix serves one frame: each frame gets a decoder of its own.
+        let mut raw = zstd::stream::raw::Decoder::with_ref_prefix(reference.bytes())
+            .context("creating the zstd decoder with the reference prefix")?;
+        raw.set_parameter(DParameter::WindowLogMax(max_window_log))
+            .context("setting the zstd decoder's window limit")?;
+        frames
+            .decode_one(&mut raw, &mut decoded, &mut out)
+            .map_err(|e| explain(e, max_window_log))
+            .with_context(|| format!("frame {count}"))
+            .with_context(limit)?;
+        count += 1;
+    }
+    if count == 0 {
+        bail!("{}: the input holds no zstd frame", limit());
+    }
     out.flush().context("flushing the decompressed output")?;
     Ok(())
+}
+
+/// The compressed input, read in blocks and cut at frame ends (what a frame's decoder did not
+/// consume is the next frame's start).
+struct Frames<'a, R> {
+    input: &'a mut R,
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    eof: bool,
+}
+
+impl<R: Read> Frames<'_, R> {
+    fn fill(&mut self) -> io::Result<()> {
+        while self.start == self.end && !self.eof {
+            match self.input.read(&mut self.buf) {
+                Ok(0) => self.eof = true,
+                Ok(n) => (self.start, self.end) = (0, n),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether another frame starts here.
+    fn more(&mut self) -> io::Result<bool> {
+        self.fill()?;
+        Ok(self.start < self.end)
+    }
+
+    /// Decodes one frame into `out` through `scratch`, consuming exactly its bytes.
+    fn decode_one(
+        &mut self,
+        raw: &mut zstd::stream::raw::Decoder<'_>,
+        scratch: &mut [u8],
+        out: &mut impl Write,
+    ) -> io::Result<()> {
+        use zstd::stream::raw::{InBuffer, Operation, OutBuffer};
+        loop {
+            self.fill()?;
+            let mut input = InBuffer::around(&self.buf[self.start..self.end]);
+            let mut output = OutBuffer::around(&mut *scratch);
+            // 0: the frame is decoded, checked and flushed.
+            let hint = raw.run(&mut input, &mut output)?;
+            let (consumed, produced) = (input.pos(), output.pos());
+            self.start += consumed;
+            out.write_all(&scratch[..produced])?;
+            if hint == 0 {
+                return Ok(());
+            }
+            if self.eof && consumed == 0 && produced == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the input ends inside a frame",
+                ));
+            }
+        }
+    }
 }
 
 /// Decoded bytes that fail the frame's checksum: the reference is not the one the frame was
@@ -357,7 +489,7 @@ mod tests {
         let c = case(1 << 20, 30, 13, 3);
         let len = c.new.len() as u64;
         let mut sized = Vec::new();
-        encode_sized(Cursor::new(&c.new), Some(len), &c.reference, &mut sized, 3).unwrap();
+        encode_frames(Cursor::new(&c.new), len, len, &c.reference, &mut sized, 3).unwrap();
         assert_eq!(
             zstd_safe::get_frame_content_size(&sized).ok(),
             Some(Some(len))
@@ -367,18 +499,70 @@ mod tests {
         assert_eq!(dec(&sized, &c.reference, 21).unwrap(), c.new);
         assert!(dec(&c.frame, &c.reference, 21).is_err());
 
-        let err = encode_sized(
+        let err = encode_frames(
             Cursor::new(&c.new),
-            Some(len + 1),
+            len + 1,
+            len + 1,
             &c.reference,
             Vec::new(),
             3,
         )
         .unwrap_err();
+        assert!(format!("{err:#}").contains("input ended after"), "{err:#}");
+        let err = encode_frames(
+            Cursor::new(&c.new),
+            len - 1,
+            len,
+            &c.reference,
+            Vec::new(),
+            3,
+        )
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("longer than"), "{err:#}");
+    }
+
+    /// A stream cut into frames: each frame's buffer, not the stream's, is the limit; every
+    /// frame matches the whole reference (the stream's far end too); a reference that differs
+    /// only under a later frame still fails.
+    #[test]
+    fn frames_bound_the_decoders_buffer_and_each_matches_the_whole_reference() {
+        let c = case(4 << 20, 200, 21, 3);
+        let len = c.new.len() as u64;
+        let mut framed = Vec::new();
+        encode_frames(
+            Cursor::new(&c.new),
+            len,
+            1 << 20,
+            &c.reference,
+            &mut framed,
+            3,
+        )
+        .unwrap();
+        assert_eq!(frames_window_log(len, 1 << 20), 20);
+        assert_eq!(dec(&framed, &c.reference, 20).unwrap(), c.new);
+        assert!(dec(&framed, &c.reference, 19).is_err(), "a frame is 2^20");
+        // Four frames of random data against the reference: as small as one frame, give or
+        // take the frames' headers and checksums.
+        let mut one = Vec::new();
+        encode_frames(Cursor::new(&c.new), len, len, &c.reference, &mut one, 3).unwrap();
         assert!(
-            format!("{err:#}").contains("finishing the zstd frame"),
-            "{err:#}"
+            framed.len() < one.len() + 256,
+            "4 frames {} bytes, one frame {} bytes",
+            framed.len(),
+            one.len()
         );
+        assert!(
+            dec(&one, &c.reference, 20).is_err(),
+            "one frame is the stream's length"
+        );
+        // The reference differs only where the last frame matches it.
+        let mut late = c.base.clone();
+        let n = late.len();
+        late[n - 100..].iter_mut().for_each(|b| *b ^= 0xff);
+        let late = write_ref(&c.dir, "late", &late);
+        let err = dec(&framed, &late, 20).unwrap_err();
+        assert!(err.chain().any(|e| e.is::<ReferenceMismatch>()), "{err:#}");
+        assert!(format!("{err:#}").contains("frame 3"), "{err:#}");
     }
 
     #[test]
@@ -408,7 +592,7 @@ mod tests {
         let missing = dir.path().join("nope");
         let err = encode(Cursor::new(b"x"), &missing, Vec::new(), 3).unwrap_err();
         assert!(format!("{err:#}").contains("nope"), "{err:#}");
-        let err = dec(b"", &missing, 31).unwrap_err();
+        let err = dec(b"x", &missing, 31).unwrap_err();
         assert!(format!("{err:#}").contains("nope"), "{err:#}");
         assert!(dec(b"", &missing, 32).is_err());
     }
@@ -422,6 +606,7 @@ mod tests {
             edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..40),
             tail in proptest::collection::vec(any::<u8>(), 0..2_000),
             level in 1i32..=19,
+            frame_len in 1u64..30_000,
         ) {
             let dir = tempfile::tempdir().unwrap();
             let reference = write_ref(&dir, "base", &base);
@@ -437,9 +622,10 @@ mod tests {
             let window_log = encode_window_log(base.len() as u64);
             prop_assert_eq!(&dec(&frame, &reference, window_log).unwrap(), &new);
             let mut sized = Vec::new();
-            encode_sized(Cursor::new(&new), Some(new.len() as u64), &reference, &mut sized, level)
+            let len = new.len() as u64;
+            encode_frames(Cursor::new(&new), len, frame_len, &reference, &mut sized, level)
                 .unwrap();
-            let window_log = window_log_for((base.len() + new.len()) as u64);
+            let window_log = frames_window_log(len, frame_len);
             prop_assert_eq!(dec(&sized, &reference, window_log).unwrap(), new);
         }
     }

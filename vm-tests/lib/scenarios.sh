@@ -251,6 +251,18 @@ provision_delivery() {
     # call): the server then keeps its reports.
     upgradectl --json identity > /tmp/identity.json
     upgradectl fleet enroll --store /var/lib/upgradectl-server --identity /tmp/identity.json >/dev/null
+    # Diffs in frames of 1 MiB (the default is 64): the diffs here are a few MB, so the box
+    # decodes several frames into zfs receive, as it does on a kernel update. Until a reboot.
+    dropin=/run/systemd/system/upgradectl-serve.service.d/zz-frames.conf
+    if [ ! -f $dropin ]; then
+      mkdir -p "${dropin%/*}"
+      args=$(sed -n "s/^Environment=\"UPGRADECTL_SERVE_ARGS=\(.*\)\"$/\1/p" \
+        /etc/systemd/system/upgradectl-serve.service.d/vm-tests.conf)
+      [ -n "$args" ]
+      printf "[Service]\nEnvironment=\"UPGRADECTL_SERVE_ARGS=%s --zstd-ref-frame-mib 1\"\n" "$args" > $dropin
+      systemctl daemon-reload
+      systemctl stop upgradectl-serve.service
+    fi
     systemctl start upgradectl-serve.service
     for i in $(seq 120); do
       curl -sf -o /dev/null http://127.0.0.1:8080/v1/metadata/timestamp.json && exit 0
@@ -308,6 +320,9 @@ scenario_upgrade() {
   assert_eq "$(json_field "$out" "d['downloaded_bytes'] == d['artifact_bytes']")" True "only the diff crossed the wire" || return 1
   assert_eq "$(json_field "$out" "d['downloaded_bytes'] * 10 < d['image_bytes']")" True "the diff is far smaller than the image" || return 1
   assert_eq "$(json_field "$out" "d['encoding']")" zstd-ref "the diff's encoding" || return 1
+  # Frames of 1 MiB (provision_delivery): the box's decoder buffer is a frame's, 2^20.
+  assert_eq "$(json_field "$(vm_ssh "cat $STORE/artifacts/1.0-to-2.0.descriptor")" "d['window_log']")" 20 \
+    "the diff's window (frames of 1 MiB)" || return 1
   diff_sizes_against_xz "$(json_field "$out" "d['artifact_bytes']")" || return 1
   if vm_ssh "ls $STORE/artifacts" | grep -q '^full-'; then
     log "a full stream was built: the box did not get a diff"

@@ -182,7 +182,8 @@ mod tests {
         let mut new = data.clone();
         new[1000..1100].fill(7);
         let mut frame = Vec::new();
-        refcodec::encode_sized(&new[..], Some(new.len() as u64), &base, &mut frame, 3).unwrap();
+        let len = new.len() as u64;
+        refcodec::encode_frames(&new[..], len, len, &base, &mut frame, 3).unwrap();
         let mut out = Vec::new();
         decompress(&frame[..], Some(base.clone()), &mut out, 256 << 20).unwrap();
         assert_eq!(out, new);
