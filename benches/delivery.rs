@@ -186,21 +186,7 @@ fn main() {
         Arc::new(FileSource(streams)),
         upgradectl::server::Tuning::default(),
     ));
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        tokio::runtime::Runtime::new()
-            .unwrap()
-            .block_on(async move {
-                upgradectl::server::serve(
-                    tokio::net::TcpListener::from_std(listener).unwrap(),
-                    server,
-                )
-                .await
-                .unwrap()
-            })
-    });
+    let addr = upgradectl::server::spawn_local(server).unwrap();
     let base = d.join("streams/full-1.0");
     let full = box_pipeline(addr, d, "full-2.0", None);
     let t_sh = sh(&format!("curl -sf {} | xz -dc > /dev/null", full.url));
@@ -295,11 +281,7 @@ fn box_pipeline(
                     &mut |_, _| {},
                     Some(verified),
                 );
-                match &r {
-                    Ok(_) => verified.complete(desc.size),
-                    Err(e) => verified.fail(&format!("{e:#}")),
-                }
-                r
+                verified.end(r, desc.size)
             },
             |input| receive::decompress(input, reference, &mut std::io::sink(), 2 << 30),
         );

@@ -81,6 +81,25 @@ pub fn run(addr: SocketAddr, server: Server) -> Result<()> {
     })
 }
 
+/// Serves on a free port of 127.0.0.1 from a thread of its own (a two-worker runtime, so a
+/// handler that blocks the runtime shows), for tests and benchmarks; returns the address.
+pub fn spawn_local(server: Arc<Server>) -> Result<SocketAddr> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("binding 127.0.0.1:0")?;
+    listener.set_nonblocking(true)?;
+    let addr = listener.local_addr()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    std::thread::spawn(move || {
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener)?;
+            serve(listener, server).await
+        })
+    });
+    Ok(addr)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

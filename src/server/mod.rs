@@ -19,5 +19,5 @@ pub mod verbs;
 
 pub use artifacts::Store;
 pub use http::{router, Server, Tuning};
-pub use listen::{run, serve};
+pub use listen::{run, serve, spawn_local};
 pub use source::StreamSource;

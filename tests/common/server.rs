@@ -172,25 +172,6 @@ fn stored_release(ver: &str, n: u8) -> StoredRelease {
     }
 }
 
-/// The server in a thread of its own on a two-worker runtime (so blocking the runtime shows).
-fn spawn_server(server: Arc<Server>) -> SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-            upgradectl::server::serve(listener, server).await.unwrap();
-        });
-    });
-    addr
-}
-
 /// A server with two releases (1.0, 2.0) whose builds take `delay`.
 pub fn start(delay: Duration, cache_cap: u64) -> Fixture {
     let mut setup = Setup {
@@ -249,7 +230,7 @@ pub fn start_with(setup: Setup) -> Fixture {
         None => server,
     };
     let server = Arc::new(server);
-    let addr = spawn_server(server.clone());
+    let addr = upgradectl::server::spawn_local(server.clone()).unwrap();
     Fixture {
         _dir: dir,
         root,

@@ -126,17 +126,7 @@ pub fn start(delay: Duration, cache_cap: u64) -> Fixture {
             ..Tuning::default()
         },
     ));
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let addr = listener.local_addr().unwrap();
-    let s = server.clone();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        rt.block_on(async move {
-            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-            upgradectl::server::serve(listener, s).await.unwrap();
-        });
-    });
+    let addr = upgradectl::server::spawn_local(server.clone()).unwrap();
     Fixture {
         _dir: dir,
         root,

@@ -34,7 +34,7 @@ vm_start() {
       *) drives+=(-drive "file=$d,format=raw,if=virtio") ;;
     esac
   done
-  qemu-system-x86_64 -accel tcg -m 2048 -smp 2 -display none -no-user-config -nodefaults \
+  qemu-system-x86_64 -accel tcg -m "${VM_MEMORY_MIB:-2048}" -smp 2 -display none -no-user-config -nodefaults \
     -serial "file:$VM_LOG" -device virtio-rng-pci \
     -netdev "user,id=n0,hostfwd=tcp:127.0.0.1:$VM_SSH_PORT-:22" -device virtio-net-pci,netdev=n0 \
     "${drives[@]}" >"$WORK_DIR/$name.qemu.log" 2>&1 &

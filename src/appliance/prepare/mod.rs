@@ -354,11 +354,7 @@ fn download_and_publish(
 ) -> Result<Fetched> {
     let fetched = download_with_progress(ctx, client, url, file, d, limits, verified)
         .and_then(|fetched| downloaded_point().map(|()| fetched));
-    match &fetched {
-        Ok(_) => verified.complete(d.size),
-        Err(e) => verified.fail(&format!("{e:#}")),
-    }
-    fetched
+    verified.end(fetched, d.size)
 }
 
 /// The fail point after a complete, verified download (its `return` leaves this function).

@@ -141,6 +141,16 @@ impl Verified {
         self.update(|inner| inner.end = Some(End::Failed(why.to_owned())));
     }
 
+    /// Publishes how the download of a `size`-byte artifact ended (`complete` or `fail`) and
+    /// hands its result on.
+    pub fn end<T>(&self, download: Result<T>, size: u64) -> Result<T> {
+        match &download {
+            Ok(_) => self.complete(size),
+            Err(e) => self.fail(&format!("{e:#}")),
+        }
+        download
+    }
+
     /// The receive failed (`why`): the download stops at its next verified chunk.
     pub fn receive_failed(&self, why: &str) {
         self.lock()
