@@ -12,6 +12,8 @@ use reqwest::blocking::{Client, Response};
 use reqwest::header::{RANGE, RETRY_AFTER};
 use reqwest::StatusCode;
 
+use sha2::{Digest, Sha256};
+
 use crate::core::hashing::{sha256_file, sha256_hex, ChunkHasher};
 use crate::core::manifest::Descriptor;
 use crate::error::Error;
@@ -213,7 +215,11 @@ pub fn download_watched(
         .truncate(false)
         .open(&partial)
         .with_context(|| format!("opening {}", partial.display()))?;
-    let verified = verified_prefix(&mut file, d)?;
+    // The whole file's sha256, computed as its bytes are verified or arrive rather than by
+    // reading the file again at the end (which held back the last chunk, and so the end of the
+    // receive, for a whole pass over the artifact: bench/box-pipeline).
+    let mut whole = Sha256::new();
+    let verified = verified_prefix(&mut file, d, &mut whole)?;
     file.set_len(verified)?;
     file.seek(SeekFrom::Start(verified))?;
     if let Some(watch) = watch {
@@ -257,12 +263,12 @@ pub fn download_watched(
             limits,
             progress,
             &mut chunk_verified,
+            &mut whole,
         )?;
     }
-    file.sync_all()?;
-    drop(file);
-    let actual = sha256_file(&partial)?;
+    let actual = hex::encode(whole.finalize());
     if actual != d.sha256 {
+        drop(file);
         let _ = std::fs::remove_file(&partial);
         return Err(Error::ChecksumMismatch {
             what: url.to_string(),
@@ -271,6 +277,12 @@ pub fn download_watched(
         }
         .into());
     }
+    // Whole and verified: the reader may finish while the file is made durable.
+    if let Some(watch) = watch {
+        watch.complete(d.size);
+    }
+    file.sync_all()?;
+    drop(file);
     std::fs::rename(&partial, dest)?;
     crate::sys::fsutil::fsync_dir(dest.parent().unwrap_or(Path::new(".")))?;
     Ok(fetched)
@@ -306,8 +318,9 @@ fn complete_and_verified(dest: &Path, d: &Descriptor) -> Result<bool> {
     Ok(false)
 }
 
-/// Length of the prefix of `file` made of whole chunks that match the descriptor.
-fn verified_prefix(file: &mut File, d: &Descriptor) -> Result<u64> {
+/// Length of the prefix of `file` made of whole chunks that match the descriptor; their
+/// bytes go into `whole`.
+fn verified_prefix(file: &mut File, d: &Descriptor, whole: &mut Sha256) -> Result<u64> {
     let len = file.metadata()?.len().min(d.size);
     let mut buf = vec![0u8; d.chunk_size as usize];
     let mut good = 0;
@@ -321,6 +334,7 @@ fn verified_prefix(file: &mut File, d: &Descriptor) -> Result<u64> {
         if &sha256_hex(&buf[..want as usize]) != expected {
             break;
         }
+        whole.update(&buf[..want as usize]);
         good += want;
     }
     Ok(good)
@@ -329,6 +343,7 @@ fn verified_prefix(file: &mut File, d: &Descriptor) -> Result<u64> {
 /// Streams the body into `file` from `offset`, checking each chunk against the descriptor
 /// as it completes, the total length, and the transfer speed. `chunk_verified` hears the
 /// length of the verified prefix after each good chunk; its error stops the download there.
+/// Every byte written also goes into `whole` (meaningful only when this returns `Ok`).
 #[allow(clippy::too_many_arguments)]
 fn stream_chunks(
     mut resp: Response,
@@ -339,6 +354,7 @@ fn stream_chunks(
     limits: &Limits,
     progress: Progress,
     chunk_verified: &mut dyn FnMut(u64) -> Result<()>,
+    whole: &mut Sha256,
 ) -> Result<u64> {
     let mut pos = offset;
     let mut chunks = ChunkHasher::new(d.chunk_size);
@@ -382,6 +398,7 @@ fn stream_chunks(
         }
         let data = &buf[..n];
         file.write_all(data)?;
+        whole.update(data);
         pos += n as u64;
         chunks.update(data, |actual| verify(file, &mut index, actual))?;
         window_bytes += n as u64;
