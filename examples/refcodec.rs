@@ -1,5 +1,6 @@
 //! `sys::refcodec` from the shell, for bench/delta-encodings: stdin to stdout (a regular
-//! file on stdin is encoded with its length stated in the frame).
+//! file on stdin is encoded in frames as the server cuts them, each stating its length; of
+//! `FRAME_MIB` MiB if set, else the server's default).
 //!
 //!   refcodec encode REFERENCE [LEVEL]           (level default 19)
 //!   refcodec decode REFERENCE [MAX_WINDOW_LOG]  (default 31)
@@ -31,15 +32,14 @@ fn main() -> Result<()> {
                 .ok()
                 .filter(|m| m.is_file())
                 .map(|m| m.len());
+            let frame = match std::env::var("FRAME_MIB") {
+                Ok(mib) => mib.parse::<u64>().context("FRAME_MIB")? << 20,
+                Err(_) => upgradectl::server::http::DEFAULT_ZSTD_REF_FRAME,
+            };
             match len {
-                Some(len) => refcodec::encode_frames(
-                    stdin().lock(),
-                    len,
-                    upgradectl::server::http::DEFAULT_ZSTD_REF_FRAME,
-                    reference,
-                    out,
-                    level,
-                ),
+                Some(len) => {
+                    refcodec::encode_frames(stdin().lock(), len, frame, reference, out, level)
+                }
                 None => refcodec::encode(stdin().lock(), reference, out, level),
             }
         }
