@@ -92,10 +92,13 @@ pub fn spawn_local(server: Arc<Server>) -> Result<SocketAddr> {
         .enable_all()
         .build()?;
     std::thread::spawn(move || {
-        rt.block_on(async move {
+        let served = rt.block_on(async move {
             let listener = tokio::net::TcpListener::from_std(listener)?;
             serve(listener, server).await
-        })
+        });
+        if let Err(e) = served {
+            tracing::error!("serving on {addr}: {e:#}");
+        }
     });
     Ok(addr)
 }
