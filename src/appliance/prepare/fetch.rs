@@ -277,10 +277,9 @@ pub fn download_watched(
         }
         .into());
     }
-    // Whole and verified: the reader may finish while the file is made durable.
-    if let Some(watch) = watch {
-        watch.complete(d.size);
-    }
+    // The caller releases the last chunk to the reader (`Verified::end`) once this returns:
+    // the receive never completes before the download is durable and in place, so a failure
+    // after the download (`prepare::downloaded`) still stops the receive.
     file.sync_all()?;
     drop(file);
     std::fs::rename(&partial, dest)?;
