@@ -602,6 +602,44 @@ fn a_bad_chunk_stops_the_decoder_with_the_download_error_before_it_sees_the_chun
     assert_eq!(std::fs::metadata(partial).unwrap().len(), d.chunk_size);
 }
 
+/// A failure after the download is whole (prepare's `prepare::downloaded`; a full disk at the
+/// rename) stops the receive: the decoder gets the last chunk only once the download is durable
+/// and its caller said so. Releasing it inside the download let such a failure leave the
+/// receive complete (found by `vm-tests/run prepfaults`).
+#[test]
+fn a_failure_after_the_download_stops_the_receive_before_its_end() {
+    use upgradectl::appliance::prepare::{receive, stream};
+    let f = start(Duration::ZERO, u64::MAX);
+    let d = f.descriptor("full-2.0");
+    let dest = f.root.join("dl/full-2.0");
+    std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+    let client = fetch::client(&limits()).unwrap();
+    let url = f.url("/v1/artifacts/full-2.0");
+    let (fetched, received) = stream::overlap(
+        |verified| {
+            let downloaded = fetch::download_watched(
+                &client,
+                &url,
+                &dest,
+                &d,
+                &limits(),
+                &mut |_, _| {},
+                Some(verified),
+            );
+            let failed = downloaded.and_then(|_| -> anyhow::Result<fetch::Fetched> {
+                anyhow::bail!("a failure after the download")
+            });
+            verified.end(failed, d.size)
+        },
+        |input| receive::decompress(input, None, &mut std::io::sink(), 256 << 20),
+    );
+    assert!(fetched.is_err());
+    let err = received.unwrap_err();
+    assert!(stream::is_download_stopped(&err), "{err:#}");
+    // The download itself is whole and in place for the next run.
+    assert_eq!(std::fs::metadata(&dest).unwrap().len(), d.size);
+}
+
 #[test]
 fn a_receive_that_fails_stops_the_download_at_its_next_chunk() {
     use std::sync::mpsc;
