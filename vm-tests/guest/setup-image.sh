@@ -67,9 +67,11 @@ case "$variant" in
     head -c 48000000 /dev/urandom > /opt/appliance/payload.bin
     ;;
   broken)
-    # Its init fails: the kernel panics and panic=N reboots into GRUB's default.
+    # Its init fails: the kernel panics and panic=N reboots into GRUB's default. The marker
+    # goes through the kernel's log: a write to the console tty can be lost in the panic (seen
+    # on a loaded host: the marker never reached the serial log), printk is flushed by it.
     rm -f /sbin/init
-    printf '#!/bin/sh\necho "UPGRADECTL-TEST broken init of image %s"\nexit 1\n' "$version" > /sbin/init
+    printf '#!/bin/sh\necho "UPGRADECTL-TEST broken init of image %s" >/dev/kmsg\nexit 1\n' "$version" > /sbin/init
     chmod 755 /sbin/init
     ;;
   *) echo "unknown variant $variant" >&2; exit 1 ;;

@@ -28,7 +28,8 @@ make_release() {
     fi
     if [ $variant = broken ]; then
       rm -f /mnt/rel/sbin/init
-      printf '#!/bin/sh\necho \"UPGRADECTL-TEST broken init of image %s\"\nexit 1\n' $v > /mnt/rel/sbin/init
+      # The marker through the kernel's log, which the panic flushes (setup-image.sh).
+      printf '#!/bin/sh\necho \"UPGRADECTL-TEST broken init of image %s\" >/dev/kmsg\nexit 1\n' $v > /mnt/rel/sbin/init
       chmod 755 /mnt/rel/sbin/init
     fi
     umount /mnt/rel" || return 1
