@@ -565,6 +565,34 @@ mod tests {
         assert!(format!("{err:#}").contains("frame 3"), "{err:#}");
     }
 
+    /// Bytes after the last frame are refused, naming the frame they would be; an input cut
+    /// at a frame's end decodes to a prefix of the stream (the module's note: callers decode
+    /// only a whole, verified artifact).
+    #[test]
+    fn bytes_after_the_frames_fail_and_a_cut_at_a_frame_end_is_a_prefix() {
+        let c = case(1 << 20, 20, 23, 3);
+        let len = c.new.len() as u64;
+        let mut framed = Vec::new();
+        encode_frames(
+            Cursor::new(&c.new),
+            len,
+            1 << 18,
+            &c.reference,
+            &mut framed,
+            3,
+        )
+        .unwrap();
+        let mut trailing = framed.clone();
+        trailing.extend_from_slice(b"not a frame");
+        let err = format!("{:#}", dec(&trailing, &c.reference, 20).unwrap_err());
+        assert!(err.contains("frame 4"), "{err}");
+        let first = zstd_safe::find_frame_compressed_size(&framed).unwrap();
+        assert_eq!(
+            dec(&framed[..first], &c.reference, 20).unwrap(),
+            c.new[..1 << 18]
+        );
+    }
+
     #[test]
     fn a_truncated_frame_fails() {
         let c = case(1 << 18, 20, 9, 3);
