@@ -521,6 +521,22 @@ mod tests {
         assert!(format!("{err:#}").contains("longer than"), "{err:#}");
     }
 
+    /// `c`'s new content in frames of `frame_len` against its reference (level 3).
+    fn framed(c: &Case, frame_len: u64) -> Vec<u8> {
+        let mut out = Vec::new();
+        let len = c.new.len() as u64;
+        encode_frames(
+            Cursor::new(&c.new),
+            len,
+            frame_len,
+            &c.reference,
+            &mut out,
+            3,
+        )
+        .unwrap();
+        out
+    }
+
     /// A stream cut into frames: each frame's buffer, not the stream's, is the limit; every
     /// frame matches the whole reference (the stream's far end too); a reference that differs
     /// only under a later frame still fails.
@@ -528,16 +544,7 @@ mod tests {
     fn frames_bound_the_decoders_buffer_and_each_matches_the_whole_reference() {
         let c = case(4 << 20, 200, 21, 3);
         let len = c.new.len() as u64;
-        let mut framed = Vec::new();
-        encode_frames(
-            Cursor::new(&c.new),
-            len,
-            1 << 20,
-            &c.reference,
-            &mut framed,
-            3,
-        )
-        .unwrap();
+        let framed = framed(&c, 1 << 20);
         assert_eq!(frames_window_log(len, 1 << 20), 20);
         assert_eq!(dec(&framed, &c.reference, 20).unwrap(), c.new);
         assert!(dec(&framed, &c.reference, 19).is_err(), "a frame is 2^20");
@@ -571,17 +578,7 @@ mod tests {
     #[test]
     fn bytes_after_the_frames_fail_and_a_cut_at_a_frame_end_is_a_prefix() {
         let c = case(1 << 20, 20, 23, 3);
-        let len = c.new.len() as u64;
-        let mut framed = Vec::new();
-        encode_frames(
-            Cursor::new(&c.new),
-            len,
-            1 << 18,
-            &c.reference,
-            &mut framed,
-            3,
-        )
-        .unwrap();
+        let framed = framed(&c, 1 << 18);
         let mut trailing = framed.clone();
         trailing.extend_from_slice(b"not a frame");
         let err = format!("{:#}", dec(&trailing, &c.reference, 20).unwrap_err());
