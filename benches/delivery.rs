@@ -283,7 +283,7 @@ fn box_pipeline(
                 );
                 verified.end(r, desc.size)
             },
-            |input| receive::decompress(input, reference, &mut std::io::sink(), 2 << 30),
+            |input| receive::decompress(input, reference, &mut std::io::sink(), 2 << 30, None),
         );
         fetched.unwrap();
         decoded.unwrap();

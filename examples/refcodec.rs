@@ -3,7 +3,9 @@
 //! `FRAME_MIB` MiB if set, else the server's default).
 //!
 //!   refcodec encode REFERENCE [LEVEL]           (level default 19)
-//!   refcodec decode REFERENCE [MAX_WINDOW_LOG]  (default 31)
+//!   refcodec decode REFERENCE [MAX_WINDOW_LOG]  (default 31; with `ON_DISK=DIR`, a frame
+//!                                               longer than that is decoded through a file in
+//!                                               DIR, as a box does: `refcodec::OnDisk`)
 
 use std::fs::File;
 use std::io::{stdin, stdout, BufWriter};
@@ -47,7 +49,15 @@ fn main() -> Result<()> {
             let max = number
                 .map_or(Ok(31), |n| n.parse())
                 .context("max_window_log")?;
-            refcodec::decode(stdin().lock(), reference, out, max)
+            let on_disk = std::env::var_os("ON_DISK").map(|dir| refcodec::OnDisk {
+                dir: dir.into(),
+                max_bytes: 1 << refcodec::WINDOW_LOG_MAX,
+            });
+            let limits = refcodec::Limits {
+                max_window_log: max,
+                on_disk,
+            };
+            refcodec::decode(stdin().lock(), reference, out, &limits)
         }
         other => bail!("unknown verb {other:?}: encode or decode"),
     }

@@ -219,16 +219,40 @@ fn a_diff_that_matches_its_base_is_compressed_against_it_and_decodes_to_the_stre
     let reference = f.root.join("streams/full-1.0");
     let mut out = Vec::new();
     let file = std::fs::File::open(&dest).unwrap();
-    receive::decompress(file, Some(reference.clone()), &mut out, 8 << 20).unwrap();
+    receive::decompress(file, Some(reference.clone()), &mut out, 8 << 20, None).unwrap();
     assert!(out == stream, "decodes to the stream");
-    // A box whose limit is below the frame's window refuses it before decoding (exit 2).
+    // Without room on disk, a box whose memory is below the frame's window refuses it before
+    // decoding (exit 2).
     let file = std::fs::File::open(&dest).unwrap();
-    let err = receive::decompress(file, Some(reference), &mut Vec::new(), 4 << 20).unwrap_err();
+    let err = receive::decompress(
+        file,
+        Some(reference.clone()),
+        &mut Vec::new(),
+        4 << 20,
+        None,
+    )
+    .unwrap_err();
     assert_eq!(
         upgradectl::error::classify(&err).0,
         upgradectl::error::Exit::Refused,
         "{err:#}"
     );
+    // As `prepare` runs it: the descriptor states the frame's length, the box sets that much
+    // aside on disk and decodes the frame through a file there, which is gone after.
+    assert_eq!(d.frame_bytes, Some(stream.len() as u64));
+    let scratch = f.root.join("scratch");
+    std::fs::create_dir_all(&scratch).unwrap();
+    let max_bytes = receive::disk_bytes(&d, 4 << 20);
+    assert_eq!(max_bytes, stream.len() as u64);
+    let on_disk = upgradectl::sys::refcodec::OnDisk {
+        dir: scratch.clone(),
+        max_bytes,
+    };
+    let file = std::fs::File::open(&dest).unwrap();
+    let mut out = Vec::new();
+    receive::decompress(file, Some(reference), &mut out, 4 << 20, Some(on_disk)).unwrap();
+    assert!(out == stream, "decodes to the stream on disk");
+    assert_eq!(std::fs::read_dir(&scratch).unwrap().count(), 0);
 }
 
 /// A kernel update's stream (546 MB on bench/diff-size's real one) is longer than a box may
@@ -268,7 +292,7 @@ fn a_diff_longer_than_the_boxs_decoder_limit_is_cut_into_frames_it_can_decode() 
     let decode = |max_memory: u64| {
         let mut out = Vec::new();
         let file = std::fs::File::open(&dest).unwrap();
-        receive::decompress(file, Some(reference.clone()), &mut out, max_memory).map(|()| out)
+        receive::decompress(file, Some(reference.clone()), &mut out, max_memory, None).map(|()| out)
     };
     // 2 MiB of decoder memory decodes an 8 MiB stream.
     assert!(decode(2 << 20).unwrap() == diff, "decodes to the stream");
@@ -304,6 +328,7 @@ fn a_server_that_cannot_read_the_base_serves_the_diff_as_xz() {
         None,
         &mut out,
         256 << 20,
+        None,
     )
     .unwrap();
     assert!(out == std::fs::read(f.root.join("streams/1.0-to-2.0")).unwrap());
@@ -571,7 +596,7 @@ fn a_bad_chunk_stops_the_decoder_with_the_download_error_before_it_sees_the_chun
     let proxy = stalling_proxy(f.addr, usize::MAX >> 1, hold, Some(flip));
     let (tx, _said) = mpsc::channel();
     let decode = |input: VerifiedReader, out: &mut Tell| {
-        upgradectl::appliance::prepare::receive::decompress(input, None, out, 256 << 20)
+        upgradectl::appliance::prepare::receive::decompress(input, None, out, 256 << 20, None)
     };
     let (fetched, decoded, out) = download_while_decoding(proxy, &d, &dest, tx, decode, || {});
     let err = fetched.unwrap_err();
@@ -631,7 +656,7 @@ fn a_failure_after_the_download_stops_the_receive_before_its_end() {
             });
             verified.end(failed, d.size)
         },
-        |input| receive::decompress(input, None, &mut std::io::sink(), 256 << 20),
+        |input| receive::decompress(input, None, &mut std::io::sink(), 256 << 20, None),
     );
     assert!(fetched.is_err());
     let err = received.unwrap_err();

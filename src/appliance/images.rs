@@ -228,6 +228,27 @@ pub fn remove(ctx: &Ctx, state: &mut State, remove: &[Version]) -> Result<()> {
 /// margin), removing unprotected images, oldest first, when that is enough; otherwise
 /// `NoSpace` before anything is touched.
 pub fn ensure_space(ctx: &Ctx, state: &mut State, bytes: u64) -> Result<()> {
+    let chosen = space_plan(ctx, state, bytes)?.map_err(|(need, free)| Error::NoSpace {
+        path: ctx.layout.host().display().to_string(),
+        need,
+        free,
+    })?;
+    remove(ctx, state, &chosen)?;
+    state.save(&ctx.layout.state_file())
+}
+
+/// Whether [`ensure_space`] could make room for `bytes`, touching nothing.
+pub fn could_fit(ctx: &Ctx, state: &State, bytes: u64) -> Result<bool> {
+    Ok(space_plan(ctx, state, bytes)?.is_ok())
+}
+
+/// The images to remove for `bytes` more (and the margin), or what is needed and what could be
+/// free.
+fn space_plan(
+    ctx: &Ctx,
+    state: &State,
+    bytes: u64,
+) -> Result<std::result::Result<Vec<Version>, (u64, u64)>> {
     let booted = ctx.booted()?.version;
     let protected = state.protected(booted.as_ref());
     let removable: Vec<(Version, u64)> = list(&ctx.layout)?
@@ -235,16 +256,9 @@ pub fn ensure_space(ctx: &Ctx, state: &mut State, bytes: u64) -> Result<()> {
         .filter(|i| !protected.contains(&i.version))
         .map(|i| (i.version, i.allocated))
         .collect();
-    let host = ctx.layout.host();
     let need = bytes + (ctx.config.space_margin_mib << 20);
-    let chosen =
-        plan_space(need, fsutil::free_bytes(host)?, &removable).map_err(|free| Error::NoSpace {
-            path: host.display().to_string(),
-            need,
-            free,
-        })?;
-    remove(ctx, state, &chosen)?;
-    state.save(&ctx.layout.state_file())
+    let free = fsutil::free_bytes(ctx.layout.host())?;
+    Ok(plan_space(need, free, &removable).map_err(|free| (need, free)))
 }
 
 #[cfg(test)]

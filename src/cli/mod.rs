@@ -260,9 +260,9 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = crate::server::http::DEFAULT_ZSTD_REF_LEVEL,
           value_parser = clap::value_parser!(i32).range(1..=22))]
     pub zstd_ref_level: i32,
-    /// Most MiB of stream per `zstd-ref` frame: the buffer a box's decoder allocates for any
-    /// diff (boxes refuse a diff above their `download.max_decoder_mib` and take the full
-    /// stream); smaller frames cost a little size and build time (docs/protocol.md).
+    /// Most MiB of stream per `zstd-ref` frame: the buffer a box's decoder needs for any diff
+    /// (in memory up to its `download.max_decoder_mib`, on its host partition beyond); smaller
+    /// frames cost size and build time (docs/protocol.md).
     #[arg(long, default_value_t = crate::server::http::DEFAULT_ZSTD_REF_FRAME >> 20,
           value_parser = clap::value_parser!(u64).range(1..=1024))]
     pub zstd_ref_frame_mib: u64,

@@ -82,10 +82,14 @@ pub struct Descriptor {
     pub from: Option<Version>,
     pub to: Version,
     pub encoding: Encoding,
-    /// `zstd-ref`: log2 of the window the frame states, which is the most its decoder
-    /// allocates (the box takes the full stream rather than exceed its limit).
+    /// `zstd-ref`: log2 of the window the largest frame states, which is the most its decoder
+    /// allocates in memory (a box whose memory is below it decodes such frames on disk).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub window_log: Option<u32>,
+    /// `zstd-ref`: the decoded length of the largest frame, at most 2^`window_log`: what a box
+    /// decoding it on disk sets aside (servers before it did not state it: 2^`window_log`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frame_bytes: Option<u64>,
     /// The compressed file as served.
     pub size: u64,
     pub sha256: String,
@@ -204,13 +208,15 @@ impl Descriptor {
             sha256: self.sha256.clone(),
         }
         .validate(&what)?;
-        match (self.encoding, self.window_log, &self.from) {
-            (Encoding::Xz, None, _) => {}
-            (Encoding::ZstdRef, Some(w), Some(_)) if (10..=31).contains(&w) => {}
-            (encoding, window_log, from) => {
+        match (self.encoding, self.window_log, self.frame_bytes, &self.from) {
+            (Encoding::Xz, None, None, _) => {}
+            (Encoding::ZstdRef, Some(w), n, Some(_))
+                if (10..=31).contains(&w) && n.is_none_or(|n| n <= 1 << w) => {}
+            (encoding, window_log, frame_bytes, from) => {
                 return Err(refused(format!(
-                    "{what}: encoding {encoding:?} with window_log {window_log:?} and from \
-                     {from:?} (zstd-ref is a diff's, with a window_log within 10..=31; xz has none)"
+                    "{what}: encoding {encoding:?} with window_log {window_log:?}, frame_bytes \
+                     {frame_bytes:?} and from {from:?} (zstd-ref is a diff's, with a window_log \
+                     within 10..=31 and frame_bytes at most 2^window_log; xz has neither)"
                 )))
             }
         }
@@ -346,6 +352,7 @@ mod tests {
             to: v("2.0"),
             encoding: Encoding::Xz,
             window_log: None,
+            frame_bytes: None,
             size,
             sha256: "a".repeat(64),
             chunk_size: 4 << 20,
@@ -372,12 +379,19 @@ mod tests {
         zstd_ref.encoding = Encoding::ZstdRef;
         zstd_ref.window_log = Some(28);
         zstd_ref.validate().unwrap();
-        let cases: [Edit<Descriptor>; 16] = [
+        zstd_ref.frame_bytes = Some(1 << 28);
+        zstd_ref.validate().unwrap();
+        let cases: [Edit<Descriptor>; 18] = [
             ("window_log", |d| d.window_log = Some(28)),
             ("window_log", |d| d.encoding = Encoding::ZstdRef),
             ("window_log", |d| {
                 d.encoding = Encoding::ZstdRef;
                 d.window_log = Some(32)
+            }),
+            ("frame_bytes", |d| d.frame_bytes = Some(1)),
+            ("frame_bytes", |d| {
+                (d.encoding, d.window_log) = (Encoding::ZstdRef, Some(20));
+                d.frame_bytes = Some((1 << 20) + 1)
             }),
             ("zstd-ref is a diff's", |d| {
                 (d.encoding, d.window_log) = (Encoding::ZstdRef, Some(20));

@@ -31,7 +31,8 @@ const XZ_BLOCK: u64 = 8 << 20;
 struct Candidate {
     tmp: NamedTempFile,
     encoding: Encoding,
-    window_log: Option<u32>,
+    /// `zstd-ref`: the window and decoded length of the largest frame.
+    frames: Option<(u32, u64)>,
     size: u64,
     sha256: String,
     chunks: Vec<String>,
@@ -165,7 +166,8 @@ fn publish(
         from: from.cloned(),
         to: to.clone(),
         encoding: c.encoding,
-        window_log: c.window_log,
+        window_log: c.frames.map(|(w, _)| w),
+        frame_bytes: c.frames.map(|(_, n)| n),
         size: c.size,
         sha256: c.sha256,
         chunk_size: CHUNK_SIZE,
@@ -223,7 +225,7 @@ fn candidate(
     tmp: NamedTempFile,
     hashing: HashingWriter<BufWriter<File>>,
     encoding: Encoding,
-    window_log: Option<u32>,
+    frames: Option<(u32, u64)>,
     started: Instant,
 ) -> Result<Candidate> {
     let size = hashing.written;
@@ -232,7 +234,7 @@ fn candidate(
     Ok(Candidate {
         tmp,
         encoding,
-        window_log,
+        frames,
         size,
         sha256,
         chunks,
@@ -262,6 +264,10 @@ fn zstd_candidate(
     )
     .with_context(|| format!("building {name} (zstd-ref against {})", reference.display()))?;
     // The window the largest frame states: the decoder's buffer (single segment: its length).
-    let window_log = refcodec::frames_window_log(stream_len, params.frame_len);
-    candidate(tmp, hashing, Encoding::ZstdRef, Some(window_log), started)
+    let largest = stream_len.min(params.frame_len);
+    let frames = (
+        refcodec::frames_window_log(stream_len, params.frame_len),
+        largest,
+    );
+    candidate(tmp, hashing, Encoding::ZstdRef, Some(frames), started)
 }

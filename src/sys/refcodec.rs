@@ -30,7 +30,7 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use memmap2::{Mmap, MmapOptions};
-use zstd::stream::raw::{CParameter, DParameter};
+use zstd::stream::raw::{CParameter, DParameter, InBuffer, Operation, OutBuffer};
 use zstd::zstd_safe;
 
 /// zstd's smallest window and largest on 64-bit targets.
@@ -194,16 +194,52 @@ fn encode_frame(
     Ok(())
 }
 
+/// What a decoder may spend on one frame.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// log2 of the largest buffer allocated in memory (a frame's window).
+    pub max_window_log: u32,
+    /// Where a frame stating a length above `2^max_window_log` is decoded instead: see
+    /// [`OnDisk`]. `None`: such a frame is refused.
+    pub on_disk: Option<OnDisk>,
+}
+
+impl Limits {
+    /// Frames in memory only, within `2^max_window_log` bytes.
+    pub fn memory(max_window_log: u32) -> Self {
+        Self {
+            max_window_log,
+            on_disk: None,
+        }
+    }
+}
+
+/// A frame longer than the decoder's memory, decoded into a file-backed buffer: an unnamed file
+/// in `dir` (`O_TMPFILE`: a kill or a power cut leaves nothing behind), its blocks reserved
+/// before the first byte is written (a full disk is an error, never a `SIGBUS` on the mapping),
+/// mapped and given to zstd as its output (`ZSTD_d_stableOutBuffer`: the decoder then allocates
+/// no window of its own, it reads its history back from the mapping). Each decoded piece goes
+/// on to `out` as it appears. Anonymous memory stays at zstd's input block; the frame's pages
+/// are page cache, which the kernel writes back and drops under pressure.
+#[derive(Debug, Clone)]
+pub struct OnDisk {
+    pub dir: std::path::PathBuf,
+    /// The longest frame taken this way: what the caller set aside on `dir`'s filesystem.
+    pub max_bytes: u64,
+}
+
 /// Decompresses the frames made by [`encode`] or [`encode_frames`] against the same
 /// `reference` into `out`, each frame against the whole reference. A frame whose window exceeds
-/// `2^max_window_log` bytes is refused before any allocation; a frame decoded against a
-/// different reference fails its checksum (see the module's note on `out`).
+/// `2^limits.max_window_log` bytes is decoded on disk when it states a length within
+/// `limits.on_disk` ([`OnDisk`]), else refused before any allocation; a frame decoded against
+/// a different reference fails its checksum (see the module's note on `out`).
 pub fn decode(
     mut input: impl Read,
     reference: &Path,
     mut out: impl Write,
-    max_window_log: u32,
+    limits: &Limits,
 ) -> Result<()> {
+    let max_window_log = limits.max_window_log;
     if !(WINDOW_LOG_MIN..=WINDOW_LOG_MAX).contains(&max_window_log) {
         bail!("max_window_log {max_window_log} is outside zstd's range {WINDOW_LOG_MIN}..={WINDOW_LOG_MAX}");
     }
@@ -229,10 +265,33 @@ pub fn decode(
         // The prefix serves one frame: each frame gets a decoder of its own.
         let mut raw = zstd::stream::raw::Decoder::with_ref_prefix(reference.bytes())
             .context("creating the zstd decoder with the reference prefix")?;
-        raw.set_parameter(DParameter::WindowLogMax(max_window_log))
-            .context("setting the zstd decoder's window limit")?;
-        frames
-            .decode_one(&mut raw, &mut decoded, &mut out)
+        let on_disk = match frames.content_size().context("reading a frame's header")? {
+            Some(len) if len > 1 << max_window_log => match &limits.on_disk {
+                Some(disk) if len <= disk.max_bytes => Some((disk, len)),
+                disk => {
+                    return Err(crate::error::refused(format!(
+                        "the frame decodes to {len} bytes, above the decoder's memory \
+                         (2^{max_window_log} bytes) and the {} bytes set aside on disk",
+                        disk.as_ref().map_or(0, |d| d.max_bytes)
+                    )))
+                    .with_context(|| format!("frame {count}"))
+                    .with_context(limit);
+                }
+            },
+            _ => None,
+        };
+        let decoded_frame = match on_disk {
+            None => raw
+                .set_parameter(DParameter::WindowLogMax(max_window_log))
+                .and_then(|()| frames.decode_one(&mut raw, &mut decoded, &mut out)),
+            Some((disk, len)) => {
+                let mut map = disk_buffer(&disk.dir, len)
+                    .with_context(|| format!("frame {count}"))
+                    .with_context(limit)?;
+                frames.decode_into(&mut raw, &mut map, &mut out)
+            }
+        };
+        decoded_frame
             .map_err(|e| explain(e, max_window_log))
             .with_context(|| format!("frame {count}"))
             .with_context(limit)?;
@@ -243,6 +302,20 @@ pub fn decode(
     }
     out.flush().context("flushing the decompressed output")?;
     Ok(())
+}
+
+/// A file-backed buffer of `len` bytes in `dir`, its blocks reserved: [`OnDisk`]. A full disk
+/// is ENOSPC here (no space, exit 6), before anything is decoded.
+fn disk_buffer(dir: &Path, len: u64) -> Result<memmap2::MmapMut> {
+    use std::os::fd::AsRawFd;
+    let what = || format!("a buffer of {len} bytes in {}", dir.display());
+    let file = tempfile::tempfile_in(dir).with_context(|| format!("creating {}", what()))?;
+    let size = i64::try_from(len).context("a frame longer than a file can be")?;
+    nix::fcntl::posix_fallocate(file.as_raw_fd(), 0, size)
+        .map_err(io::Error::from)
+        .with_context(|| format!("reserving the blocks of {}", what()))?;
+    // SAFETY: the file is unnamed and ours alone: nothing else maps, truncates or writes it.
+    unsafe { memmap2::MmapMut::map_mut(&file) }.with_context(|| format!("mapping {}", what()))
 }
 
 /// The compressed input, read in blocks and cut at frame ends (what a frame's decoder did not
@@ -274,6 +347,26 @@ impl<R: Read> Frames<'_, R> {
         Ok(self.start < self.end)
     }
 
+    /// The decoded length the next frame states, if it states one; `None` also for what is not
+    /// a frame's header (the decoder then names what is wrong).
+    fn content_size(&mut self) -> io::Result<Option<u64>> {
+        // A frame's header is at most 18 bytes: have them together at the buffer's start.
+        const HEADER_MAX: usize = 18;
+        if self.end - self.start < HEADER_MAX {
+            self.buf.copy_within(self.start..self.end, 0);
+            (self.start, self.end) = (0, self.end - self.start);
+            while self.end < HEADER_MAX && !self.eof {
+                match self.input.read(&mut self.buf[self.end..]) {
+                    Ok(0) => self.eof = true,
+                    Ok(n) => self.end += n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(zstd_safe::get_frame_content_size(&self.buf[self.start..self.end]).unwrap_or(None))
+    }
+
     /// Decodes one frame into `out` through `scratch`, consuming exactly its bytes.
     fn decode_one(
         &mut self,
@@ -281,7 +374,6 @@ impl<R: Read> Frames<'_, R> {
         scratch: &mut [u8],
         out: &mut impl Write,
     ) -> io::Result<()> {
-        use zstd::stream::raw::{InBuffer, Operation, OutBuffer};
         loop {
             self.fill()?;
             let mut input = InBuffer::around(&self.buf[self.start..self.end]);
@@ -294,13 +386,48 @@ impl<R: Read> Frames<'_, R> {
             if hint == 0 {
                 return Ok(());
             }
-            if self.eof && consumed == 0 && produced == 0 {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "the input ends inside a frame",
-                ));
-            }
+            self.check_progress(consumed, produced)?;
         }
+    }
+
+    /// Decodes one frame into `out` through `map`, the frame's whole length: [`OnDisk`].
+    fn decode_into(
+        &mut self,
+        raw: &mut zstd::stream::raw::Decoder<'_>,
+        map: &mut [u8],
+        out: &mut impl Write,
+    ) -> io::Result<()> {
+        // The history is the mapping: zstd allocates no window whatever the frame states, so
+        // any window zstd knows is accepted (the frame's length bounds what it writes).
+        raw.set_parameter(DParameter::StableOutBuffer(true))?;
+        raw.set_parameter(DParameter::WindowLogMax(WINDOW_LOG_MAX))?;
+        let mut pos = 0;
+        loop {
+            self.fill()?;
+            let mut input = InBuffer::around(&self.buf[self.start..self.end]);
+            let mut output = OutBuffer::around_pos(&mut *map, pos);
+            let hint = raw.run(&mut input, &mut output)?;
+            let (consumed, produced) = (input.pos(), output.pos());
+            self.start += consumed;
+            out.write_all(&map[pos..produced])?;
+            let progress = produced - pos;
+            pos = produced;
+            if hint == 0 {
+                return Ok(());
+            }
+            self.check_progress(consumed, progress)?;
+        }
+    }
+
+    /// An input at its end that the decoder took nothing from, with nothing produced: cut.
+    fn check_progress(&self, consumed: usize, produced: usize) -> io::Result<()> {
+        if self.eof && consumed == 0 && produced == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the input ends inside a frame",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -374,9 +501,28 @@ mod tests {
     }
 
     fn dec(frame: &[u8], reference: &Path, max_window_log: u32) -> Result<Vec<u8>> {
+        dec_with(frame, reference, &Limits::memory(max_window_log))
+    }
+
+    fn dec_with(frame: &[u8], reference: &Path, limits: &Limits) -> Result<Vec<u8>> {
         let mut out = Vec::new();
-        decode(Cursor::new(frame), reference, &mut out, max_window_log)?;
+        decode(Cursor::new(frame), reference, &mut out, limits)?;
         Ok(out)
+    }
+
+    /// Frames above 2^`max_window_log` decoded in `dir`, up to `max_bytes`.
+    fn on_disk(max_window_log: u32, dir: &Path, max_bytes: u64) -> Limits {
+        Limits {
+            max_window_log,
+            on_disk: Some(OnDisk {
+                dir: dir.to_owned(),
+                max_bytes,
+            }),
+        }
+    }
+
+    fn is_empty_dir(dir: &Path) -> bool {
+        std::fs::read_dir(dir).unwrap().next().is_none()
     }
 
     /// Incompressible on its own (random), so only the reference can make it small.
@@ -575,6 +721,83 @@ mod tests {
     /// Bytes after the last frame are refused, naming the frame they would be; an input cut
     /// at a frame's end decodes to a prefix of the stream (the module's note: callers decode
     /// only a whole, verified artifact).
+    /// A frame longer than the decoder's memory is decoded through an unnamed file: the stream
+    /// comes out whole, frames within memory beside it stay in memory, and no file is left.
+    #[test]
+    fn frames_longer_than_memory_decode_on_disk_and_leave_nothing() {
+        let c = case(3 << 20, 200, 31, 3);
+        let scratch = tempfile::tempdir().unwrap();
+        // 1.5 MiB, 1.5 MiB and the rest: two frames above 2^20, one below.
+        let three = framed(&c, 3 << 19);
+        let len = c.new.len() as u64;
+        assert!(dec(&three, &c.reference, 20).is_err(), "above memory");
+        let limits = on_disk(20, scratch.path(), len);
+        assert_eq!(dec_with(&three, &c.reference, &limits).unwrap(), c.new);
+        assert!(is_empty_dir(scratch.path()));
+        // One frame of the whole stream, 3 MiB through the file.
+        let one = framed(&c, len);
+        assert_eq!(dec_with(&one, &c.reference, &limits).unwrap(), c.new);
+        // Another reference: the checksum still says so, on disk.
+        let other = write_ref(&c.dir, "other", &edited(&c.base, 1, 33));
+        let err = dec_with(&one, &other, &limits).unwrap_err();
+        assert!(err.downcast_ref::<ReferenceMismatch>().is_some(), "{err:#}");
+        assert!(is_empty_dir(scratch.path()));
+    }
+
+    /// A frame longer than what the caller set aside on disk is refused from its header, before
+    /// a byte is written anywhere.
+    #[test]
+    fn a_frame_longer_than_the_room_set_aside_is_refused_before_decoding() {
+        let c = case(2 << 20, 20, 35, 3);
+        let scratch = tempfile::tempdir().unwrap();
+        let one = framed(&c, c.new.len() as u64);
+        let mut out = Vec::new();
+        let limits = on_disk(20, scratch.path(), c.new.len() as u64 - 1);
+        let err = decode(Cursor::new(&one), &c.reference, &mut out, &limits).unwrap_err();
+        assert_eq!(
+            crate::error::classify(&err).0,
+            crate::error::Exit::Refused,
+            "{err:#}"
+        );
+        let text = format!("{err:#}");
+        assert!(
+            text.contains("frame 0") && text.contains("set aside"),
+            "{text}"
+        );
+        assert!(out.is_empty() && is_empty_dir(scratch.path()));
+    }
+
+    /// A disk without room for the frame: "no space" (exit 6) when its blocks are reserved,
+    /// before anything is decoded, never a SIGBUS on the mapping. A real full filesystem (a
+    /// tmpfs of 1 MiB): needs root, as the rest of the suite.
+    #[test]
+    fn a_disk_without_room_for_the_frame_is_no_space_before_decoding() {
+        use nix::mount::{mount, umount, MsFlags};
+        let c = case(2 << 20, 20, 37, 3);
+        let scratch = tempfile::tempdir().unwrap();
+        mount(
+            Some("tmpfs"),
+            scratch.path(),
+            Some("tmpfs"),
+            MsFlags::empty(),
+            Some("size=1m"),
+        )
+        .expect("mounting a 1 MiB tmpfs (the tests run as root)");
+        let one = framed(&c, c.new.len() as u64);
+        let mut out = Vec::new();
+        let limits = on_disk(20, scratch.path(), 1 << 30);
+        let r = decode(Cursor::new(&one), &c.reference, &mut out, &limits);
+        let left = is_empty_dir(scratch.path());
+        umount(scratch.path()).unwrap();
+        let err = r.unwrap_err();
+        assert_eq!(
+            crate::error::classify(&err).0,
+            crate::error::Exit::NoSpace,
+            "{err:#}"
+        );
+        assert!(out.is_empty() && left);
+    }
+
     #[test]
     fn bytes_after_the_frames_fail_and_a_cut_at_a_frame_end_is_a_prefix() {
         let c = case(1 << 20, 20, 23, 3);

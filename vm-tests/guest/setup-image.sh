@@ -60,6 +60,15 @@ case "$variant" in
     echo "appliance software for image $version" > /opt/appliance/RELEASE
     head -c 2000000 /dev/urandom > /opt/appliance/payload.bin
     ;;
+  update-bundle)
+    # The same, plus 24.7 MB of bytes the base already has elsewhere (three copies of its
+    # kernel, as an appliance bundles a rescue system): a stream longer than the 16 MiB the
+    # upgrade scenario gives the box's decoder, while the zstd-ref diff stays small.
+    mkdir -p /opt/appliance
+    echo "appliance software for image $version" > /opt/appliance/RELEASE
+    head -c 2000000 /dev/urandom > /opt/appliance/payload.bin
+    cat /boot/vmlinuz-* /boot/vmlinuz-* /boot/vmlinuz-* > /opt/appliance/rescue.bin
+    ;;
   big-update)
     # A release with a large new component: big enough to interrupt its download.
     mkdir -p /opt/appliance

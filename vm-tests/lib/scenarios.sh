@@ -64,7 +64,7 @@ build_images() {
   rm -rf "$IMAGES"
   mkdir -p "$IMAGES"
   build_image 1.0 good "$IMAGES/1.0.img" "$1" "$2"
-  build_image 2.0 update "$IMAGES/2.0.img" "$1" "$2"
+  build_image 2.0 update-bundle "$IMAGES/2.0.img" "$1" "$2"
   build_image 3.0 broken "$IMAGES/3.0.img" "$1" "$2"
   build_image 4.0 big-update "$IMAGES/4.0.img" "$1" "$2"
   build_image 5.0 update "$IMAGES/5.0.img" "$1" "$2"
@@ -251,16 +251,17 @@ provision_delivery() {
     # call): the server then keeps its reports.
     upgradectl --json identity > /tmp/identity.json
     upgradectl fleet enroll --store /var/lib/upgradectl-server --identity /tmp/identity.json >/dev/null
-    # Diffs in frames of 4 MiB (the default is 64): the diff of 2.0 is 6.6 MB of stream, so the
-    # box decodes two frames into zfs receive, as it does on a kernel update (each frame loads
-    # the base again: 1 MiB frames cost the build 64 s instead of 17 under TCG). Until a reboot.
+    # Diffs in frames of 24 MiB (the default is 1024): the diff of 2.0 is 31 MB of stream, so
+    # the box (given 16 MiB of decoder memory by scenario_upgrade) decodes the first frame on
+    # disk and the second in memory, into zfs receive (each frame loads the base again: frames
+    # cost the build under TCG). Until a reboot.
     dropin=/run/systemd/system/upgradectl-serve.service.d/zz-frames.conf
     if [ ! -f $dropin ]; then
       mkdir -p "${dropin%/*}"
       args=$(sed -n "s/^Environment=\"UPGRADECTL_SERVE_ARGS=\(.*\)\"$/\1/p" \
         /etc/systemd/system/upgradectl-serve.service.d/vm-tests.conf)
       [ -n "$args" ]
-      printf "[Service]\nEnvironment=\"UPGRADECTL_SERVE_ARGS=%s --zstd-ref-frame-mib 4\"\n" "$args" > $dropin
+      printf "[Service]\nEnvironment=\"UPGRADECTL_SERVE_ARGS=%s --zstd-ref-frame-mib 24\"\n" "$args" > $dropin
       systemctl daemon-reload
       systemctl stop upgradectl-serve.service
     fi
@@ -311,19 +312,28 @@ scenario_upgrade() {
   ensure_box || return 1
   provision_delivery || return 1
   publish 2.0 || return 1
-  local rc=0 out
+  local rc=0 out conf=/host/var/lib/upgradectl/upgradectl.toml
   vm_ssh "upgradectl prepare --json" >/dev/null || rc=$?
   assert_eq "$rc" 4 "prepare's exit code while the server builds the diff (come back later)" || return 1
-  out=$(vm_ssh "upgradectl --wait prepare --json" | tail -n1) || return 1
+  # A box with the least decoder memory its configuration allows: the diff's first frame is
+  # longer, so it is decoded through a file on the host partition.
+  vm_run "cp $conf $conf.orig && printf '[download]\nmax_decoder_mib = 16\n' >>$conf" || return 1
+  out=$(vm_ssh "upgradectl --wait prepare --json 2>/tmp/prepare.log" | tail -n1) || rc=$?
+  vm_run "mv $conf.orig $conf" || return 1
+  [ -n "$out" ] || { log "prepare failed: $(vm_ssh 'tail -n 5 /tmp/prepare.log')"; return 1; }
   log "prepare: $out"
   assert_eq "$(json_field "$out" "d['base']")" 1.0 "diff base" || return 1
   assert_eq "$(json_field "$out" "d['artifact']")" 1.0-to-2.0 "artifact" || return 1
   assert_eq "$(json_field "$out" "d['downloaded_bytes'] == d['artifact_bytes']")" True "only the diff crossed the wire" || return 1
   assert_eq "$(json_field "$out" "d['downloaded_bytes'] * 10 < d['image_bytes']")" True "the diff is far smaller than the image" || return 1
   assert_eq "$(json_field "$out" "d['encoding']")" zstd-ref "the diff's encoding" || return 1
-  # Frames of 4 MiB (provision_delivery): the box's decoder buffer is a frame's, 2^22.
-  assert_eq "$(json_field "$(vm_ssh "cat $STORE/artifacts/1.0-to-2.0.descriptor")" "d['window_log']")" 22 \
-    "the diff's window (frames of 4 MiB)" || return 1
+  # Frames of 24 MiB (provision_delivery): the largest frame's window and length.
+  local descriptor
+  descriptor=$(vm_ssh "cat $STORE/artifacts/1.0-to-2.0.descriptor") || return 1
+  assert_eq "$(json_field "$descriptor" "d['window_log'], d['frame_bytes']")" "(25, 25165824)" \
+    "the diff's largest frame (24 MiB)" || return 1
+  assert_eq "$(vm_ssh "ls -A /host/var/lib/upgradectl/downloads 2>/dev/null | wc -l")" 0 \
+    "files left in the downloads directory" || return 1
   diff_sizes_against_xz "$(json_field "$out" "d['artifact_bytes']")" || return 1
   if vm_ssh "ls $STORE/artifacts" | grep -q '^full-'; then
     log "a full stream was built: the box did not get a diff"

@@ -21,7 +21,7 @@ use crate::core::plan::{self, PlanInput};
 use crate::core::version::Version;
 use crate::error::{refused, Error};
 use crate::sys::clock::now;
-use crate::sys::{fsutil, zfs};
+use crate::sys::{fsutil, refcodec, zfs};
 use fetch::{Fetched, Limits};
 use metadata::Metadata;
 use receive::receive;
@@ -144,7 +144,10 @@ fn prepare_once(ctx: &mut Ctx, pinned: Option<&Version>) -> Result<PrepareReport
             .base
             .as_ref()
             .filter(|b| state.diff_failed_from.as_ref() != Some(*b));
-        let (mut base, mut descriptor) = choose_artifact(&descriptor_of, base, max_memory)?;
+        let image_size = plan.release.image.size;
+        let (mut base, mut descriptor) = choose_artifact(&descriptor_of, base, max_memory, &|d| {
+            images::could_fit(ctx, &state, host_bytes(d, image_size, max_memory))
+        })?;
         let fetched = loop {
             let fetched = fetch_and_receive(
                 ctx,
@@ -226,13 +229,15 @@ fn prepare_once(ctx: &mut Ctx, pinned: Option<&Version>) -> Result<PrepareReport
     Ok(report)
 }
 
-/// The artifact to take: the diff from `base` when the server has one the box can decode in
-/// `max_memory`, else the full stream. A server that builds no diff from this base (outside its
-/// window, or a full stream that is not larger) says 404.
+/// The artifact to take: the diff from `base` when the server has one, else the full stream. A
+/// server that builds no diff from this base (outside its window, or a full stream that is not
+/// larger) says 404. A `zstd-ref` diff whose frames are longer than `max_memory` is decoded on
+/// the host partition: taken when `fits` says it has room (`host_bytes`), else the full stream.
 fn choose_artifact(
     descriptor_of: &dyn Fn(Option<&Version>) -> Result<Descriptor>,
     base: Option<&Version>,
     max_memory: u64,
+    fits: &dyn Fn(&Descriptor) -> Result<bool>,
 ) -> Result<(Option<Version>, Descriptor)> {
     let Some(base) = base else {
         return Ok((None, descriptor_of(None)?));
@@ -242,17 +247,28 @@ fn choose_artifact(
             tracing::warn!("no diff from {base}: {e:#}; taking the full stream");
         }
         Err(e) => return Err(e),
-        Ok(d) => match d.window_log {
-            Some(w) if w > receive::max_window_log(max_memory) => tracing::warn!(
-                "{}: its decoder needs 2^{w} bytes, above download.max_decoder_mib = {} MiB; \
+        Ok(d) => {
+            let on_disk = receive::disk_bytes(&d, max_memory);
+            if on_disk == 0 || fits(&d)? {
+                return Ok((Some(base.clone()), d));
+            }
+            tracing::warn!(
+                "{}: its frames need {on_disk} bytes on disk to decode (longer than \
+                 download.max_decoder_mib = {} MiB) and the host partition has no room for them; \
                  taking the full stream",
                 d.name,
                 max_memory >> 20
-            ),
-            _ => return Ok((Some(base.clone()), d)),
-        },
+            );
+        }
     }
     Ok((None, descriptor_of(None)?))
+}
+
+/// What taking `d` writes on the host partition at most: the artifact, then the larger of the
+/// frame decoded on disk (during the receive: `receive::disk_bytes`) and the image (exported
+/// after it, the download still there).
+fn host_bytes(d: &Descriptor, image_size: u64, max_memory: u64) -> u64 {
+    d.size + image_size.max(receive::disk_bytes(d, max_memory))
 }
 
 /// Downloads `descriptor`'s artifact (resuming a partial one) into the downloads directory and
@@ -285,7 +301,9 @@ fn fetch_and_receive(
         .max()
         .unwrap_or(0);
     let to_download = descriptor.size.saturating_sub(have);
-    images::ensure_space(ctx, state, image_size + to_download)?;
+    let max_memory = ctx.config.download.max_decoder_mib << 20;
+    let on_disk = receive::disk_bytes(descriptor, max_memory);
+    images::ensure_space(ctx, state, to_download + image_size.max(on_disk))?;
     // Only now: a prepare that does not fit writes nothing, not even the directory.
     std::fs::create_dir_all(&dir)?;
     crate::fail_point!("prepare::planned");
@@ -296,10 +314,30 @@ fn fetch_and_receive(
         &serde_json::json!({"artifact": name, "encoding": descriptor.encoding}),
         &format!("receiving {name} into {zvol} as it downloads"),
     )?;
-    let max_memory = ctx.config.download.max_decoder_mib << 20;
+    let on_disk = (on_disk > 0).then(|| {
+        tracing::info!(
+            "{name}: frames of up to {on_disk} bytes, above download.max_decoder_mib: decoded \
+             through a file in {}",
+            dir.display()
+        );
+        refcodec::OnDisk {
+            dir: dir.clone(),
+            max_bytes: on_disk,
+        }
+    });
     let (fetched, received) = stream::overlap(
         |verified| download_and_publish(ctx, client, &url, &file, descriptor, limits, verified),
-        |input| receive(input, descriptor.encoding, zvol, base, target, max_memory),
+        |input| {
+            receive(
+                input,
+                descriptor.encoding,
+                zvol,
+                base,
+                target,
+                max_memory,
+                on_disk,
+            )
+        },
     );
     let outcome = settle(name, fetched, received)?;
     if outcome.is_ok() {
@@ -432,6 +470,7 @@ mod tests {
                 Encoding::Xz
             },
             window_log,
+            frame_bytes: window_log.map(|w| 3 << (w - 2)),
             size: 1,
             sha256: "0".repeat(64),
             chunk_size: 1 << 20,
@@ -439,22 +478,33 @@ mod tests {
         }
     }
 
-    /// `choose_artifact` over a server that answers the diff with `diff` and has a full stream.
-    fn choose(
+    /// `choose_artifact` over a server that answers the diff with `diff` and has a full stream,
+    /// on a host partition with room for `room` bytes.
+    fn choose_in(
         base: Option<&str>,
         diff: impl Fn() -> Result<Descriptor>,
         max_memory: u64,
+        room: u64,
     ) -> Result<(Option<Version>, String)> {
         let asked = |b: Option<&Version>| match b {
             Some(_) => diff(),
             None => Ok(descriptor(None, None)),
         };
         let base: Option<Version> = base.map(|b| b.parse().unwrap());
-        choose_artifact(&asked, base.as_ref(), max_memory).map(|(b, d)| (b, d.name))
+        let fits = |d: &Descriptor| Ok(host_bytes(d, 0, max_memory) <= room);
+        choose_artifact(&asked, base.as_ref(), max_memory, &fits).map(|(b, d)| (b, d.name))
+    }
+
+    fn choose(
+        base: Option<&str>,
+        diff: impl Fn() -> Result<Descriptor>,
+        max_memory: u64,
+    ) -> Result<(Option<Version>, String)> {
+        choose_in(base, diff, max_memory, u64::MAX)
     }
 
     #[test]
-    fn the_box_takes_the_diff_unless_the_server_has_none_or_it_needs_more_memory() {
+    fn the_box_takes_the_diff_unless_the_server_has_none_or_it_needs_more_room() {
         let mib = 1u64 << 20;
         let v = |s: &str| Some(s.parse::<Version>().unwrap());
         let full = (None, "full-2.0".to_owned());
@@ -465,8 +515,23 @@ mod tests {
         // zstd-ref: its window against the limit (256 MiB = 2^28).
         let window = |w| move || Ok(descriptor(Some("1.0"), Some(w)));
         assert_eq!(choose(Some("1.0"), window(28), 256 * mib).unwrap(), diff);
-        assert_eq!(choose(Some("1.0"), window(29), 256 * mib).unwrap(), full);
-        assert_eq!(choose(Some("1.0"), window(29), 512 * mib).unwrap(), diff);
+        // Frames above it are decoded on disk (the largest, 384 MiB, beside the 1-byte diff):
+        // taken when the host partition has room for them, else the full stream.
+        assert_eq!(choose(Some("1.0"), window(29), 256 * mib).unwrap(), diff);
+        let on_disk = 384 * mib + 1;
+        assert_eq!(
+            choose_in(Some("1.0"), window(29), 256 * mib, on_disk).unwrap(),
+            diff
+        );
+        assert_eq!(
+            choose_in(Some("1.0"), window(29), 256 * mib, on_disk - 1).unwrap(),
+            full
+        );
+        // Within memory, the disk is not asked.
+        assert_eq!(
+            choose_in(Some("1.0"), window(29), 512 * mib, 0).unwrap(),
+            diff
+        );
         // No diff from this base (outside the window, or not smaller than the full stream).
         let not_found = || {
             Err(fetch::HttpError {

@@ -7,16 +7,16 @@ use std::process::Stdio;
 
 use anyhow::{Context, Result};
 
-use crate::core::manifest::Encoding;
+use crate::core::manifest::{Descriptor, Encoding};
 use crate::core::version::Version;
 use crate::sys::{refcodec, zfs};
 
 use super::stream;
 
 /// Decompresses the verified artifact read from `input` (the local file, or a
-/// `stream::VerifiedReader` of it while it downloads), in at most `max_memory` bytes, into
-/// `zfs receive -s -F`: xz on all cores, or `zstd-ref` against the block device of the base
-/// snapshot (mapped read-only). A receive left half done by an interruption is aborted first:
+/// `stream::VerifiedReader` of it while it downloads), in at most `max_memory` bytes (and
+/// `on_disk`: [`decompress`]), into `zfs receive -s -F`: xz on all cores, or `zstd-ref` against
+/// the block device of the base snapshot (mapped read-only). A receive left half done by an interruption is aborted first:
 /// the artifact is local and verified (or resumes per chunk), so receiving it again from its
 /// start costs no download.
 pub fn receive(
@@ -26,6 +26,7 @@ pub fn receive(
     base: Option<&Version>,
     to: &Version,
     max_memory: u64,
+    on_disk: Option<refcodec::OnDisk>,
 ) -> Result<()> {
     if zfs::snapshots(zvol)?.contains(to) {
         return Ok(());
@@ -58,7 +59,7 @@ pub fn receive(
         .spawn()
         .with_context(|| format!("starting {}", cmd.display()))?;
     let mut stdin = child.stdin.take().expect("piped");
-    let copied = decompress(input, reference, &mut stdin, max_memory);
+    let copied = decompress(input, reference, &mut stdin, max_memory, on_disk);
     drop(stdin);
     if let Err(e) = &copied {
         // A refusal, a wrong reference or a download that stopped, before the receive's own
@@ -79,12 +80,14 @@ pub fn receive(
 }
 
 /// Decompresses `input` into `out`: xz when there is no reference, else `zstd-ref` against it;
-/// in at most `max_memory` bytes (a frame needing more is refused, exit 2).
+/// in at most `max_memory` bytes of memory (more is refused, exit 2), except a `zstd-ref` frame
+/// longer than that and within `on_disk`, decoded through a file there (`refcodec::OnDisk`).
 pub fn decompress(
     input: impl Read,
     reference: Option<PathBuf>,
     out: &mut impl Write,
     max_memory: u64,
+    on_disk: Option<refcodec::OnDisk>,
 ) -> Result<()> {
     match reference {
         None => {
@@ -102,8 +105,21 @@ pub fn decompress(
             std::io::BufReader::new(input),
             &reference,
             out,
-            max_window_log(max_memory),
+            &refcodec::Limits {
+                max_window_log: max_window_log(max_memory),
+                on_disk,
+            },
         ),
+    }
+}
+
+/// What decoding `d` needs on disk, beside its download, on a box with `max_memory` bytes for
+/// its decoder: a `zstd-ref` frame longer than that is decoded through a file
+/// (`refcodec::OnDisk`) as long as the largest frame; nothing otherwise.
+pub fn disk_bytes(d: &Descriptor, max_memory: u64) -> u64 {
+    match d.window_log {
+        Some(w) if w > max_window_log(max_memory) => d.frame_bytes.unwrap_or(1 << w),
+        _ => 0,
     }
 }
 
@@ -185,10 +201,17 @@ mod tests {
         let len = new.len() as u64;
         refcodec::encode_frames(&new[..], len, len, &base, &mut frame, 3).unwrap();
         let mut out = Vec::new();
-        decompress(&frame[..], Some(base.clone()), &mut out, 256 << 20).unwrap();
+        decompress(&frame[..], Some(base.clone()), &mut out, 256 << 20, None).unwrap();
         assert_eq!(out, new);
         // The frame states its 3 MiB: a 2 MiB limit refuses it before decoding.
-        let err = decompress(&frame[..], Some(base.clone()), &mut Vec::new(), 2 << 20).unwrap_err();
+        let err = decompress(
+            &frame[..],
+            Some(base.clone()),
+            &mut Vec::new(),
+            2 << 20,
+            None,
+        )
+        .unwrap_err();
         assert_eq!(
             crate::error::classify(&err).0,
             crate::error::Exit::Refused,
@@ -198,7 +221,8 @@ mod tests {
         let mut wrong = data.clone();
         wrong[2 << 20] ^= 1;
         std::fs::write(&other, &wrong).unwrap();
-        let err = decompress(&frame[..], Some(other), &mut Vec::new(), 256 << 20).unwrap_err();
+        let err =
+            decompress(&frame[..], Some(other), &mut Vec::new(), 256 << 20, None).unwrap_err();
         assert!(
             err.downcast_ref::<refcodec::ReferenceMismatch>().is_some(),
             "{err:#}"
