@@ -87,7 +87,7 @@ pub struct DownloadConfig {
     pub max_wait_seconds: u64,
     /// Most memory decompressing an artifact may take, MiB (fewer decoder threads first, then
     /// the artifact is refused): an artifact the online artifacts key listed cannot make the
-    /// box allocate more.
+    /// box allocate more. A longer `zstd-ref` frame is decoded on disk (`sys::refcodec::OnDisk`).
     pub max_decoder_mib: u64,
 }
 

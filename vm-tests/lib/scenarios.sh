@@ -321,6 +321,8 @@ scenario_upgrade() {
   out=$(vm_ssh "upgradectl --wait prepare --json 2>/tmp/prepare.log" | tail -n1) || rc=$?
   vm_run "mv $conf.orig $conf" || return 1
   [ -n "$out" ] || { log "prepare failed: $(vm_ssh 'tail -n 5 /tmp/prepare.log')"; return 1; }
+  log "prepare said: $(vm_ssh "grep -m1 'decoded through a file' /tmp/prepare.log")"
+  assert_eq "$(vm_ssh "grep -c 'decoded through a file' /tmp/prepare.log")" 1 "frames decoded on disk" || return 1
   log "prepare: $out"
   assert_eq "$(json_field "$out" "d['base']")" 1.0 "diff base" || return 1
   assert_eq "$(json_field "$out" "d['artifact']")" 1.0-to-2.0 "artifact" || return 1
@@ -330,7 +332,7 @@ scenario_upgrade() {
   # Frames of 24 MiB (provision_delivery): the largest frame's window and length.
   local descriptor
   descriptor=$(vm_ssh "cat $STORE/artifacts/1.0-to-2.0.descriptor") || return 1
-  assert_eq "$(json_field "$descriptor" "d['window_log'], d['frame_bytes']")" "(25, 25165824)" \
+  assert_eq "$(json_field "$descriptor" "d['window_log'], d['frame_bytes']")" "25 25165824" \
     "the diff's largest frame (24 MiB)" || return 1
   assert_eq "$(vm_ssh "ls -A /host/var/lib/upgradectl/downloads 2>/dev/null | wc -l")" 0 \
     "files left in the downloads directory" || return 1
