@@ -146,7 +146,7 @@ fn prepare_once(ctx: &mut Ctx, pinned: Option<&Version>) -> Result<PrepareReport
             .filter(|b| state.diff_failed_from.as_ref() != Some(*b));
         let image_size = plan.release.image.size;
         let (mut base, mut descriptor) = choose_artifact(&descriptor_of, base, max_memory, &|d| {
-            images::could_fit(ctx, &state, host_bytes(d, image_size, max_memory))
+            images::could_fit(ctx, &state, host_bytes(d, d.size, image_size, max_memory))
         })?;
         let fetched = loop {
             let fetched = fetch_and_receive(
@@ -264,11 +264,11 @@ fn choose_artifact(
     Ok((None, descriptor_of(None)?))
 }
 
-/// What taking `d` writes on the host partition at most: the artifact, then the larger of the
-/// frame decoded on disk (during the receive: `receive::disk_bytes`) and the image (exported
-/// after it, the download still there).
-fn host_bytes(d: &Descriptor, image_size: u64, max_memory: u64) -> u64 {
-    d.size + image_size.max(receive::disk_bytes(d, max_memory))
+/// What taking `d` writes on the host partition at most: `to_download` bytes of the artifact,
+/// then the larger of the frame decoded on disk (during the receive: `receive::disk_bytes`) and
+/// the image (exported after it, the download still there).
+fn host_bytes(d: &Descriptor, to_download: u64, image_size: u64, max_memory: u64) -> u64 {
+    to_download + image_size.max(receive::disk_bytes(d, max_memory))
 }
 
 /// Downloads `descriptor`'s artifact (resuming a partial one) into the downloads directory and
@@ -302,8 +302,8 @@ fn fetch_and_receive(
         .unwrap_or(0);
     let to_download = descriptor.size.saturating_sub(have);
     let max_memory = ctx.config.download.max_decoder_mib << 20;
-    let on_disk = receive::disk_bytes(descriptor, max_memory);
-    images::ensure_space(ctx, state, to_download + image_size.max(on_disk))?;
+    let need = host_bytes(descriptor, to_download, image_size, max_memory);
+    images::ensure_space(ctx, state, need)?;
     // Only now: a prepare that does not fit writes nothing, not even the directory.
     std::fs::create_dir_all(&dir)?;
     crate::fail_point!("prepare::planned");
@@ -314,6 +314,7 @@ fn fetch_and_receive(
         &serde_json::json!({"artifact": name, "encoding": descriptor.encoding}),
         &format!("receiving {name} into {zvol} as it downloads"),
     )?;
+    let on_disk = receive::disk_bytes(descriptor, max_memory);
     let on_disk = (on_disk > 0).then(|| {
         tracing::info!(
             "{name}: frames of up to {on_disk} bytes, above download.max_decoder_mib: decoded \
@@ -491,7 +492,7 @@ mod tests {
             None => Ok(descriptor(None, None)),
         };
         let base: Option<Version> = base.map(|b| b.parse().unwrap());
-        let fits = |d: &Descriptor| Ok(host_bytes(d, 0, max_memory) <= room);
+        let fits = |d: &Descriptor| Ok(host_bytes(d, d.size, 0, max_memory) <= room);
         choose_artifact(&asked, base.as_ref(), max_memory, &fits).map(|(b, d)| (b, d.name))
     }
 
