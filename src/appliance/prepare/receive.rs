@@ -16,9 +16,9 @@ use super::stream;
 /// Decompresses the verified artifact read from `input` (the local file, or a
 /// `stream::VerifiedReader` of it while it downloads), in at most `max_memory` bytes (and
 /// `on_disk`: [`decompress`]), into `zfs receive -s -F`: xz on all cores, or `zstd-ref` against
-/// the block device of the base snapshot (mapped read-only). A receive left half done by an interruption is aborted first:
-/// the artifact is local and verified (or resumes per chunk), so receiving it again from its
-/// start costs no download.
+/// the block device of the base snapshot (mapped read-only). A receive left half done by an
+/// interruption is aborted first: the artifact is local and verified (or resumes per chunk), so
+/// receiving it again from its start costs no download.
 pub fn receive(
     input: impl Read,
     encoding: Encoding,
