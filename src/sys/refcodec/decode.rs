@@ -43,11 +43,11 @@ pub struct OnDisk {
     pub max_bytes: u64,
 }
 
-/// Decompresses the frames made by [`encode`] or [`encode_frames`] against the same
-/// `reference` into `out`, each frame against the whole reference. A frame whose window exceeds
-/// `2^limits.max_window_log` bytes is decoded on disk when it states a length within
+/// Decompresses the frames made by [`super::encode`] or [`super::encode_frames`] against the
+/// same `reference` into `out`, each frame against the whole reference. A frame whose window
+/// exceeds `2^limits.max_window_log` bytes is decoded on disk when it states a length within
 /// `limits.on_disk` ([`OnDisk`]), else refused before any allocation; a frame decoded against
-/// a different reference fails its checksum (see the module's note on `out`).
+/// a different reference fails its checksum (see `sys::refcodec`'s note on `out`).
 pub fn decode(
     mut input: impl Read,
     reference: &Path,

@@ -37,7 +37,7 @@ pub fn encode(
 /// [`encode`] for an input of exactly `input_len` bytes (a different length fails), as frames
 /// of at most `frame_len` bytes of input each, every one against the whole reference. Each
 /// frame states its length, so it is "single segment": the decoder's buffer is that length
-/// (see the module's note), and the largest frame bounds what a box allocates whatever the
+/// (see `sys::refcodec`'s note), and the largest frame bounds what a box allocates whatever the
 /// stream's length: [`frames_window_log`]. Matches between frames are lost, matches into the
 /// reference are not (bench/diff-size's kernel update, 546 MB: 64 MiB frames 0.8% larger than
 /// one frame). Each frame loads the prefix again: its share of the build time.
