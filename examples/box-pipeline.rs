@@ -30,7 +30,7 @@ use upgradectl::appliance::prepare::{fetch, receive, stream};
 use upgradectl::core::manifest::{descriptor_of_verified_target, Descriptor};
 use upgradectl::core::version::Version;
 use upgradectl::server::{build, Server, Store, StreamSource, Tuning};
-use upgradectl::sys::{refcodec, zfs};
+use upgradectl::sys::zfs;
 
 /// The decoder limit of a box with the default configuration (`download.max_decoder_mib`).
 const BOX_MAX_DECODER: u64 = 256 << 20;
@@ -253,12 +253,7 @@ fn box_pipeline(url: &str, d: &Descriptor, scratch: &Path, dataset: &str) -> Res
         min_speed: 1,
     };
     // As `prepare`: frames longer than the box's decoder memory are decoded through a file.
-    let on_disk = Some(receive::disk_bytes(d, BOX_MAX_DECODER))
-        .filter(|&n| n > 0)
-        .map(|max_bytes| refcodec::OnDisk {
-            dir: scratch.to_owned(),
-            max_bytes,
-        });
+    let on_disk = receive::on_disk(d, BOX_MAX_DECODER, scratch);
     let started = Instant::now();
     let client = fetch::client(&limits)?;
     let (fetched, received) = stream::overlap(

@@ -242,12 +242,8 @@ fn a_diff_that_matches_its_base_is_compressed_against_it_and_decodes_to_the_stre
     assert_eq!(d.frame_bytes, Some(stream.len() as u64));
     let scratch = f.root.join("scratch");
     std::fs::create_dir_all(&scratch).unwrap();
-    let max_bytes = receive::disk_bytes(&d, 4 << 20);
-    assert_eq!(max_bytes, stream.len() as u64);
-    let on_disk = upgradectl::sys::refcodec::OnDisk {
-        dir: scratch.clone(),
-        max_bytes,
-    };
+    let on_disk = receive::on_disk(&d, 4 << 20, &scratch).expect("a frame above memory");
+    assert_eq!(on_disk.max_bytes, stream.len() as u64);
     let file = std::fs::File::open(&dest).unwrap();
     let mut out = Vec::new();
     receive::decompress(file, Some(reference), &mut out, 4 << 20, Some(on_disk)).unwrap();

@@ -22,7 +22,7 @@ use crate::core::plan::{self, PlanInput};
 use crate::core::version::Version;
 use crate::error::{refused, Error};
 use crate::sys::clock::now;
-use crate::sys::{fsutil, refcodec, zfs};
+use crate::sys::{fsutil, zfs};
 use choice::{choose_artifact, full_stream_may_help, host_bytes};
 use fetch::{Fetched, Limits};
 use metadata::Metadata;
@@ -274,18 +274,15 @@ fn fetch_and_receive(
         &serde_json::json!({"artifact": name, "encoding": descriptor.encoding}),
         &format!("receiving {name} into {zvol} as it downloads"),
     )?;
-    let on_disk = receive::disk_bytes(descriptor, max_memory);
-    let on_disk = (on_disk > 0).then(|| {
+    let on_disk = receive::on_disk(descriptor, max_memory, &dir);
+    if let Some(disk) = &on_disk {
         tracing::info!(
-            "{name}: frames of up to {on_disk} bytes, above download.max_decoder_mib: decoded \
-             through a file in {}",
+            "{name}: frames of up to {} bytes, above download.max_decoder_mib: decoded through \
+             a file in {}",
+            disk.max_bytes,
             dir.display()
         );
-        refcodec::OnDisk {
-            dir: dir.clone(),
-            max_bytes: on_disk,
-        }
-    });
+    }
     let (fetched, received) = stream::overlap(
         |verified| download_and_publish(ctx, client, &url, &file, descriptor, limits, verified),
         |input| {

@@ -2,7 +2,7 @@
 //! snapshot) into `zfs receive`.
 
 use std::io::{Read, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
 use anyhow::{Context, Result};
@@ -121,6 +121,17 @@ pub fn disk_bytes(d: &Descriptor, max_memory: u64) -> u64 {
         Some(w) if w > max_window_log(max_memory) => d.frame_bytes.unwrap_or(1 << w),
         _ => 0,
     }
+}
+
+/// Where a box with `max_memory` bytes for its decoder decodes `d`'s frames that are longer:
+/// a file in `dir`, as long as [`disk_bytes`]; `None` when every frame fits in memory.
+pub fn on_disk(d: &Descriptor, max_memory: u64, dir: &Path) -> Option<refcodec::OnDisk> {
+    Some(disk_bytes(d, max_memory))
+        .filter(|&n| n > 0)
+        .map(|max_bytes| refcodec::OnDisk {
+            dir: dir.to_owned(),
+            max_bytes,
+        })
 }
 
 /// The largest zstd window that fits `max_memory` bytes: log2, within zstd's range.

@@ -148,14 +148,22 @@ struct Frames<'a, R> {
 }
 
 impl<R: Read> Frames<'_, R> {
+    /// Reads more input after what the buffer holds (its unread part moved to its start).
+    fn read_more(&mut self) -> io::Result<()> {
+        self.buf.copy_within(self.start..self.end, 0);
+        (self.start, self.end) = (0, self.end - self.start);
+        match self.input.read(&mut self.buf[self.end..]) {
+            Ok(0) => self.eof = true,
+            Ok(n) => self.end += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+        Ok(())
+    }
+
     fn fill(&mut self) -> io::Result<()> {
         while self.start == self.end && !self.eof {
-            match self.input.read(&mut self.buf) {
-                Ok(0) => self.eof = true,
-                Ok(n) => (self.start, self.end) = (0, n),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
+            self.read_more()?;
         }
         Ok(())
     }
@@ -169,19 +177,10 @@ impl<R: Read> Frames<'_, R> {
     /// The decoded length the next frame states, if it states one; `None` also for what is not
     /// a frame's header (the decoder then names what is wrong).
     fn content_size(&mut self) -> io::Result<Option<u64>> {
-        // A frame's header is at most 18 bytes: have them together at the buffer's start.
+        // A frame's header is at most 18 bytes: have them in the buffer together.
         const HEADER_MAX: usize = 18;
-        if self.end - self.start < HEADER_MAX {
-            self.buf.copy_within(self.start..self.end, 0);
-            (self.start, self.end) = (0, self.end - self.start);
-            while self.end < HEADER_MAX && !self.eof {
-                match self.input.read(&mut self.buf[self.end..]) {
-                    Ok(0) => self.eof = true,
-                    Ok(n) => self.end += n,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(e),
-                }
-            }
+        while self.end - self.start < HEADER_MAX && !self.eof {
+            self.read_more()?;
         }
         Ok(zstd_safe::get_frame_content_size(&self.buf[self.start..self.end]).unwrap_or(None))
     }

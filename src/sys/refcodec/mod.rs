@@ -363,6 +363,31 @@ mod tests {
         assert!(is_empty_dir(scratch.path()));
     }
 
+    /// A frame whose header states another length than it decodes to (a hostile or corrupt
+    /// artifact): decoded on disk into a buffer of the stated length, it fails (zstd checks the
+    /// length, and never writes past the buffer), and no file is left.
+    #[test]
+    fn a_frame_lying_about_its_length_fails_on_disk() {
+        let c = case(2 << 20, 20, 39, 3);
+        let scratch = tempfile::tempdir().unwrap();
+        let len = c.new.len() as u64;
+        let one = framed(&c, len);
+        // A one-segment frame of 2 MiB: magic (4), descriptor (1), its length in 4 bytes.
+        assert_eq!(one[4] >> 6, 2, "a 4-byte content size");
+        for stated in [len - 4096, len + 4096] {
+            let mut lying = one.clone();
+            lying[5..9].copy_from_slice(&u32::try_from(stated).unwrap().to_le_bytes());
+            assert_eq!(
+                zstd_safe::get_frame_content_size(&lying).ok(),
+                Some(Some(stated))
+            );
+            let limits = on_disk(20, scratch.path(), 4 << 20);
+            let err = dec_with(&lying, &c.reference, &limits).unwrap_err();
+            assert!(format!("{err:#}").contains("frame 0"), "{err:#}");
+            assert!(is_empty_dir(scratch.path()));
+        }
+    }
+
     /// A frame longer than what the caller set aside on disk is refused from its header, before
     /// a byte is written anywhere.
     #[test]
